@@ -1,0 +1,3 @@
+"""MyX agent: a passive TLS JSON-RPC 2.0 server. It never contacts the daemon."""
+
+__version__ = "0.1.0"
