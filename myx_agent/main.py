@@ -1,0 +1,202 @@
+"""Start the agent: ``python -m myx_agent --config PATH`` or ``myx-agent --config PATH``.
+
+Reads the config, makes or loads the TLS identity, starts the command runner
+and listens for JSON-RPC over TLS until SIGTERM/SIGINT, then stops the runner
+(which kills the commands' process groups) before exiting.
+
+A problem that stops the start (bad config, unusable ssl_dir or state_dir,
+port in use) is printed to stderr as exactly one line, ``myx-agent: error:
+...``, naming the file and the field or cause, and the process exits non-zero
+without a traceback. Logs go to stdout. Never log the token or secret_key.
+
+Heavy modules (the runner, ansible-runner) are imported inside functions so
+that the idle agent stays small; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
+
+from myx_agent import __version__
+from myx_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IListeningPort
+
+EXIT_CONFIG = 2
+EXIT_START = 1
+# How long SIGTERM waits for the runner to kill and reap its commands.
+STOP_TIMEOUT = 20.0
+
+USAGE = f"""\
+usage: myx-agent [--config PATH]
+
+MyX agent {__version__}: a passive JSON-RPC 2.0 server over TLS.
+
+options:
+  --config PATH  the agent's JSON config (default {DEFAULT_CONFIG_PATH})
+  --version      print the version and exit
+  -h, --help     show this help and exit
+"""
+
+
+def _die(message: str, code: int) -> NoReturn:
+    line = " ".join(message.split())  # exactly one line, whatever the cause said
+    sys.stderr.write(f"myx-agent: error: {line}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def parse_args(argv: Sequence[str]) -> str:
+    """The config path from the command line (argparse is avoided: it costs memory)."""
+    config = DEFAULT_CONFIG_PATH
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            raise SystemExit(0)
+        if arg == "--version":
+            sys.stdout.write(f"myx-agent {__version__}\n")
+            raise SystemExit(0)
+        if arg == "--config":
+            if not args:
+                _die("--config needs a path", EXIT_CONFIG)
+            config = args.pop(0)
+        elif arg.startswith("--config="):
+            config = arg[len("--config=") :]
+        else:
+            _die(f"unknown argument {arg!r} (see --help)", EXIT_CONFIG)
+    if not config:
+        _die("--config needs a path", EXIT_CONFIG)
+    return config
+
+
+def _start_logging() -> None:
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stdout),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def run(config: AgentConfig) -> int:
+    """Run the agent with a loaded config until it is told to stop."""
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import Logger
+
+    from myx_agent.jsonrpc import Dispatcher
+    from myx_agent.methods import AgentMethods
+    from myx_agent.rpc_server import build_factory
+    from myx_agent.sysinfo import SystemInfo
+    from myx_agent.tls import TLSSetupError, ensure_identity, fingerprint_of_pem, server_context
+
+    log = Logger(namespace="myx_agent.main")
+    _start_logging()
+    if config.unknown_keys:
+        log.warn(
+            "config {path}: ignoring unknown keys {keys}",
+            path=config.path,
+            keys=", ".join(k[:64] for k in config.unknown_keys[:20]),
+        )
+    try:
+        cert_pem, key_pem = ensure_identity(config.ssl_dir)
+        context = server_context(cert_pem, key_pem, config.ssl_dir)
+        fingerprint = fingerprint_of_pem(cert_pem)
+    except TLSSetupError as e:
+        _die(str(e), EXIT_START)
+
+    from myx_agent.commands import CommandRunner
+    from myx_agent.deploytool import read_deployment_tool_version, sync_deployment_tool
+
+    try:
+        runner = CommandRunner(
+            config.state_dir,
+            deployment_tool_dir=config.deployment_tool_dir,
+            max_concurrent=config.max_concurrent_commands,
+            reactor=reactor,
+        )
+    except Exception as e:
+        _die(f"state_dir {config.state_dir}: cannot set up the command runner: {e}", EXIT_START)
+    methods = AgentMethods(
+        runner=runner,
+        rpc_port=config.rpc_port,
+        cert_fingerprint=fingerprint,
+        deployment_tool_dir=config.deployment_tool_dir,
+        sync_tool=lambda d, archive, sha, version: sync_deployment_tool(
+            d, archive, sha, version, reactor=reactor
+        ),
+        read_tool_version=read_deployment_tool_version,
+        system=SystemInfo(),
+        reactor=reactor,
+    )
+    factory = build_factory(
+        rpc_path=config.rpc_path,
+        token=config.agent_token,
+        dispatcher=Dispatcher(methods.table()),
+        reactor=reactor,
+    )
+    try:
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            config.rpc_port, factory, context, interface=config.bind, backlog=128
+        )
+    except CannotListenError as e:
+        cause = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        _die(
+            f"cannot listen on {config.bind}:{config.rpc_port} "
+            f"(field 'rpc_port' in config {config.path}): {cause}",
+            EXIT_START,
+        )
+    try:
+        runner.start()
+    except Exception as e:
+        port.stopListening()
+        _die(f"state_dir {config.state_dir}: cannot start the command runner: {e}", EXIT_START)
+
+    async def shutdown(listening: IListeningPort) -> None:
+        stopping = listening.stopListening()
+        if stopping is not None:
+            await stopping
+        stopped = runner.stop()
+        stopped.addTimeout(STOP_TIMEOUT, reactor)
+        try:
+            await stopped
+        except Exception:
+            log.failure("command runner did not stop cleanly")
+        log.info("myx-agent stopped")
+
+    def on_shutdown() -> object:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(shutdown(port))
+
+    reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    log.info(
+        "myx-agent {version} listening on {bind}:{port} cert_fingerprint={fingerprint}",
+        version=__version__,
+        bind=config.bind,
+        port=config.rpc_port,
+        fingerprint=fingerprint,
+    )
+    reactor.run()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point. Returns the exit status."""
+    path = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        _die(str(e), EXIT_CONFIG)
+    return run(config)

@@ -1,0 +1,1 @@
+"""Tests of myx_agent: config, dispatcher, HTTP surface, real agent processes."""

@@ -1,0 +1,1 @@
+"""Shared helpers for MyX tests: real agent processes, pinned clients."""
