@@ -1,0 +1,349 @@
+"""``twistd myxd``: command-line options and the daemon's service tree.
+
+``Options`` turns flags and the TOML file into one ``Settings`` (a bad value
+makes twistd exit with a one-line message). ``makeService`` builds a
+``MultiService``: store, RPC client, heartbeat scheduler, command queue and
+the admin API listener, started in that order and stopped in reverse, one
+after the other, so that the store closes only after everything that writes
+to it has stopped.
+
+This module is only imported by twistd through the plugin; it never starts
+the reactor, and it logs the admin token only on the start that creates it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from myxd.config import Settings, field_doc, field_names, flag_name, load_settings
+from myxd.errors import ConfigError
+
+DB_FILE_NAME = "myxd.sqlite"
+ADMIN_TOKEN_FILE_NAME = "admin-token"  # noqa: S105 - a file name, not a secret
+
+_OWN_FLAGS = ("data_dir", "api")
+
+
+def _flag_parameters() -> list[list[Any]]:
+    params: list[list[Any]] = [
+        ["data-dir", "d", None, f"{field_doc('data_dir')} [default: {Settings.data_dir}]"],
+        ["api", "a", None, f"{field_doc('api')} [default: {Settings.api}]"],
+        ["config", "c", None, "TOML config file; flags override its values"],
+    ]
+    for name in field_names():
+        if name in _OWN_FLAGS:
+            continue
+        default = getattr(Settings, name, None)
+        shown = "" if default is None else f" [default: {default}]"
+        params.append([flag_name(name), None, None, field_doc(name) + shown])
+    return params
+
+
+class Options(usage.Options):
+    """Flags of ``twistd myxd``; ``self["settings"]`` holds the result."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "MyX fleet daemon. Values come from the defaults, then --config FILE (TOML, "
+        "keys spelled with underscores), then these flags."
+    )
+    optParameters = _flag_parameters()
+
+    def postOptions(self) -> None:
+        overrides = {name: self[flag_name(name)] for name in field_names()}
+        try:
+            settings = load_settings(self["config"], overrides)
+            _check_endpoint(settings.api, "--api" if self["api"] is not None else "api")
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["settings"] = settings
+
+
+def _check_endpoint(description: str, where: str) -> None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{where}: not a valid endpoint {description!r}: {e}") from e
+
+
+def prepare_data_dir(path: str) -> str:
+    """Create the data dir (mode 700), or tighten an existing one; returns its abs path."""
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def ensure_admin_token(data_dir: str, log: Logger | None = None) -> str:
+    """The token in ``<data_dir>/admin-token``, generated (mode 600) if absent.
+
+    The token is logged exactly once: on the start that creates the file.
+    """
+    import secrets
+
+    path = os.path.join(data_dir, ADMIN_TOKEN_FILE_NAME)
+    try:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        (log or Logger(namespace="myxd")).info(
+            "admin API token created in {path} (shown only this once): {token}",
+            path=path,
+            token=token,
+        )
+        return token
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the admin token: {e}") from e
+    if len(token) < 16:
+        raise ConfigError(f"{path}: admin token is shorter than 16 characters")
+    return token
+
+
+class APIListener(Service):
+    """Listens on an endpoint; logs where, so ``--api tcp:0`` shows its port."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, reactor: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self._reactor = reactor
+        self._listening: Deferred[IListeningPort | None] | None = None
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        # Bind here, before twistd drops privileges, like StreamServerEndpointService.
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        listening: Deferred[IListeningPort] = self.endpoint.listen(self.factory)
+        self._listening = listening.addCallbacks(self._bound, self._failed)
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        self.log.info(
+            "myxd admin API listening on {host}:{port}",
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
+        )
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        self.log.failure("myxd admin API could not listen", failure)
+        if getattr(self._reactor, "running", False):
+            self._reactor.stop()
+        return None
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return succeed(None)
+
+        async def stop() -> None:
+            port = await listening
+            if port is None:
+                return  # never bound; _failed has logged why
+            self.port = None
+            await _maybe(port.stopListening())
+
+        return ensureDeferred(stop())
+
+
+class _Closer(Service):
+    """Calls an async ``close`` when stopped (for the RPC connection pool)."""
+
+    log = Logger()
+
+    def __init__(self, close: Any, what: str) -> None:
+        self._close = close
+        self._what = what
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d: Deferred[None] = ensureDeferred(self._close())
+
+        def failed(f: Failure) -> None:
+            self.log.failure("closing {what} failed", f, what=self._what)
+
+        d.addErrback(failed)
+        return d
+
+
+class MyxdService(MultiService):
+    """The daemon's root service: starts children in order, stops them in reverse.
+
+    Unlike ``MultiService``, stopping waits for each child before the next, so
+    the store outlives the services that still flush into it.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "myxd started (data dir {data_dir}, api {api})",
+            data_dir=os.path.abspath(self.settings.data_dir),
+            api=self.settings.api,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await ensureDeferred(_maybe(child.stopService()))
+            except Exception:
+                self.log.failure("stopping {service} failed", service=child.name or child)
+        self.log.info("myxd stopped cleanly")
+
+
+async def _maybe(result: Any) -> Any:
+    # stopService may return a Deferred, a coroutine (an ``async def``
+    # override), or nothing.
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def makeService(options: Options | dict[str, Any]) -> MultiService:
+    """The service tree of the daemon, from parsed ``Options``."""
+    from twisted.internet import endpoints, reactor
+
+    from myxd.api.app import AdminAPI
+    from myxd.fleet.commands import CommandQueue
+    from myxd.fleet.heartbeat import HeartbeatService
+    from myxd.metrics import Metrics
+    from myxd.rpc.client import AgentRPC
+    from myxd.store import StoreService
+
+    settings: Settings = options["settings"]
+    log = Logger(namespace="myxd")
+    data_dir = prepare_data_dir(settings.data_dir)
+    admin_token = settings.admin_token or ensure_admin_token(data_dir, log)
+
+    root = MyxdService(settings)
+    metrics = Metrics()
+
+    store_service = StoreService(
+        os.path.join(data_dir, DB_FILE_NAME), reactor, stop_reactor_on_failure=True
+    )
+    store_service.setName("store")
+    store_service.setServiceParent(root)
+    store = store_service.store
+
+    rpc = AgentRPC(reactor, settings, metrics=metrics)
+    closer = _Closer(rpc.close, "agent RPC connections")
+    closer.setName("rpc")
+    closer.setServiceParent(root)
+
+    installer, servers_api = _installer(store, rpc, settings, reactor, data_dir, metrics)
+    if installer is not None and IService.providedBy(installer):
+        installer.setName("installer")
+        installer.setServiceParent(root)
+
+    heartbeat = HeartbeatService(
+        store,
+        rpc,
+        settings,
+        reactor,
+        reinstall_hook=None if installer is None else installer.auto_reinstall,
+        metrics=metrics,
+    )
+    heartbeat.setName("heartbeat")
+    heartbeat.setServiceParent(root)
+
+    queue = CommandQueue(store, rpc, settings, reactor, metrics=metrics)
+    queue.setName("commands")
+    queue.setServiceParent(root)
+
+    api = AdminAPI(
+        store,
+        queue,
+        rpc,
+        settings,
+        reactor,
+        metrics=metrics,
+        admin_token=admin_token,
+        servers_api=servers_api,
+    )
+    listener = APIListener(endpoints.serverFromString(reactor, settings.api), api.site(), reactor)
+    listener.setName("api")
+    listener.setServiceParent(root)
+    return root
+
+
+def _optional(module: str, name: str) -> Any:
+    """``module.name``, or None when that module does not exist (yet).
+
+    Only the module's absence is tolerated; an import error inside it is a bug
+    and must stop the start rather than silently drop a feature.
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
+    return getattr(mod, name, None)
+
+
+def _installer(
+    store: Any, rpc: Any, settings: Settings, reactor: Any, data_dir: str, metrics: Any
+) -> tuple[Any, Any]:
+    """The SSH installer and its API routes, each when its module is present.
+
+    Looked up by name at run time: the install package lands separately, and
+    without it the daemon runs without /api/servers and without auto-reinstall.
+    """
+    installer_cls = _optional("myxd.install", "Installer")
+    if installer_cls is None:
+        return None, None
+    installer = installer_cls(store, rpc, settings, reactor, data_dir=data_dir, metrics=metrics)
+    servers_api_cls = _optional("myxd.api.servers", "ServersAPI")
+    if servers_api_cls is None:
+        return installer, None
+    return installer, servers_api_cls(store, installer, reactor=reactor)
+
+
+__all__ = [
+    "APIListener",
+    "MyxdService",
+    "Options",
+    "ensure_admin_token",
+    "makeService",
+    "prepare_data_dir",
+]

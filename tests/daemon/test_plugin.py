@@ -1,0 +1,301 @@
+"""``twistd myxd`` from a clean, regular ``pip install .``, and the service tree.
+
+The clean install goes into a fresh venv in a temp dir. To stay fast and
+offline, the venv reaches the already-installed dependencies through one
+``.pth`` line pointing at this interpreter's site-packages (path entries
+added that way do not process their own ``.pth`` files, so the checkout's
+editable install stays invisible), and pip builds MyX from a copy of the
+source tree without build isolation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import sysconfig
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.http_headers import Headers
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "myxd", "myx_agent", "twisted")
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+WAIT = 120.0  # generous: other test runs share this machine
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_INPUT"] = "1"
+    return env
+
+
+async def run(argv: list[str], cwd: str) -> tuple[str, int]:
+    out, err, code = await getProcessOutputAndValue(
+        argv[0], argv[1:], env=clean_env(), path=cwd, reactor=reactor
+    )
+    return (out + err).decode("utf-8", "replace"), int(code)
+
+
+def copy_source(root: str) -> str:
+    """A copy of the source tree (pip builds in place: keep build/ out of the checkout)."""
+    src = os.path.join(root, "src")
+    os.makedirs(src)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "*.egg-info",
+                                    "build")
+    for item in SOURCE_ITEMS:
+        path = os.path.join(REPO, item)
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(src, item), ignore=ignore)
+        else:
+            shutil.copy(path, src)
+    return src
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+async def clean_install(root: str) -> str:
+    """A venv in ``root`` with MyX installed by a regular pip install; returns its python."""
+    src = copy_source(root)
+    venv = os.path.join(root, "venv")
+    out, code = await run([sys.executable, "-m", "venv", "--without-pip", venv], root)
+    assert code == 0, out
+    python = os.path.join(venv, "bin", "python")
+    out, code = await run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root)
+    assert code == 0, out
+    purelib = out.strip().splitlines()[-1]
+    write_text(os.path.join(purelib, "_myx_test_deps.pth"), sysconfig.get_paths()["purelib"] + "\n")
+    out, code = await run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+         "--no-build-isolation", "--ignore-installed", "--no-cache-dir", "--quiet", src],
+        root,
+    )
+    assert code == 0, out
+    return python
+
+
+class Daemon(ProcessProtocol):
+    """A twistd child whose combined output we collect."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    async def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        waited = 0.0
+        while True:
+            m = re.search(pattern, self.text)
+            if m is not None:
+                return m
+            if self.reason is not None:
+                raise AssertionError(f"twistd exited before {pattern!r}:\n{self.text}")
+            if waited > timeout:
+                raise AssertionError(f"no {pattern!r} after {timeout} s:\n{self.text}")
+            await deferLater(reactor, 0.1, lambda: None)
+            waited += 0.1
+
+
+class PluginTests(unittest.TestCase):
+    timeout = 600
+
+    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+
+        async def install() -> None:
+            self.python = await clean_install(self.root)
+
+        return ensureDeferred(install())
+
+    def start(self, *args: str) -> Daemon:
+        proto = Daemon()
+        argv = [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd", *args]
+        transport = reactor.spawnProcess(proto, self.python, argv, env=clean_env(),
+                                         path=self.root)
+
+        async def cleanup() -> None:
+            if proto.reason is None:
+                transport.signalProcess("KILL")
+                await proto.ended
+
+        self.addCleanup(lambda: ensureDeferred(cleanup()))
+        return proto
+
+    def test_help_lists_myxd(self) -> Deferred[Any]:
+        async def go() -> None:
+            out, code = await run(
+                [self.python, "-c", "import myxd.store.service, myxd.tap, myxd.rpc.client, "
+                 "myxd.fleet.heartbeat, myxd.api.app; print(myxd.__file__)"], self.root)
+            self.assertEqual(code, 0, out)
+            self.assertTrue(out.strip().startswith(os.path.join(self.root, "venv")), out)
+            out, code = await run([self.python, "-c", TWISTD, "--help"], self.root)
+            self.assertEqual(code, 0, out)
+            self.assertRegex(out, r"(?m)^\s+myxd\s+MyX")
+
+        return ensureDeferred(go())
+
+    def test_starts_serves_and_stops_on_sigterm(self) -> Deferred[Any]:
+        data_dir = os.path.join(self.root, "data")
+        flags = ["--data-dir", data_dir, "--api", "tcp:0:interface=127.0.0.1",
+                 "--heartbeat-min-interval", "0.2", "--heartbeat-max-interval", "0.5",
+                 "--log-poll-interval", "0.2", "--rpc-timeout", "2"]
+
+        async def go() -> None:
+            first = self.start(*flags)
+            m = await first.wait_for(r"myxd admin API listening on 127\.0\.0\.1:(\d+)")
+            port = int(m.group(1))
+            await first.wait_for(r"myxd started")
+            await first.wait_for(r"store \S+ open at schema v\d+")
+            self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
+            token_path = os.path.join(data_dir, "admin-token")
+            self.assertEqual(stat.S_IMODE(os.stat(token_path).st_mode), 0o600)
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "secret.key"))
+                                          .st_mode), 0o600)
+            token = read_text(token_path).strip()
+            self.assertEqual(first.text.count(token), 1)  # logged once, on creation
+
+            base = f"http://127.0.0.1:{port}"
+            r = await treq.get(f"{base}/api/health", persistent=False)
+            self.assertEqual(r.code, 200)
+            await treq.content(r)
+            r = await treq.get(f"{base}/api/agents", persistent=False)
+            self.assertEqual(r.code, 401)
+            await treq.content(r)
+            r = await treq.get(f"{base}/api/agents", persistent=False,
+                               headers=Headers({"Authorization": [f"Bearer {token}"]}))
+            self.assertEqual(r.code, 200)
+            await treq.content(r)
+
+            await self.stop_cleanly(first)
+
+            # A second start reuses the token and the store, and does not log the token.
+            second = self.start(*flags)
+            await second.wait_for(r"myxd admin API listening on 127\.0\.0\.1:\d+")
+            await second.wait_for(r"store \S+ open at schema v\d+")
+            self.assertNotIn(token, second.text)
+            self.assertNotIn("admin API token created", second.text)
+            await self.stop_cleanly(second)
+
+        return ensureDeferred(go())
+
+    async def stop_cleanly(self, daemon: Daemon) -> None:
+        assert daemon.reason is None
+        # signalProcess needs the transport; find it through the protocol.
+        daemon.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        await daemon.ended
+        reason = daemon.reason
+        assert reason is not None
+        # twistd re-raises the SIGTERM it handled after a clean shutdown, so the
+        # status is "terminated by SIGTERM" (what systemd counts as a clean stop).
+        if isinstance(reason.value, ProcessTerminated):
+            self.assertEqual(reason.value.signal, signal.SIGTERM, daemon.text)
+        else:
+            self.assertIsInstance(reason.value, ProcessDone, daemon.text)
+        self.assertIn("myxd stopped cleanly", daemon.text)
+        self.assertIn("Main loop terminated", daemon.text)
+        self.assertNotIn("Traceback", daemon.text)
+        self.assertNotIn("Unhandled", daemon.text)
+
+    def test_bad_config_exits_with_message(self) -> Deferred[Any]:
+        config = os.path.join(self.root, "bad.toml")
+        write_text(config, "heartbeat_min_interval = 9\nheartbeat_max_interval = 3\n")
+
+        async def go() -> None:
+            out, code = await run(
+                [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd",
+                 "--data-dir", os.path.join(self.root, "data"), "--config", config],
+                self.root)
+            self.assertNotEqual(code, 0, out)
+            self.assertIn(f"{config}: heartbeat_min_interval (9) is greater than "
+                          "heartbeat_max_interval (3)", out)
+            self.assertNotIn("Traceback", out)
+            self.assertNotIn("data", os.listdir(self.root))
+
+            out, code = await run(
+                [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd",
+                 "--rpc-retry-max-attempts", "zero"], self.root)
+            self.assertNotEqual(code, 0, out)
+            self.assertIn("--rpc-retry-max-attempts: expected an integer, got 'zero'", out)
+
+        return ensureDeferred(go())
+
+
+class ServiceTreeTests(unittest.TestCase):
+    """makeService wiring, in process (no HTTP, so no lingering connections)."""
+
+    def test_tree_starts_and_stops(self) -> Deferred[Any]:
+        from myxd.store import StoreService
+        from myxd.tap import APIListener, Options, makeService
+
+        data_dir = os.path.abspath(self.mktemp())
+        options = Options()
+        options.parseOptions(["--data-dir", data_dir, "--api", "tcp:0:interface=127.0.0.1",
+                              "--heartbeat-min-interval", "0.2",
+                              "--heartbeat-max-interval", "0.3",
+                              "--admin-token", "test-admin-token-0123456789"])
+        root = makeService(options)
+        names = [s.name for s in root]
+        self.assertEqual(names[:2], ["store", "rpc"])
+        self.assertEqual(names[-3:], ["heartbeat", "commands", "api"])
+        self.assertIn(names, (["store", "rpc", "heartbeat", "commands", "api"],
+                              ["store", "rpc", "installer", "heartbeat", "commands", "api"]))
+        store_service = root.getServiceNamed("store")
+        listener = root.getServiceNamed("api")
+        assert isinstance(store_service, StoreService)
+        assert isinstance(listener, APIListener)
+        self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
+        # An admin token from the settings means no token file is written.
+        self.assertFalse(os.path.exists(os.path.join(data_dir, "admin-token")))
+
+        async def go() -> None:
+            root.privilegedStartService()
+            root.startService()
+            await store_service.when_ready()
+            waited = 0.0
+            while listener.port is None and waited < WAIT:
+                await deferLater(reactor, 0.05, lambda: None)
+                waited += 0.05
+            assert listener.port is not None
+            self.assertGreater(listener.port.getHost().port, 0)  # type: ignore[attr-defined]
+            await root.stopService()
+            self.assertIsNone(listener.port)
+            assert store_service.pool is not None
+            self.assertFalse(store_service.pool.running)
+
+        return ensureDeferred(go())
