@@ -164,9 +164,12 @@ def is_cancellation(failure_or_exc: Failure | BaseException) -> bool:
     rather than CancelledError; it must end the call, never be retried.
     """
     exc = _unwrap(failure_or_exc)
-    if isinstance(exc, CancelledError):
+    # A call cancelled while still connecting fails with ConnectingCancelledError
+    # (our own timeouts are turned into CallTimeout before they get here).
+    if isinstance(exc, (CancelledError, neterror.ConnectingCancelledError)):
         return True
-    return any(isinstance(inner, CancelledError) for inner in _reasons(exc))
+    return any(isinstance(inner, (CancelledError, neterror.ConnectingCancelledError))
+               for inner in _reasons(exc))
 
 
 def classify(failure_or_exc: Failure | BaseException) -> str:

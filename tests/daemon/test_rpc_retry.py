@@ -223,6 +223,14 @@ class RetryLoopTests(TestCase):
         self.clock.pump([1.0] * 10)
         self.assertEqual(len(self.times), 1)
 
+    def test_cancelled_while_connecting_is_not_retried(self) -> None:
+        # What the HTTP client raises when a stopping daemon cancels a call that
+        # is still connecting: it must end the call, not count as an agent failure.
+        d = self.run_loop([neterror.ConnectingCancelledError(("127.0.0.1", 1))])
+        self.failureResultOf(d, CancelledError)
+        self.clock.pump([1.0] * 10)
+        self.assertEqual(len(self.times), 1)
+
     def test_cancel_during_backoff_stops_the_loop(self) -> None:
         d = self.run_loop([neterror.ConnectionRefusedError()])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)

@@ -1,0 +1,144 @@
+"""The front door of the admin API: request ids, the admin token, the body cap.
+
+Every request passes through `Gate` before any route runs, so no route can forget
+the token check: only the explicit `public` allowlist (GET/HEAD of exact paths) is
+served without it. `BoundedRequest` stops buffering a request body past the cap while
+it is still arriving, so an unauthenticated client cannot make the daemon spool an
+arbitrarily large body to disk.
+
+Nothing here logs a token or a request body.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from io import BytesIO
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from myxd.api.auth import is_authorized
+from myxd.api.inputs import MAX_BODY_BYTES, APIError, json_bytes
+
+__all__ = ["BoundedRequest", "Gate", "make_site", "request_id"]
+
+_REQUEST_ID_ATTR = "_myx_request_id"
+
+
+def request_id(request: IRequest) -> str:
+    """The id the gate gave this request (also sent back as X-Request-Id)."""
+    return str(getattr(request, _REQUEST_ID_ATTR, "-"))
+
+
+class BoundedRequest(Request):
+    """A Request that keeps at most `max_body` bytes of the body and flags the rest."""
+
+    max_body = MAX_BODY_BYTES
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        self._body_seen = 0
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            self.content = BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self.max_body:
+            # Chunked bodies have no length up front: drop what we kept and stop.
+            self.body_too_large = True
+            if self.content is not None:
+                self.content.close()
+            self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
+def _body_too_large(request: IRequest, max_body: int) -> bool:
+    if getattr(request, "body_too_large", False):
+        return True
+    content = getattr(request, "content", None)
+    if content is None:
+        return False
+    try:
+        pos = content.tell()
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(pos)
+    except (OSError, ValueError):
+        return False
+    return bool(size > max_body)
+
+
+class Gate(Resource):
+    """Wraps the routed resource: assigns a request id, checks the token, caps bodies."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, inner: IResource, token: bytes, *,
+                 public: Collection[bytes] = (b"/api/health",),
+                 max_body: int = MAX_BODY_BYTES,
+                 on_response: Callable[[int], None] | None = None) -> None:
+        super().__init__()
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        self._inner = inner
+        self._token = token
+        self._public = frozenset(public)
+        self._max_body = max_body
+        self._on_response = on_response
+
+    def _path(self, request: IRequest) -> bytes:
+        postpath: list[bytes] = request.postpath
+        return b"/" + b"/".join(postpath)
+
+    def _reject(self, request: IRequest, err: APIError,
+                headers: dict[bytes, bytes] | None = None) -> bytes:
+        request.setResponseCode(err.code)
+        request.setHeader(b"content-type", b"application/json")
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        return json_bytes(err.body())
+
+    def render(self, request: IRequest) -> Any:
+        rid = uuid.uuid4().hex[:16]
+        setattr(request, _REQUEST_ID_ATTR, rid)  # noqa: B010 - Request has no slot for it
+        request.setHeader(b"x-request-id", rid.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        if self._on_response is not None:
+            callback = self._on_response
+
+            def count(_: object) -> None:
+                callback(int(getattr(request, "code", 0)))
+
+            request.notifyFinish().addBoth(count)  # type: ignore[attr-defined]
+        public = request.method in (b"GET", b"HEAD") and self._path(request) in self._public
+        if not public and not is_authorized(request, self._token):
+            return self._reject(
+                request, APIError(401, "missing or wrong admin token"),
+                {b"www-authenticate": b'Bearer realm="myxd"'})
+        if _body_too_large(request, self._max_body):
+            return self._reject(
+                request, APIError(413, f"request body larger than {self._max_body} bytes",
+                                  "body"))
+        result = self._inner.render(request)
+        return NOT_DONE_YET if result is NOT_DONE_YET else result
+
+
+def make_site(resource: IResource, reactor: Any = None) -> Site:
+    """A Site for the admin API whose requests cap their bodies while reading them."""
+    if reactor is not None:
+        site = Site(resource, requestFactory=BoundedRequest, reactor=reactor)
+    else:
+        site = Site(resource, requestFactory=BoundedRequest)
+    site.displayTracebacks = False
+    return site
