@@ -5,167 +5,28 @@ with real myx_agent processes adopted through POST /api/agents."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import treq
-from twisted.application.service import MultiService
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 
-from myxd.config import Settings
-from myxd.tap import makeService
-from tests.daemon.api_helpers import AUTH, TOKEN, SSEParser
-from tests.support.agent_process import RunningAgent, free_port, start_agent
-
-T = TypeVar("T")
-WAIT = 120.0
-
-
-def request_lines(agent: RunningAgent) -> list[str]:
-    """The agent logs one line per HTTP request that reached it (any outcome)."""
-    return [line for line in agent.log_text().splitlines()
-            if " rpc " in line and " ms from " in line]
+from tests.daemon.api_helpers import AUTH, SSEParser
+from tests.daemon.daemon_harness import (
+    Daemon,
+    DaemonTestCase,
+    file_size,
+    now_value,
+    read_bytes,
+    request_lines,
+    touch,
+    write_text,
+)
+from tests.support.agent_process import free_port, start_agent
 
 
-class Daemon:
-    """One myxd service tree on a data dir, its API on an ephemeral loopback port."""
-
-    def __init__(self, test: APIIntegrationTest, data_dir: str) -> None:
-        self.test = test
-        self.data_dir = data_dir
-        self.root: MultiService | None = None
-        self.base = ""
-
-    async def start(self) -> None:
-        settings = Settings(
-            data_dir=self.data_dir, api="tcp:0:interface=127.0.0.1", admin_token=TOKEN,
-            heartbeat_min_interval=0.3, heartbeat_max_interval=0.8,
-            rpc_retry_max_attempts=3, rpc_retry_base_delay=0.05, rpc_timeout=20,
-            rpc_pool_idle_timeout=30, log_poll_interval=0.2, log_poll_wait=2,
-            reinstall_after_cycles=100000)
-        root = makeService({"settings": settings})
-        self.root = root
-        root.startService()
-        self.test.addCleanup(self.stop)
-        # Cleanups run last-in first-out: client connections close before the daemon stops.
-        self.test.addCleanup(self.test.pool.closeCachedConnections)
-        await root.getServiceNamed("store").when_ready()
-        listener: Any = root.getServiceNamed("api")
-        port = await self.test.until(lambda: _now(listener.port), lambda p: p is not None,
-                                     "the API to listen")
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
-
-    async def stop(self) -> None:
-        root, self.root = self.root, None
-        if root is not None and root.running:
-            await root.stopService()
-
-
-async def _now(value: T) -> T:
-    return value
-
-
-# Small synchronous file helpers: the tests' own file I/O is tiny and local.
-def _touch(path: str) -> None:
-    with open(path, "w"):
-        pass
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _size(path: str) -> int:
-    return os.path.getsize(path)
-
-
-class APIIntegrationTest(TestCase):
+class APIIntegrationTest(DaemonTestCase):
     timeout = 400
-
-    def temp_dir(self) -> str:
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(path)
-        return path
-
-    def setUp(self) -> None:
-        from twisted.internet import reactor
-
-        self.reactor: Any = reactor
-        self.data_dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.data_dir)
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.daemon = Daemon(self, self.data_dir)
-
-    async def until(self, probe: Callable[[], Awaitable[T]], check: Callable[[T], bool],
-                    what: str, timeout: float = WAIT, interval: float = 0.05) -> T:
-        deadline = self.reactor.seconds() + timeout
-        while True:
-            value = await probe()
-            if check(value):
-                return value
-            if self.reactor.seconds() > deadline:
-                self.fail(f"timed out waiting for {what}; last value: {value!r}")
-            await deferLater(self.reactor, interval, lambda: None)
-
-    async def api(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-                  daemon: Daemon | None = None) -> tuple[int, Any]:
-        headers: dict[bytes, list[bytes]] = dict(AUTH) if auth else {}
-        data = None
-        if body is not None:
-            headers[b"Content-Type"] = [b"application/json"]
-            data = json.dumps(body).encode()
-        url = (daemon or self.daemon).base + path
-        response = await treq.request(method, url, headers=headers,  # type: ignore[arg-type]
-                                      data=data, pool=self.pool)
-        raw = await treq.content(response)
-        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        return response.code, json.loads(raw) if ctype.startswith(b"application/json") else raw
-
-    async def adopt(self, agent: RunningAgent, fingerprint: str | None = None) -> int:
-        fp = fingerprint if fingerprint is not None else ":".join(
-            agent.fingerprint[i:i + 2].upper() for i in range(0, 64, 2))
-        code, body = await self.api("POST", "/api/agents", {
-            "host": agent.host, "rpc_port": agent.port, "rpc_path": agent.rpc_path,
-            "token": agent.token, "cert_fingerprint": fp})
-        self.assertEqual(code, 201, body)
-        return int(body["id"])
-
-    async def command(self, command_id: int, daemon: Daemon | None = None) -> dict[str, Any]:
-        code, body = await self.api("GET", f"/api/commands/{command_id}", daemon=daemon)
-        self.assertEqual(code, 200, body)
-        return dict(body)
-
-    async def wait_final(self, command_id: int, daemon: Daemon | None = None
-                         ) -> dict[str, Any]:
-        return await self.until(lambda: self.command(command_id, daemon),
-                                lambda c: c["status"] in ("success", "failed"),
-                                f"command {command_id} to finish", interval=0.2)
-
-    async def read_all(self, command_id: int, daemon: Daemon | None = None) -> bytes:
-        """The whole stored output, page by page, checking offsets are contiguous."""
-        out = b""
-        while True:
-            code, body = await self.api(
-                "GET", f"/api/commands/{command_id}?offset={len(out)}&max_bytes=65536",
-                daemon=daemon)
-            self.assertEqual(code, 200, body)
-            if not body["output"]:
-                return out
-            for chunk in body["output"]:
-                self.assertEqual(chunk["offset"], len(out))
-                out += base64.b64decode(chunk["data"])
-            self.assertEqual(body["next_offset"], len(out))
 
     # -- tests ---------------------------------------------------------------------
 
@@ -196,7 +57,7 @@ class APIIntegrationTest(TestCase):
         self.assertEqual((code, body.get("kind")), (422, "auth"), body)
         # The agent logs requests in order: once the wrong-token one shows, a request
         # made under the wrong pin would have shown before it.
-        lines = await self.until(lambda: _now(request_lines(agent)),
+        lines = await self.until(lambda: now_value(request_lines(agent)),
                                  lambda ls: len(ls) > before, "the agent's log line")
         self.assertEqual(len(lines), before + 1, lines[before:])
         code, body = await self.api("GET", "/api/agents")
@@ -264,14 +125,14 @@ class APIIntegrationTest(TestCase):
         self.assertEqual(b"".join(base64.b64decode(c["data"]) for c in body["output"]),
                          b"first\n")
         self.assertEqual(body["next_offset"], 6)
-        await self.until(lambda: _now(parser.events), lambda ev: len(ev) >= 1,
+        await self.until(lambda: now_value(parser.events), lambda ev: len(ev) >= 1,
                          "the first SSE event")
         self.assertEqual(parser.events[0]["event"], "output")
         self.assertEqual(base64.b64decode(parser.events[0]["data"]["data"]), b"first\n")
         self.assertEqual(parser.events[0]["id"], "6")
 
         # follow the output with offsets until the command is complete
-        _touch(trigger)
+        touch(trigger)
         offset, got, streams = 6, b"first\n", set()
         while True:
             code, body = await self.api("GET", f"/api/commands/{cid}?offset={offset}&wait=5")
@@ -351,7 +212,7 @@ class APIIntegrationTest(TestCase):
         agent = await start_agent(self)
         playbooks = os.path.join(agent.deployment_tool_dir, "playbooks")
         os.makedirs(playbooks, exist_ok=True)
-        _write(os.path.join(playbooks, "ping.yml"),
+        write_text(os.path.join(playbooks, "ping.yml"),
                ("- hosts: localhost\n"
                 "  connection: local\n"
                 "  gather_facts: false\n"
@@ -399,8 +260,8 @@ class APIIntegrationTest(TestCase):
 
         await self.daemon.stop()
         # the process keeps printing while no daemon runs
-        stopped_at = _size(copy)
-        await self.until(lambda: _now(_size(copy)),
+        stopped_at = file_size(copy)
+        await self.until(lambda: now_value(file_size(copy)),
                          lambda n: n > stopped_at + 2000, "output while myxd is down")
 
         second = Daemon(self, self.data_dir)
@@ -411,11 +272,11 @@ class APIIntegrationTest(TestCase):
         await self.until(lambda: self.command(cid, second),
                          lambda c: c["output_offset"] > resumed_from + 2000,
                          "the resumed poller to store more")
-        _touch(trigger)
+        touch(trigger)
         final = await self.wait_final(cid, second)
         self.assertEqual((final["status"], final["exit_code"]), ("success", 0), final)
         stored = await self.read_all(cid, second)
-        printed = _read(copy)
+        printed = read_bytes(copy)
         self.assertEqual(len(stored), len(printed))
         self.assertEqual(stored, printed)
         lines = stored.splitlines()
