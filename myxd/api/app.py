@@ -1,7 +1,8 @@
 """The admin API: a Klein app over the store, the command queue and the agent RPC client.
 
-JSON in and out. Every route but GET /api/health needs the admin bearer token (the
-`Gate` in front of the routes checks it, so no route can forget). Bad input is a 400
+JSON in and out. Every route but GET /api/health and the web console's static files
+(`console.PUBLIC_PATHS`) needs the admin bearer token (the `Gate` in front of the
+routes checks it, so no route can forget). Bad input is a 400
 that names the field, an unknown id a 404, and any unexpected failure a 500 JSON
 "internal error" whose details go only to the log, under the request id.
 
@@ -38,6 +39,8 @@ from zope.interface import implementer
 
 import myxd
 from myxd.api import openapi
+from myxd.api.console import PUBLIC_PATHS as CONSOLE_PATHS
+from myxd.api.console import Console
 from myxd.api.gate import Gate, make_site, request_id
 from myxd.api.inputs import APIError, Body, Query, json_bytes, read_json_object, valid_host
 from myxd.api.serialize import (
@@ -179,13 +182,17 @@ class AdminAPI:
         self._metrics = metrics
         self._token = admin_token.encode("utf-8")
         self._servers_api = servers_api
+        self._console = Console()
         self._document = openapi.build_document(myxd.__version__, self._mounted_paths())
 
     # -- wiring ------------------------------------------------------------------
 
     def resource(self) -> IResource:
         """The root resource: the token gate in front of the Klein routes."""
-        return Gate(self._app.resource(), self._token, public=(b"/api/health",),
+        # The console's page and assets are public: they carry no data, and the page
+        # asks for the token itself. Every /api/* route stays behind the token.
+        return Gate(self._app.resource(), self._token,
+                    public=(b"/api/health", *CONSOLE_PATHS),
                     on_response=self._metrics.api_response)
 
     def site(self) -> Site:
@@ -628,3 +635,12 @@ class AdminAPI:
     def servers_index(self, request: IRequest) -> Any:
         return self.servers(request)
 
+    # -- web console (static files; not part of the API document) ----------------
+
+    @_app.route("/", methods=["GET"])
+    def console_page(self, request: IRequest) -> Any:
+        return self._console.resource()
+
+    @_app.route("/console/", branch=True, methods=["GET"])
+    def console_assets(self, request: IRequest) -> Any:
+        return self._console.resource()

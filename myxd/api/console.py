@@ -1,0 +1,135 @@
+"""The web console's static files: a single page (HTML, JS, CSS) served by the daemon.
+
+`Console` is a small Klein app that AdminAPI mounts at `GET /` (the page) and under
+`/console/` (its assets). These are the only routes the token gate lets through
+without the admin token (`PUBLIC_PATHS`): they hold no data, and the page itself asks
+the operator for the token and sends it on every API call.
+
+The files come from an explicit allowlist and are read once, when the app is built,
+so a request can never name a file on disk. Responses carry a strict
+Content-Security-Policy (no inline script, nothing from another origin), nosniff, and
+an ETag so a browser revalidates instead of using a stale console after an upgrade.
+This module never serves anything but those files, and never reads a request body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException
+
+from myxd.api.inputs import json_bytes
+
+__all__ = ["ASSETS", "CONSOLE_PREFIX", "Console", "PUBLIC_PATHS", "SECURITY_HEADERS"]
+
+#: Where the assets are mounted (the page links to them relative to "/").
+CONSOLE_PREFIX = "/console/"
+
+#: name under /console/ -> content type
+ASSETS: dict[str, str] = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
+}
+
+#: Exact request paths the token gate serves without the admin token (GET/HEAD only).
+PUBLIC_PATHS: tuple[bytes, ...] = (b"/",) + tuple(
+    (CONSOLE_PREFIX + name).encode("ascii") for name in ASSETS if name != "index.html")
+
+SECURITY_HEADERS: dict[bytes, bytes] = {
+    # default-src 'self' forbids inline script and any other origin; the rest stops
+    # the console being framed (clickjacking) or a <base> tag redirecting its URLs.
+    b"content-security-policy": (b"default-src 'self'; base-uri 'none'; "
+                                 b"form-action 'self'; frame-ancestors 'none'"),
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+}
+
+# The page and its assets change only with the daemon: a browser may keep them, but
+# must revalidate (cheap, 304 by ETag) so an upgraded daemon never runs an old page.
+_CACHE_CONTROL = b"no-cache"
+
+# A tiny favicon, so the browser's automatic /favicon request is not a 401 every time.
+_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+         b'<rect width="32" height="32" rx="6" fill="#1f6feb"/>'
+         b'<path d="M7 24V8h4l5 8 5-8h4v16h-4V15l-5 8-5-8v9z" fill="#fff"/></svg>')
+
+
+@dataclass(frozen=True)
+class _Asset:
+    body: bytes
+    content_type: bytes
+    etag: bytes
+
+
+def _load(package: str, name: str) -> bytes:
+    if name == "icon.svg":
+        return _ICON
+    return resources.files(package).joinpath("static", name).read_bytes()
+
+
+class Console:
+    """Serves the console's allowlisted files; `resource()` is mounted by AdminAPI."""
+
+    _app = Klein()
+
+    def __init__(self, package: str = "myxd.api") -> None:
+        self._assets: dict[str, _Asset] = {}
+        for name, content_type in ASSETS.items():
+            body = _load(package, name)
+            digest = hashlib.sha256(body).hexdigest()[:32]
+            self._assets[name] = _Asset(body, content_type.encode("ascii"),
+                                        f'"{digest}"'.encode("ascii"))
+
+    def resource(self) -> IResource:
+        return self._app.resource()
+
+    def _serve(self, request: IRequest, name: str) -> bytes:
+        asset = self._assets.get(name)
+        if asset is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return json_bytes({"error": "not found"})
+        for header, value in SECURITY_HEADERS.items():
+            request.setHeader(header, value)
+        request.setHeader(b"cache-control", _CACHE_CONTROL)
+        request.setHeader(b"etag", asset.etag)
+        request.setHeader(b"content-type", asset.content_type)
+        given = request.getHeader(b"if-none-match")
+        if given is not None:
+            tags = {t.strip() for t in (given if isinstance(given, bytes)
+                                        else given.encode("latin-1")).split(b",")}
+            if asset.etag in tags or b"*" in tags:
+                request.setResponseCode(304)
+                return b""
+        # For HEAD, twisted.web sends the headers (content-length included) but no body.
+        return asset.body
+
+    @_app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        return self._serve(request, "index.html")
+
+    @_app.route("/<string:name>", methods=["GET"])
+    def asset(self, request: IRequest, name: str) -> bytes:
+        return self._serve(request, name)
+
+    @_app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        exc = failure.value
+        assert isinstance(exc, HTTPException)
+        code = exc.code or 500
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                request.setHeader(b"allow", value.encode("latin-1"))
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json_bytes({"error": (exc.name or "error").lower()})
+
