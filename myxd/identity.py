@@ -16,6 +16,10 @@ from typing import Callable
 
 RPC_PORT_MIN = 8000
 RPC_PORT_MAX = 65535
+# Linux's default ephemeral range (net.ipv4.ip_local_port_range). A listening
+# port in it can be taken by any outgoing connection the target happens to
+# make before the agent (re)starts, so new identities stay out of it.
+EPHEMERAL_PORTS = range(32768, 61000)
 
 RPC_PATH_MIN_LEN = 16
 RPC_PATH_MAX_LEN = 32
@@ -105,7 +109,8 @@ def _system_rng() -> random.Random:
 
 def is_allowed_port(port: int) -> bool:
     """True when ``port`` may be handed to a new agent (ignoring uniqueness)."""
-    return RPC_PORT_MIN <= port <= RPC_PORT_MAX and port not in WELL_KNOWN_PORTS
+    return (RPC_PORT_MIN <= port <= RPC_PORT_MAX and port not in WELL_KNOWN_PORTS
+            and port not in EPHEMERAL_PORTS)
 
 
 def new_rpc_path(rng: random.Random | None = None) -> str:
@@ -121,18 +126,24 @@ def new_rpc_port(
     *,
     max_tries: int = 10000,
 ) -> int:
-    """A random allowed port in 8000-65535 for which ``port_taken`` is false.
+    """A random allowed port (`is_allowed_port`) for which ``port_taken`` is false.
 
-    Raises ``RuntimeError`` when no free port was found in ``max_tries`` draws
-    (only possible when the fleet holds nearly every allowed port).
+    Random draws first; if ``max_tries`` of them all hit taken ports (the fleet
+    holds most of the range), every allowed port is scanned from a random start,
+    so a free port is found whenever one exists. Raises ``RuntimeError`` when
+    none is left.
     """
     r = rng if rng is not None else _system_rng()
     for _ in range(max_tries):
         port = r.randint(RPC_PORT_MIN, RPC_PORT_MAX)
-        if port in WELL_KNOWN_PORTS or port_taken(port):
-            continue
-        return port
-    raise RuntimeError("no free agent RPC port left in 8000-65535")
+        if is_allowed_port(port) and not port_taken(port):
+            return port
+    allowed = [p for p in range(RPC_PORT_MIN, RPC_PORT_MAX + 1) if is_allowed_port(p)]
+    start = r.randrange(len(allowed))
+    for port in allowed[start:] + allowed[:start]:
+        if not port_taken(port):
+            return port
+    raise RuntimeError("no free agent RPC port left")
 
 
 def new_identity(

@@ -280,7 +280,7 @@ class IdentityTests(StoreTestBase):
         return d(go())
 
     def test_new_rpc_port_skips_taken_and_well_known(self) -> None:
-        free = 40000
+        free = 24000
         taken = {p for p in range(identity.RPC_PORT_MIN, identity.RPC_PORT_MAX + 1) if p != free}
         self.assertEqual(identity.new_rpc_port(taken.__contains__, random.Random(1)), free)
         # A well-known port is never chosen even when nothing is taken.
@@ -297,6 +297,14 @@ class IdentityTests(StoreTestBase):
         self.assertFalse(identity.is_allowed_port(7999))
         self.assertFalse(identity.is_allowed_port(65536))
         self.assertTrue(identity.is_allowed_port(24351))
+        # Never in Linux's default ephemeral range, where outgoing connections live.
+        for port in (32768, 40000, 60999):
+            self.assertFalse(identity.is_allowed_port(port), port)
+        self.assertTrue(identity.is_allowed_port(61000))
+        rng = random.Random(4)
+        for _ in range(2000):
+            self.assertNotIn(identity.new_rpc_port(lambda p: False, rng),
+                             identity.EPHEMERAL_PORTS)
 
     def test_rpc_path_lengths(self) -> None:
         rng = random.Random(4)

@@ -1,0 +1,256 @@
+"""The servers API, mounted in the real AdminAPI behind its token gate, served on
+127.0.0.1 with a real SQLite store and the real Installer. Installs here point
+at a closed local port, so they fail at ``connect`` quickly and no host is needed
+(tests/install/test_install_real.py covers real installs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from myxd.api.app import AdminAPI
+from myxd.api.servers import ServersAPI
+from myxd.config import Settings
+from myxd.install import Installer
+from myxd.metrics import Metrics
+from myxd.rpc.client import AgentRPC
+from myxd.store import StoreService
+from tests.support.sshd import free_port
+
+TOKEN = "servers-api-test-token-0123456789"
+AUTH: dict[bytes | str, list[bytes | str]] = {b"Authorization": [f"Bearer {TOKEN}".encode()]}
+PASSWORD = "pw-that-must-never-show-9f3a"
+
+
+def _make_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _keygen(path: str, passphrase: str = "") -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", path],
+                   check=True, capture_output=True)  # fmt: skip
+    with open(path) as f:
+        return f.read()
+
+
+class ServersAPITests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.base = _make_dir(self.mktemp())
+        self.settings = Settings(data_dir=self.base, ssh_connect_timeout=10)
+        ss = StoreService(os.path.join(self.base, "myxd.sqlite"), reactor)
+        ss.startService()
+        await ss.when_ready()
+        self.addCleanup(ss.stopService)
+        self.store = ss.store
+        rpc = AgentRPC(reactor, self.settings)
+        self.addCleanup(rpc.close)
+        self.installer = Installer(self.store, rpc, self.settings, reactor)
+        self.installer.startService()
+        self.addCleanup(self.installer.stopService)
+        servers = ServersAPI(self.store, self.installer, reactor=reactor)
+        api = AdminAPI(self.store, None, rpc, self.settings, reactor,  # type: ignore[arg-type]
+                       metrics=Metrics(), admin_token=TOKEN, servers_api=servers)  # fmt: skip
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(api.site())
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}/api/servers"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.closed_port = free_port()
+        self.bodies: list[bytes] = []
+
+    async def call(self, method: str, path: str = "", body: Any = None, *,
+                   auth: bool = True, raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)  # fmt: skip
+        headers: dict[bytes | str, list[bytes | str]] = dict(AUTH) if auth else {}
+        if data is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+        resp = await treq.request(method, self.url + path, data=data, headers=headers,
+                                  pool=self.pool)  # fmt: skip
+        content = await treq.content(resp)
+        self.bodies.append(content)
+        return resp.code, json.loads(content) if content else None
+
+    def valid(self, **over: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": "web-1", "host": "127.0.0.1", "ssh_port": self.closed_port,
+            "username": "root", "auth": {"password": PASSWORD},
+            "sudo": {"mode": "sudo", "password": PASSWORD},
+        }  # fmt: skip
+        doc.update(over)
+        return {k: v for k, v in doc.items() if v is not None}
+
+    def assert_no_secrets(self) -> None:
+        for body in self.bodies:
+            self.assertNotIn(PASSWORD.encode(), body)
+            self.assertNotIn(b"PRIVATE KEY", body)
+            self.assertNotIn(b'"token"', body)
+            self.assertNotIn(b"secret_key", body)
+
+    async def wait_install_done(self, server_id: int) -> dict[str, Any]:
+        for _ in range(400):
+            code, doc = await self.call("GET", f"/{server_id}/install")
+            if code == 200 and not doc["running"] and doc["status"] != "running":
+                return dict(doc)
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail("install did not finish")
+
+    async def test_token_is_required(self) -> None:
+        code, _ = await self.call("GET", "", auth=False)
+        self.assertEqual(code, 401)
+        code, _ = await self.call("POST", "", self.valid(), auth=False)
+        self.assertEqual(code, 401)
+        self.assertEqual(await self.store.list_servers(), [])
+
+    async def test_bad_input_names_the_field(self) -> None:
+        key_path = os.path.join(self.base, "k")
+        enc_key = _keygen(key_path + "enc", "secret-pass")
+        cases = [
+            (self.valid(name=None), "name"),
+            (self.valid(name=""), "name"),
+            (self.valid(host="not a host!"), "host"),
+            (self.valid(ssh_port=0), "ssh_port"),
+            (self.valid(ssh_port="22"), "ssh_port"),
+            (self.valid(username="a b"), "username"),
+            (self.valid(auth=None), "auth"),
+            (self.valid(auth="pw"), "auth"),
+            (self.valid(auth={}), "auth"),
+            (self.valid(auth={"password": "x", "private_key": "y"}), "auth"),
+            (self.valid(auth={"password": ""}), "auth.password"),
+            (self.valid(auth={"password": "x", "passphrase": "p"}), "auth.passphrase"),
+            (self.valid(auth={"password": "x", "other": 1}), "auth.other"),
+            (self.valid(auth={"private_key": "not a key"}), "auth.private_key"),
+            (self.valid(auth={"private_key": enc_key}), "auth.passphrase"),
+            (self.valid(auth={"private_key": enc_key, "passphrase": "wrong"}), "auth.passphrase"),
+            (self.valid(sudo="root"), "sudo"),
+            (self.valid(sudo={"mode": "su"}), "sudo.mode"),
+            (self.valid(sudo={"mode": "none", "password": "x"}), "sudo.password"),
+            (self.valid(host_key_fingerprint="MD5:00"), "host_key_fingerprint"),
+            (self.valid(start="yes"), "start"),
+            ({**self.valid(), "extra": 1}, "extra"),
+        ]
+        for doc, field in cases:
+            code, body = await self.call("POST", "", doc)
+            self.assertEqual((code, body.get("field")), (400, field), (doc.keys(), body))
+        code, body = await self.call("POST", "", raw=b"{not json")
+        self.assertEqual((code, body["field"]), (400, "body"))
+        self.assertEqual(await self.store.list_servers(), [], "nothing half-written")
+        self.assertEqual(await self.store.list_agents(), [])
+        self.assert_no_secrets()
+
+    async def test_create_install_fails_clearly_then_reinstall_and_delete(self) -> None:
+        code, doc = await self.call("POST", "", self.valid())
+        self.assertEqual(code, 201, doc)
+        server = doc["server"]
+        self.assertIsInstance(doc["install_id"], int)
+        self.assertEqual(server["auth_method"], "password")
+        self.assertEqual(server["sudo"], {"mode": "sudo", "password_set": True})
+        self.assertIsInstance(server["agent_id"], int)
+        self.assertIn(server["agent_status"], ("installing", "error"))
+        agent = await self.store.get_agent_for_server(server["id"])
+        assert agent is not None
+        self.assertEqual(agent.rpc_port, server["agent"]["rpc_port"])
+
+        install = await self.wait_install_done(server["id"])
+        self.assertEqual(install["status"], "failed")
+        self.assertEqual([(s["step"], s["status"]) for s in install["steps"]],
+                         [("connect", "failed")])  # fmt: skip
+        self.assertIn("connection refused", install["steps"][0]["error"])
+        self.assertIn("connect:", install["error"])
+
+        code, one = await self.call("GET", f"/{server['id']}")
+        self.assertEqual(code, 200)
+        self.assertEqual(one["status"], "failed")
+        self.assertEqual(one["agent_id"], server["agent_id"])
+        code, listing = await self.call("GET", "")
+        self.assertEqual([s["id"] for s in listing["servers"]], [server["id"]])
+        code, listing = await self.call("GET", "/")
+        self.assertEqual(code, 200)
+
+        code, started = await self.call("POST", f"/{server['id']}/reinstall")
+        self.assertEqual((code, started["kind"]), (202, "reinstall"))
+        install = await self.wait_install_done(server["id"])
+        self.assertEqual((install["kind"], install["status"]), ("reinstall", "failed"))
+        again = await self.store.get_agent_for_server(server["id"])
+        assert again is not None
+        self.assertEqual((again.id, again.rpc_port, again.token),
+                         (agent.id, agent.rpc_port, agent.token), "identity kept")  # fmt: skip
+
+        code, body = await self.call("POST", f"/{server['id']}/reinstall",
+                                     {"forget_host_key": "yes"})  # fmt: skip
+        self.assertEqual((code, body["field"]), (400, "forget_host_key"))
+
+        code, _ = await self.call("DELETE", f"/{server['id']}")
+        self.assertEqual(code, 200)
+        for path in (f"/{server['id']}", f"/{server['id']}/install"):
+            code, _ = await self.call("GET", path)
+            self.assertEqual(code, 404)
+        code, _ = await self.call("POST", f"/{server['id']}/uninstall")
+        self.assertEqual(code, 404)
+        self.assertIsNone(await self.store.get_agent_for_server(server["id"]))
+        events = await self.store.list_events(limit=100)
+        self.assertIn("install.step", {e.action for e in events})
+        for e in events:
+            self.assertNotIn(PASSWORD, repr(e.details))
+        self.assert_no_secrets()
+
+    async def test_create_without_start_and_with_key(self) -> None:
+        key = _keygen(os.path.join(self.base, "k2"), "pp")
+        code, doc = await self.call("POST", "", self.valid(
+            auth={"private_key": key, "passphrase": "pp"}, start=False, sudo="none",
+            host_key_fingerprint="SHA256:" + "A" * 43))  # fmt: skip
+        self.assertEqual(code, 201, doc)
+        self.assertIsNone(doc["install_id"])
+        self.assertEqual(doc["server"]["auth_method"], "private_key")
+        self.assertEqual(doc["server"]["host_key_fingerprint"], "SHA256:" + "A" * 43)
+        self.assertEqual(doc["server"]["status"], "new")
+        code, body = await self.call("GET", f"/{doc['server']['id']}/install")
+        self.assertEqual(code, 404)
+        self.assert_no_secrets()
+
+    async def test_unknown_routes_and_methods(self) -> None:
+        code, _ = await self.call("GET", "/999")
+        self.assertEqual(code, 404)
+        code, _ = await self.call("GET", "/abc")
+        self.assertEqual(code, 404)
+        code, _ = await self.call("PUT", "/1")
+        self.assertIn(code, (404, 405))
+        code, _ = await self.call("DELETE", "/99999999999999999999999")
+        self.assertEqual(code, 404)
+
+    async def test_concurrent_install_is_409(self) -> None:
+        # An SSH server that accepts TCP but never speaks keeps the install in
+        # "connect" until the connect timeout, long enough to ask again.
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(silent.stopListening)
+        code, doc = await self.call("POST", "", self.valid(ssh_port=silent.getHost().port))
+        self.assertEqual(code, 201)
+        sid = doc["server"]["id"]
+        code, body = await self.call("POST", f"/{sid}/reinstall")
+        self.assertEqual(code, 409, body)
+        self.assertIn("already running", body["error"])
+        code, body = await self.call("DELETE", f"/{sid}")
+        self.assertEqual(code, 409)
+        install = await self.wait_install_done(sid)
+        self.assertIn("timed out", install["steps"][0]["error"])
