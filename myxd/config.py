@@ -76,7 +76,8 @@ class Settings:
         default=1.0, metadata=_doc("pause between command log polls, seconds"))
     log_poll_wait: float = dataclasses.field(
         default=10.0,
-        metadata=_doc(f"long-poll wait asked of the agent, seconds (<= {MAX_LOG_POLL_WAIT:g})"))
+        metadata=_doc(f"long-poll wait asked of the agent, seconds (<= {MAX_LOG_POLL_WAIT:g}; "
+                      "0: plain polling every log_poll_interval)"))
     max_log_pollers: int = dataclasses.field(
         default=1000, metadata=_doc("command log polls in flight at once"))
     reinstall_after_cycles: int = dataclasses.field(
@@ -99,7 +100,7 @@ class Settings:
 
 
 # Every number must be above 0, except these, which have their own minimum:
-_INT_MINIMUM = {"rpc_retry_max_attempts": 0}
+_INT_MINIMUM = {"rpc_retry_max_attempts": 0, "log_poll_wait": 0}
 
 
 def field_names() -> list[str]:

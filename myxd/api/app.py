@@ -57,7 +57,13 @@ from myxd.metrics import Metrics
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import AgentRPCError, CertificateMismatch
 from myxd.rpc.tls import normalize_fingerprint
-from myxd.store.records import AGENT_STATUSES, AgentRecord, CommandRecord, HeartbeatResult
+from myxd.store.records import (
+    AGENT_STATUSES,
+    AgentRecord,
+    CommandRecord,
+    HeartbeatResult,
+    OutputChunk,
+)
 
 if TYPE_CHECKING:
     from myxd.config import Settings
@@ -278,6 +284,14 @@ class AdminAPI:
             raise APIError(404, f"no command {command_id}")
         return rec
 
+    async def _command_output_or_404(self, command_id: int, offset: int,
+                                     max_bytes: int) -> tuple[CommandRecord, list[OutputChunk]]:
+        rec, chunks = await self._store.read_command_output(_check_id(command_id), offset,
+                                                            max_bytes)
+        if rec is None:
+            raise APIError(404, f"no command {command_id}")
+        return rec, chunks
+
     async def _event(self, action: str, target: str | None, outcome: str,
                      details: dict[str, Any] | None = None) -> None:
         try:
@@ -483,13 +497,20 @@ class AdminAPI:
         offset = q.integer("offset", 0, minimum=0, maximum=_MAX_ID)
         wait = q.number("wait", 0.0, minimum=0.0, maximum=30.0)
         max_bytes = q.integer("max_bytes", 1048576, minimum=1, maximum=1048576)
-        rec = await self._command_or_404(command_id)
-        if offset > rec.output_offset:
-            raise APIError(400, "offset is past the end of the stored output", "offset")
-        chunks = await self._store.read_output(rec.id, offset, max_bytes)
-        rec = await self._command_or_404(command_id)
-        if not chunks and wait > 0 and rec.status not in FINAL_STATUSES:
-            rec, chunks = await self._long_poll(rec, offset, max_bytes, wait)
+        # Record and output come from one store transaction, and a long-poll
+        # subscribes before that read (a notification in between is kept by the
+        # watch): a log reader costs one store trip per answer, not five.
+        watch = OutputWatch(self._queue, _check_id(command_id), self._reactor) \
+            if wait > 0 else None
+        try:
+            rec, chunks = await self._command_output_or_404(command_id, offset, max_bytes)
+            if offset > rec.output_offset:
+                raise APIError(400, "offset is past the end of the stored output", "offset")
+            if watch is not None and not chunks and rec.status not in FINAL_STATUSES:
+                rec, chunks = await self._long_poll(rec, offset, max_bytes, wait, watch)
+        finally:
+            if watch is not None:
+                watch.close()
         next_offset = offset + sum(len(c.data) for c in chunks)
         out = command_json(rec)
         out.update({
@@ -500,24 +521,19 @@ class AdminAPI:
         })
         return _json(request, out)
 
-    async def _long_poll(self, rec: CommandRecord, offset: int, max_bytes: int,
-                         wait: float) -> tuple[CommandRecord, list[Any]]:
+    async def _long_poll(self, rec: CommandRecord, offset: int, max_bytes: int, wait: float,
+                         watch: OutputWatch) -> tuple[CommandRecord, list[OutputChunk]]:
+        """Wait for new output or the end (`watch` was subscribed before `rec` was read)."""
         deadline = self._reactor.seconds() + wait
-        watch = OutputWatch(self._queue, rec.id, self._reactor)
-        try:
-            while True:
-                # Re-read after subscribing: output stored before the subscription
-                # existed would otherwise wait for the next notification.
-                chunks = await self._store.read_output(rec.id, offset, max_bytes)
-                rec = await self._command_or_404(rec.id)
-                if chunks or rec.status in FINAL_STATUSES:
-                    return rec, chunks
-                remaining = deadline - self._reactor.seconds()
-                if remaining <= 0:
-                    return rec, chunks
-                await watch.wait(remaining)
-        finally:
-            watch.close()
+        chunks: list[OutputChunk] = []
+        while True:
+            remaining = deadline - self._reactor.seconds()
+            if remaining <= 0:
+                return rec, chunks
+            await watch.wait(remaining)
+            rec, chunks = await self._command_output_or_404(rec.id, offset, max_bytes)
+            if chunks or rec.status in FINAL_STATUSES:
+                return rec, chunks
 
     @_app.route("/api/commands/<int:command_id>/cancel", methods=["POST"])
     async def cancel_command(self, request: IRequest, command_id: int) -> bytes:

@@ -1,8 +1,11 @@
 """`AgentRPC`: the daemon's JSON-RPC 2.0 client for myx_agent (docs/protocol.md).
 
-One treq `HTTPClient` over a `twisted.web.client.Agent` with a persistent
-`HTTPConnectionPool`, so heartbeats and log polls reuse connections (the pool's
-idle timeout is kept below the agent's 180 s keep-alive). Every connection is
+A `twisted.web.client.Agent` with a persistent `HTTPConnectionPool`, so
+heartbeats and log polls reuse connections (the pool's idle timeout is kept
+below the agent's 180 s keep-alive). Requests go to the `IAgent` directly:
+treq's per-request layers (URL parsing with IDNA checks, a cookie jar, redirect
+and gzip agents) cost a third of the daemon's CPU per heartbeat and serve
+nothing here, since an agent never redirects, compresses or sets cookies. Every connection is
 pinned to the agent's certificate fingerprint (`myxd.rpc.tls`); a connection
 made under one pin is never reused under another. Each call has a timeout on
 the injected reactor, and retries follow `myxd.rpc.retry`: only idempotent
@@ -19,18 +22,31 @@ import itertools
 import json
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
-from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from myxd.rpc.retry import (
@@ -102,6 +118,11 @@ class AgentEndpoint:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"https://{host}:{self.port}/{self.path.strip('/')}/rpc"
+
+    @cached_property
+    def _request_parts(self) -> tuple[bytes, bytes]:
+        # (URL, token) as bytes, built once per endpoint (retries reuse them).
+        return self.url.encode("ascii"), self.token.encode("utf-8")
 
     @property
     def target(self) -> str:
@@ -196,6 +217,53 @@ class _PinnedPool(HTTPConnectionPool):
         return super().getConnection((key, pin), endpoint)
 
 
+@implementer(IStreamClientEndpoint)
+class _LazyPinnedEndpoint:
+    """Builds the TLS endpoint only when the pool has no connection to reuse.
+
+    Twisted's Agent asks for an endpoint on every request, pooled or not; its
+    standard factory builds a HostnameEndpoint (IDNA checks, and a resolver
+    thread even for an IP literal) each time. Here a warm request costs one
+    small object, and a cold one connects straight to an IP literal.
+    """
+
+    __slots__ = ("_host", "_port", "_owner")
+
+    def __init__(self, owner: _PinnedEndpointFactory, host: bytes, port: int) -> None:
+        self._owner = owner
+        self._host = host
+        self._port = port
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        owner = self._owner
+        host = self._host.decode("ascii")
+        inner: IStreamClientEndpoint
+        if isIPAddress(host):
+            inner = TCP4ClientEndpoint(owner.reactor, host, self._port, timeout=owner.timeout)
+        elif isIPv6Address(host):
+            inner = TCP6ClientEndpoint(owner.reactor, host, self._port, timeout=owner.timeout)
+        else:
+            inner = HostnameEndpoint(owner.reactor, host, self._port, timeout=owner.timeout)
+        creator = owner.policy.creatorForNetloc(self._host, self._port)
+        connected: Deferred[Any] = wrapClientTLS(creator, inner).connect(protocolFactory)
+        return connected
+
+
+@implementer(IAgentEndpointFactory)
+class _PinnedEndpointFactory:
+    """HTTPS only, pinned through `PinnedTLSPolicy`; see `_LazyPinnedEndpoint`."""
+
+    def __init__(self, reactor: Any, policy: PinnedTLSPolicy, timeout: float) -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self.timeout = timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise SchemeNotSupported(f"agents are reached over https, not {uri.scheme!r}")
+        return _LazyPinnedEndpoint(self, uri.host, uri.port)
+
+
 class AgentRPC:
     """JSON-RPC client for agents. One instance per daemon (it owns the pool)."""
 
@@ -221,9 +289,10 @@ class AgentRPC:
             pool.cachedConnectionTimeout = float(  # type: ignore[assignment]
                 settings.rpc_pool_idle_timeout)
             self._pool = pool
-            http_agent = Agent(reactor, contextFactory=PinnedTLSPolicy(self.pins), pool=pool,
-                               connectTimeout=float(settings.rpc_timeout))
-        self._http = HTTPClient(http_agent, data_to_body_producer=_BytesProducer)
+            endpoints = _PinnedEndpointFactory(reactor, PinnedTLSPolicy(self.pins),
+                                               float(settings.rpc_timeout))
+            http_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        self._http_agent: IAgent = http_agent
         self._ids = itertools.count(1)
 
     # -- public API -------------------------------------------------------------
@@ -353,13 +422,13 @@ class AgentRPC:
         # Register the pin right before the request: the TLS policy and the pool
         # both read it synchronously inside Agent.request.
         self.pins.set(ep.host, ep.port, ep.fingerprint)
+        url, token = ep._request_parts
         headers = Headers({
             b"Content-Type": [b"application/json"],
-            b"X-Agent-Token": [ep.token.encode("utf-8")],
+            b"X-Agent-Token": [token],
         })
-        response = await self._http.request(
-            "POST", ep.url, data=body, headers=headers, allow_redirects=False,
-            unbuffered=True, reactor=cast(Any, self._reactor))
+        response = await self._http_agent.request(b"POST", url, headers,
+                                                  _BytesProducer(body))
         reader = _BodyReader(self._max_response_bytes)
         response.deliverBody(reader)
         length = getattr(response, "length", UNKNOWN_LENGTH)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections import OrderedDict
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -40,9 +39,11 @@ __all__ = [
 
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 
-# One SSL context per pinned fingerprint is cached; beyond this many the least
-# recently used is dropped (it is cheap to rebuild, the cap only bounds memory).
-DEFAULT_MAX_CONTEXTS = 16384
+# The pin a connection must see travels on the pyOpenSSL Connection object
+# itself, so that ONE SSL context serves every agent: a context per pin cost
+# 16 kB of OpenSSL memory per agent (160 MB for 10,000 agents) and an
+# SSL_CTX_new per agent on a cold start.
+_PIN_ATTR = "_myx_expected_pin"
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -87,12 +88,9 @@ class PinMismatchError(Exception):
 
 
 class _PinVerifier:
-    """The OpenSSL verify callback for one pinned fingerprint."""
+    """The OpenSSL verify callback: the leaf must hash to the connection's own pin."""
 
     log = Logger()
-
-    def __init__(self, expected: str | None) -> None:
-        self.expected = expected
 
     def __call__(self, conn: SSL.Connection, cert: X509, errno: int, depth: int,
                  ok: int) -> bool:
@@ -104,10 +102,13 @@ class _PinVerifier:
             return True
         actual: str | None = None
         try:
+            # Set by _PinnedConnectionCreator before the handshake; a connection
+            # made any other way has none and is refused like a mismatch.
+            expected: str | None = getattr(conn, _PIN_ATTR, None)
             actual = certificate_fingerprint(cert.to_cryptography().public_bytes(Encoding.DER))
-            if self.expected is not None and hmac.compare_digest(actual, self.expected):
+            if expected is not None and hmac.compare_digest(actual, expected):
                 return True
-            failure = Failure(PinMismatchError(self.expected, actual))
+            failure = Failure(PinMismatchError(expected, actual))
             protocol = conn.get_app_data()
             fail = getattr(protocol, "failVerification", None)
             if fail is not None:
@@ -121,23 +122,29 @@ class _PinVerifier:
         return False
 
 
-def _make_context(expected: str | None) -> SSL.Context:
+def _make_context() -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     # No session resumption: a resumed session would skip the certificate check.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _PinVerifier(expected))
+    # A keep-alive connection idles between heartbeats far longer than it
+    # works: let OpenSSL free its ~34 kB of record buffers while idle.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _PinVerifier())
     return ctx
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _PinnedConnectionCreator:
-    def __init__(self, context: SSL.Context) -> None:
+    def __init__(self, context: SSL.Context, expected: str | None) -> None:
         self._context = context
+        self._expected = expected
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
+        # Fixed for the life of this connection, before any handshake byte.
+        setattr(connection, _PIN_ATTR, self._expected)
         connection.set_app_data(tlsProtocol)
         return connection
 
@@ -149,7 +156,10 @@ class PinRegistry:
         self._pins: dict[tuple[str, int], str] = {}
 
     def set(self, host: str, port: int, fingerprint: str) -> None:
-        self._pins[(host, port)] = normalize_fingerprint(fingerprint)
+        key = (host, port)
+        # Called before every request: skip the re-validation of an unchanged pin.
+        if self._pins.get(key) != fingerprint:
+            self._pins[key] = normalize_fingerprint(fingerprint)
 
     def get(self, host: str, port: int) -> str | None:
         return self._pins.get((host, port))
@@ -163,27 +173,18 @@ class PinRegistry:
 
 @implementer(IPolicyForHTTPS)
 class PinnedTLSPolicy:
-    """`IPolicyForHTTPS` for `twisted.web.client.Agent`: TLS >= 1.2 pinned per netloc."""
+    """`IPolicyForHTTPS` for `twisted.web.client.Agent`: TLS >= 1.2 pinned per netloc.
 
-    def __init__(self, pins: PinRegistry, *, max_contexts: int = DEFAULT_MAX_CONTEXTS) -> None:
+    One SSL context (built once) serves every agent; each connection carries
+    the pin registered for its (host, port) when it was created.
+    """
+
+    def __init__(self, pins: PinRegistry) -> None:
         self.pins = pins
-        self._max_contexts = max(1, max_contexts)
-        self._contexts: OrderedDict[str | None, SSL.Context] = OrderedDict()
-
-    def context_for(self, fingerprint: str | None) -> SSL.Context:
-        """The cached context that accepts only `fingerprint` (None accepts nothing)."""
-        ctx = self._contexts.get(fingerprint)
-        if ctx is None:
-            ctx = _make_context(fingerprint)
-            self._contexts[fingerprint] = ctx
-            while len(self._contexts) > self._max_contexts:
-                self._contexts.popitem(last=False)
-        else:
-            self._contexts.move_to_end(fingerprint)
-        return ctx
+        self.context = _make_context()
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii") if isinstance(hostname, bytes) else str(hostname)
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        return _PinnedConnectionCreator(self.context_for(self.pins.get(host, port)))
+        return _PinnedConnectionCreator(self.context, self.pins.get(host, port))

@@ -130,8 +130,17 @@ class QueueTestCase(TestCase):
     def queue(self, **overrides: Any) -> CommandQueue:
         q = CommandQueue(self.store, self.rpc, settings(**overrides), self.clock,  # type: ignore[arg-type]
                          metrics=self.metrics)
-        self.addCleanup(lambda: q.stopService() if q.running else None)
+        self.addCleanup(self.stop, q)
         return q
+
+    def stop(self, q: CommandQueue) -> None:
+        # Every queue is stopped, started or not: a poller left suspended on this
+        # test's Clock would be closed later by the garbage collector, during some
+        # other test, and its `finally` (giving back its poll slot) would resume a
+        # poller queued on that slot that the collector had already closed
+        # ("cannot reuse already awaited coroutine", logged into that other test).
+        self.successResultOf(q.stopService())
+        self.assertEqual([c for c in self.store.commands if q.is_polling(c)], [])
 
     def add(self, q: CommandQueue, command: str = "echo", args: list[str] | None = None,
             timeout: float | None = 10, **kw: Any) -> CommandRecord:

@@ -208,8 +208,10 @@ class TomlTests(unittest.TestCase):
     def test_non_positive_values(self) -> None:
         for name, value in SAMPLE.items():
             if isinstance(value, (int, float)):
-                # Zero retries is a valid choice (fail on the first error).
-                for bad in ((-1,) if name == "rpc_retry_max_attempts" else (0, -1)):
+                # Zero retries is a valid choice (fail on the first error), and
+                # a zero log_poll_wait is the architecture's plain polling.
+                zero_ok = name in ("rpc_retry_max_attempts", "log_poll_wait")
+                for bad in ((-1,) if zero_ok else (0, -1)):
                     self.fails(f"{name} = {bad}\n", f"FILE: {name}: must be")
 
     def test_min_greater_than_max(self) -> None:

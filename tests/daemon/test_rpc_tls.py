@@ -185,14 +185,18 @@ class PinningTests(TestCase):
         await self.until(lambda: self.factory.closed == 1)
         self.assertEqual(self.factory.received, b"")
 
-    def test_one_context_per_fingerprint(self) -> None:
-        policy = PinnedTLSPolicy(PinRegistry(), max_contexts=2)
-        a = policy.context_for(self.pin)
-        self.assertIs(policy.context_for(self.pin), a)
-        b = policy.context_for(self.other_pin)
-        self.assertIsNot(a, b)
-        policy.context_for(None)             # evicts the least recently used (pin)
-        self.assertIsNot(policy.context_for(self.pin), a)
+    def test_one_context_every_connection_carries_its_own_pin(self) -> None:
+        pins = PinRegistry()
+        policy = PinnedTLSPolicy(pins)
+        pins.set("127.0.0.1", 1, self.pin)
+        pins.set("127.0.0.1", 2, self.other_pin)
+        a = policy.creatorForNetloc(b"127.0.0.1", 1).clientConnectionForTLS(None)
+        b = policy.creatorForNetloc(b"127.0.0.1", 2).clientConnectionForTLS(None)
+        c = policy.creatorForNetloc(b"127.0.0.1", 3).clientConnectionForTLS(None)
+        self.assertIs(a.get_context(), policy.context)
+        self.assertIs(b.get_context(), policy.context)
+        self.assertEqual([getattr(x, "_myx_expected_pin", "unset") for x in (a, b, c)],
+                         [self.pin, self.other_pin, None])
 
 
 class TransportFailureTests(TestCase):
@@ -213,7 +217,8 @@ class TransportFailureTests(TestCase):
         ep = AgentEndpoint("127.0.0.1", number, PATH, TOKEN, self.pin)
         with self.assertRaises(AgentRPCError) as caught:
             await self.rpc.call(ep, "heartbeat")
-        self.assertEqual((caught.exception.kind, caught.exception.attempts), ("retryable", 4))  # first try + 3 retries
+        # The first try and 3 retries.
+        self.assertEqual((caught.exception.kind, caught.exception.attempts), ("retryable", 4))
         self.assertIn("connection refused", caught.exception.reason)
 
     async def test_plain_tcp_server_is_a_retryable_tls_failure(self) -> None:
