@@ -190,9 +190,11 @@ class PinningTests(TestCase):
         policy = PinnedTLSPolicy(pins)
         pins.set("127.0.0.1", 1, self.pin)
         pins.set("127.0.0.1", 2, self.other_pin)
-        a = policy.creatorForNetloc(b"127.0.0.1", 1).clientConnectionForTLS(None)
-        b = policy.creatorForNetloc(b"127.0.0.1", 2).clientConnectionForTLS(None)
-        c = policy.creatorForNetloc(b"127.0.0.1", 3).clientConnectionForTLS(None)
+        # The creators never look at the TLS protocol object they are given.
+        no_protocol: Any = None
+        a = policy.creatorForNetloc(b"127.0.0.1", 1).clientConnectionForTLS(no_protocol)
+        b = policy.creatorForNetloc(b"127.0.0.1", 2).clientConnectionForTLS(no_protocol)
+        c = policy.creatorForNetloc(b"127.0.0.1", 3).clientConnectionForTLS(no_protocol)
         self.assertIs(a.get_context(), policy.context)
         self.assertIs(b.get_context(), policy.context)
         self.assertEqual([getattr(x, "_myx_expected_pin", "unset") for x in (a, b, c)],
