@@ -38,11 +38,17 @@ from bench.harness import (
 )
 
 
-def run_mode(sim: Sim, agents: int, cycles: int, interval: float,
-             idle_timeout: float, concurrency: int) -> List[Dict[str, Any]]:
-    daemon = Daemon(flags={
-        "heartbeat_min_interval": interval, "heartbeat_max_interval": interval,
-        "rpc_pool_idle_timeout": idle_timeout, "heartbeat_concurrency": concurrency})
+def run_mode(
+    sim: Sim, agents: int, cycles: int, interval: float, idle_timeout: float, concurrency: int
+) -> List[Dict[str, Any]]:
+    daemon = Daemon(
+        flags={
+            "heartbeat_min_interval": interval,
+            "heartbeat_max_interval": interval,
+            "rpc_pool_idle_timeout": idle_timeout,
+            "heartbeat_concurrency": concurrency,
+        }
+    )
     try:
         adopt_store(daemon.data_dir, sim.files)
         daemon.start()
@@ -76,13 +82,16 @@ def main(argv: List[str] | None = None) -> int:
         sim.start()
         for run in range(1, args.runs + 1):
             for mode, idle in (("keepalive", 120.0), ("reconnect", args.interval / 4)):
-                cycles = run_mode(sim, args.agents, args.cycles, args.interval, idle,
-                                  args.concurrency)
+                cycles = run_mode(
+                    sim, args.agents, args.cycles, args.interval, idle, args.concurrency
+                )
                 for c in cycles:
-                    print(f"run {run} {mode:9s} cycle {c['number']}: {c['agents']} agents "
-                          f"{c['ok']} ok {c['failed']} failed, {c['duration']:.3f}s wall, "
-                          f"{c['cpu']:.3f} CPU-s, {c['cpu_ms_per_hb']:.3f} ms/heartbeat "
-                          f"(load {load()})")
+                    print(
+                        f"run {run} {mode:9s} cycle {c['number']}: {c['agents']} agents "
+                        f"{c['ok']} ok {c['failed']} failed, {c['duration']:.3f}s wall, "
+                        f"{c['cpu']:.3f} CPU-s, {c['cpu_ms_per_hb']:.3f} ms/heartbeat "
+                        f"(load {load()})"
+                    )
                 warm = [c["cpu_ms_per_hb"] for c in cycles[1:]]
                 if mode == "keepalive":
                     results["cold"].append(cycles[0]["cpu_ms_per_hb"])
@@ -91,12 +100,17 @@ def main(argv: List[str] | None = None) -> int:
                     results["reconnect"].append(median(warm))
                 sys.stdout.flush()
     print()
-    print(f"B1 result over {args.runs} runs, {args.agents} agents "
-          "(median of per-run medians, daemon CPU ms per heartbeat):")
+    print(
+        f"B1 result over {args.runs} runs, {args.agents} agents "
+        "(median of per-run medians, daemon CPU ms per heartbeat):"
+    )
     for key in ("keepalive", "reconnect", "cold"):
         vals = results[key]
-        print(f"  {key:9s}: {median(vals):.3f} ms  (runs: "
-              + ", ".join(f"{v:.3f}" for v in vals) + ")")
+        print(
+            f"  {key:9s}: {median(vals):.3f} ms  (runs: "
+            + ", ".join(f"{v:.3f}" for v in vals)
+            + ")"
+        )
     ka = median(results["keepalive"])
     print(f"  target keep-alive <= 1.0 ms: {'MET' if ka <= 1.0 else 'NOT MET'}")
     print(f"load average at end: {load()}")

@@ -32,16 +32,27 @@ def main(argv: List[str] | None = None) -> int:
     summary: Dict[int, Dict[str, List[float]]] = {}
     for size in [int(s) for s in args.sizes.split(",")]:
         shards = 1 if size <= 2000 else 2
-        figures: Dict[str, List[float]] = {k: [] for k in (
-            "cold_wall", "cold_cpu", "cold_failed", "warm_wall", "warm_cpu", "warm_failed")}
+        figures: Dict[str, List[float]] = {
+            k: []
+            for k in (
+                "cold_wall",
+                "cold_cpu",
+                "cold_failed",
+                "warm_wall",
+                "warm_cpu",
+                "warm_failed",
+            )
+        }
         with Sim(size, shards=shards) as sim:
             sim.start()
             for run in range(1, args.runs + 1):
                 cycles = run_mode(sim, size, 2, args.interval, 120.0, args.concurrency)
                 for label, c in zip(("cold", "warm"), cycles):
-                    print(f"{size} agents run {run} {label}: {c['duration']:.3f}s wall, "
-                          f"{c['cpu']:.2f} CPU-s, {c['ok']} ok, {c['failed']} failed "
-                          f"(load {load()})")
+                    print(
+                        f"{size} agents run {run} {label}: {c['duration']:.3f}s wall, "
+                        f"{c['cpu']:.2f} CPU-s, {c['ok']} ok, {c['failed']} failed "
+                        f"(load {load()})"
+                    )
                     figures[f"{label}_wall"].append(c["duration"])
                     figures[f"{label}_cpu"].append(c["cpu"])
                     figures[f"{label}_failed"].append(c["failed"])
@@ -52,15 +63,19 @@ def main(argv: List[str] | None = None) -> int:
     print("  agents | cold wall | cold CPU-s | warm wall | warm CPU-s | failures (max)")
     for size, f in summary.items():
         failures = int(max(f["cold_failed"] + f["warm_failed"]))
-        print(f"  {size:6d} | {median(f['cold_wall']):8.2f}s | {median(f['cold_cpu']):9.2f}  | "
-              f"{median(f['warm_wall']):8.2f}s | {median(f['warm_cpu']):9.2f}  | {failures}")
+        print(
+            f"  {size:6d} | {median(f['cold_wall']):8.2f}s | {median(f['cold_cpu']):9.2f}  | "
+            f"{median(f['warm_wall']):8.2f}s | {median(f['warm_cpu']):9.2f}  | {failures}"
+        )
     if 1000 in summary:
         f = summary[1000]
         worst_wall = max(median(f["cold_wall"]), median(f["warm_wall"]))
         failures = int(max(f["cold_failed"] + f["warm_failed"]))
         ok = worst_wall <= 3.0 and failures == 0
-        print(f"  target 1,000 agents <= 3 s wall, 0 failures (cold and warm): "
-              f"{'MET' if ok else 'NOT MET'}")
+        print(
+            f"  target 1,000 agents <= 3 s wall, 0 failures (cold and warm): "
+            f"{'MET' if ok else 'NOT MET'}"
+        )
     print(f"load average at end: {load()}")
     return 0
 

@@ -55,8 +55,10 @@ def offline_ids(db_path: str) -> Set[int]:
 def store_totals(db_path: str) -> Dict[str, Any]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        row = conn.execute("SELECT COUNT(*), SUM(total_failures), MIN(last_heartbeat),"
-                           " MAX(last_heartbeat) FROM agents").fetchone()
+        row = conn.execute(
+            "SELECT COUNT(*), SUM(total_failures), MIN(last_heartbeat),"
+            " MAX(last_heartbeat) FROM agents"
+        ).fetchone()
         return {"agents": row[0], "total_failures": row[1] or 0}
     finally:
         conn.close()
@@ -78,14 +80,21 @@ def main(argv: List[str] | None = None) -> int:
     if args.fail_rate > 0:
         extra += ["--fail-rate", str(args.fail_rate), "--fail-mode", args.fail_mode]
     duration = args.minutes * 60.0
-    with Sim(args.agents, shards=args.shards, base_port=args.base_port, extra=extra,
-             record=True) as sim:
+    with Sim(
+        args.agents, shards=args.shards, base_port=args.base_port, extra=extra, record=True
+    ) as sim:
         t = time.time()
         sim.start(timeout=1800)
-        print(f"simulator: {len(sim.entries)} endpoints in {args.shards} processes, "
-              f"ready in {time.time() - t:.0f}s")
-        daemon = Daemon(flags={"heartbeat_min_interval": args.min_interval,
-                               "heartbeat_max_interval": args.max_interval})
+        print(
+            f"simulator: {len(sim.entries)} endpoints in {args.shards} processes, "
+            f"ready in {time.time() - t:.0f}s"
+        )
+        daemon = Daemon(
+            flags={
+                "heartbeat_min_interval": args.min_interval,
+                "heartbeat_max_interval": args.max_interval,
+            }
+        )
         try:
             print(adopt_store(daemon.data_dir, sim.files))
             db = os.path.join(daemon.data_dir, "myxd.sqlite")
@@ -107,9 +116,11 @@ def main(argv: List[str] | None = None) -> int:
                 if time.time() >= next_report:
                     next_report += 60
                     s = sampler.samples[-1]
-                    print(f"  t={time.time() - t0:4.0f}s cycles={len(daemon.cycles)} "
-                          f"offline now={len(ids)} ever={len(ever_offline)} "
-                          f"cpu={s[1]:.1f}s rss={s[2] / 2**20:.0f}MiB load={load()}")
+                    print(
+                        f"  t={time.time() - t0:4.0f}s cycles={len(daemon.cycles)} "
+                        f"offline now={len(ids)} ever={len(ever_offline)} "
+                        f"cpu={s[1]:.1f}s rss={s[2] / 2**20:.0f}MiB load={load()}"
+                    )
                     sys.stdout.flush()
             t1 = time.time()
             sampler.stop()
@@ -125,8 +136,10 @@ def main(argv: List[str] | None = None) -> int:
     print()
     print("cycles:")
     for c in cycles:
-        print(f"  #{c['number']}: {c['agents']} agents, {c['ok']} ok, {c['failed']} failed, "
-              f"{c['duration']:.2f}s")
+        print(
+            f"  #{c['number']}: {c['agents']} agents, {c['ok']} ok, {c['failed']} failed, "
+            f"{c['duration']:.2f}s"
+        )
     starts = [c["started_at"] for c in cycles]
     ends = [c["seen_at"] for c in cycles]
     lateness: List[float] = []
@@ -138,7 +151,7 @@ def main(argv: List[str] | None = None) -> int:
             i = bisect.bisect_right(starts, x) - 1
             if i >= 0 and x <= ends[i] + 1.0:
                 lateness.append(max(0.0, x - starts[i]))
-                if i >= 1:   # cycle 1 is the cold start: a TLS handshake per agent
+                if i >= 1:  # cycle 1 is the cold start: a TLS handshake per agent
                     warm_lateness.append(max(0.0, x - starts[i]))
         gaps += [b - a for a, b in zip(times, times[1:])]
     cpu_total = sampler.cpu_between(t0, t1)
@@ -157,28 +170,39 @@ def main(argv: List[str] | None = None) -> int:
     retries = metric_value(metrics, "myxd_rpc_retries_total")
     cpu_pct = 100.0 * cpu_total / (t1 - t0)
     print()
-    print(f"B3 result: {args.agents} agents, {(t1 - t0) / 60:.1f} min, "
-          f"{args.min_interval:g}-{args.max_interval:g} s schedule, {len(cycles)} cycles, "
-          f"{len(lateness)} heartbeats recorded by the agents")
-    print(f"  false offlines: {len(ever_offline)} agents ever not online "
-          f"(max at once {max_offline}); failed heartbeats {failed_hb}; "
-          f"store total_failures {totals['total_failures']}; rpc errors "
-          f"{rpc_errors:g} retryable; retries {retries:g}")
+    print(
+        f"B3 result: {args.agents} agents, {(t1 - t0) / 60:.1f} min, "
+        f"{args.min_interval:g}-{args.max_interval:g} s schedule, {len(cycles)} cycles, "
+        f"{len(lateness)} heartbeats recorded by the agents"
+    )
+    print(
+        f"  false offlines: {len(ever_offline)} agents ever not online "
+        f"(max at once {max_offline}); failed heartbeats {failed_hb}; "
+        f"store total_failures {totals['total_failures']}; rpc errors "
+        f"{rpc_errors:g} retryable; retries {retries:g}"
+    )
     if lateness:
-        print(f"  lateness after cycle start: p50 {percentile(lateness, 50):.2f}s  "
-              f"p99 {percentile(lateness, 99):.2f}s  max {max(lateness):.2f}s")
+        print(
+            f"  lateness after cycle start: p50 {percentile(lateness, 50):.2f}s  "
+            f"p99 {percentile(lateness, 99):.2f}s  max {max(lateness):.2f}s"
+        )
     if warm_lateness:
-        print(f"  same, cycles 2+ (keep-alive): p50 {percentile(warm_lateness, 50):.2f}s  "
-              f"p99 {percentile(warm_lateness, 99):.2f}s  max {max(warm_lateness):.2f}s")
+        print(
+            f"  same, cycles 2+ (keep-alive): p50 {percentile(warm_lateness, 50):.2f}s  "
+            f"p99 {percentile(warm_lateness, 99):.2f}s  max {max(warm_lateness):.2f}s"
+        )
     if gaps:
-        print(f"  gap between heartbeats of one agent: p50 {percentile(gaps, 50):.1f}s  "
-              f"p99 {percentile(gaps, 99):.1f}s  max {max(gaps):.1f}s")
-    print(f"  daemon CPU: {cpu_pct:.1f} % of one core on average "
-          f"({cpu_total:.1f} CPU-s), worst 10 s window {100 * worst:.0f} %")
+        print(
+            f"  gap between heartbeats of one agent: p50 {percentile(gaps, 50):.1f}s  "
+            f"p99 {percentile(gaps, 99):.1f}s  max {max(gaps):.1f}s"
+        )
+    print(
+        f"  daemon CPU: {cpu_pct:.1f} % of one core on average "
+        f"({cpu_total:.1f} CPU-s), worst 10 s window {100 * worst:.0f} %"
+    )
     print(f"  daemon RSS: peak {peak_rss / 2**20:.0f} MiB, end {end_rss / 2**20:.0f} MiB")
-    ok = (not ever_offline and cpu_pct <= 50.0 and peak_rss <= 10**9)
-    print(f"  targets (0 false offlines, CPU <= 50 %, RSS <= 1 GB): "
-          f"{'MET' if ok else 'NOT MET'}")
+    ok = not ever_offline and cpu_pct <= 50.0 and peak_rss <= 10**9
+    print(f"  targets (0 false offlines, CPU <= 50 %, RSS <= 1 GB): {'MET' if ok else 'NOT MET'}")
     print(f"load average at end: {load()}")
     return 0
 

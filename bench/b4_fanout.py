@@ -33,17 +33,22 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--command", default="hostname")
     p.add_argument("--shards", type=int, default=1, help="simulator processes")
-    p.add_argument("--what-if-setsid", action="store_true",
-                   help="simulated agents start commands via setsid(1), not the agent's "
-                        "Python wrapper (a what-if, not the real agent)")
+    p.add_argument(
+        "--what-if-setsid",
+        action="store_true",
+        help="simulated agents start commands via setsid(1), not the agent's "
+        "Python wrapper (a what-if, not the real agent)",
+    )
     args = p.parse_args(argv)
     print_header("B4 fan-out")
     totals: List[float] = []
     posts: List[float] = []
     extra = ["--what-if-setsid"] if args.what_if_setsid else []
     if args.what_if_setsid:
-        print("WHAT-IF: the simulated agents spawn commands via setsid(1), not the real "
-              "agent's Python exec wrapper")
+        print(
+            "WHAT-IF: the simulated agents spawn commands via setsid(1), not the real "
+            "agent's Python exec wrapper"
+        )
     quiet = {"heartbeat_min_interval": 600, "heartbeat_max_interval": 600}
     with Sim(args.agents, shards=args.shards, extra=extra) as sim, Daemon(flags=quiet) as daemon:
         sim.start()
@@ -60,21 +65,27 @@ def main(argv: List[str] | None = None) -> int:
             sim_cpu = sum(s.cpu_between(t_start, t_end) for s in sim_samplers)
             totals.append(r["total"])
             posts.append(r["post"])
-            print(f"run {run}: {len(r['ids'])} commands, POST answered in {r['post']:.3f}s, "
-                  f"all stored in {r['total']:.3f}s; daemon CPU {cpu:.2f}s, "
-                  f"simulated agents' CPU {sim_cpu:.2f}s incl. their commands (load {load()})")
+            print(
+                f"run {run}: {len(r['ids'])} commands, POST answered in {r['post']:.3f}s, "
+                f"all stored in {r['total']:.3f}s; daemon CPU {cpu:.2f}s, "
+                f"simulated agents' CPU {sim_cpu:.2f}s incl. their commands (load {load()})"
+            )
             sys.stdout.flush()
             time.sleep(1.0)
         good = check_outputs(daemon, r["ids"], (socket.gethostname() + "\n").encode())
-        print(f"last run checked through the API: {good}/{len(r['ids'])} commands succeeded "
-              "with the expected output")
+        print(
+            f"last run checked through the API: {good}/{len(r['ids'])} commands succeeded "
+            "with the expected output"
+        )
         sampler.stop()
         for s in sim_samplers:
             s.stop()
     print()
-    print(f"B4 result (median of {args.runs} runs, {args.agents} agents): "
-          f"all stored in {median(totals):.3f}s (POST {median(posts):.3f}s); runs: "
-          + ", ".join(f"{t:.3f}" for t in totals))
+    print(
+        f"B4 result (median of {args.runs} runs, {args.agents} agents): "
+        f"all stored in {median(totals):.3f}s (POST {median(posts):.3f}s); runs: "
+        + ", ".join(f"{t:.3f}" for t in totals)
+    )
     print(f"  target <= 1 s: {'MET' if median(totals) <= 1.0 else 'NOT MET'}")
     print(f"load average at end: {load()}")
     return 0

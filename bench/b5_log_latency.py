@@ -105,8 +105,14 @@ class APIClient:
         self.reader = None
 
 
-async def follow(port: int, token: str, command_id: int, seen: List[Tuple[float, float]],
-                 first: Dict[str, Any], deadline: float) -> int:
+async def follow(
+    port: int,
+    token: str,
+    command_id: int,
+    seen: List[Tuple[float, float]],
+    first: Dict[str, Any],
+    deadline: float,
+) -> int:
     """Long-poll one command until complete; note (written, latency) of each line.
 
     ``first`` tracks which commands delivered a line: once all have, its
@@ -119,8 +125,7 @@ async def follow(port: int, token: str, command_id: int, seen: List[Tuple[float,
     lines = 0
     try:
         while time.time() < deadline:
-            status, raw = await client.get(
-                f"/api/commands/{command_id}?offset={offset}&wait=25")
+            status, raw = await client.get(f"/api/commands/{command_id}?offset={offset}&wait=25")
             now = time.time()
             if status != 200:
                 raise RuntimeError(f"GET /api/commands/{command_id}: {status} {raw[:200]!r}")
@@ -162,8 +167,9 @@ def histogram(text: str, name: str) -> Tuple[List[Tuple[float, float]], float, f
     return buckets, count, total
 
 
-def hist_quantile(before: List[Tuple[float, float]], after: List[Tuple[float, float]],
-                  q: float) -> float:
+def hist_quantile(
+    before: List[Tuple[float, float]], after: List[Tuple[float, float]], q: float
+) -> float:
     """Upper bucket bound below which a fraction q of the new observations fall."""
     delta = [(le, a - b) for (le, a), (_, b) in zip(after, before)]
     if not delta or delta[-1][1] <= 0:
@@ -180,8 +186,9 @@ def start_allowance(streams: int) -> float:
     return 5.0 + 0.03 * streams
 
 
-async def run_streams(daemon: Daemon, agent_ids: List[int], streams: int, seconds: float,
-                      period: float, warmup: float) -> Dict[str, Any]:
+async def run_streams(
+    daemon: Daemon, agent_ids: List[int], streams: int, seconds: float, period: float, warmup: float
+) -> Dict[str, Any]:
     """N streams; latencies of lines written in `seconds` from `warmup` s after the
     moment every stream had delivered its first line."""
     allowance = start_allowance(streams)
@@ -192,57 +199,88 @@ async def run_streams(daemon: Daemon, agent_ids: List[int], streams: int, second
     t_start = time.time()
     while len(command_ids) < streams:
         batch = agent_ids[: min(len(agent_ids), streams - len(command_ids))]
-        status, body = await loop.run_in_executor(None, lambda b=batch: daemon.api(  # type: ignore[misc]
-            "POST", "/api/commands",
-            {"agents": b, "command": "bash", "args": ["-c", script],
-             "timeout": lines_each * period + 120}))
+        status, body = await loop.run_in_executor(
+            None,
+            lambda b=batch: daemon.api(  # type: ignore[misc]
+                "POST",
+                "/api/commands",
+                {
+                    "agents": b,
+                    "command": "bash",
+                    "args": ["-c", script],
+                    "timeout": lines_each * period + 120,
+                },
+            ),
+        )
         if status != 201:
             raise RuntimeError(f"POST /api/commands: {status} {body}")
         command_ids += [c["id"] for c in body["commands"]]
     seen: List[Tuple[float, float]] = []
     first: Dict[str, Any] = {"ids": set(), "streams": streams, "ready": None}
     deadline = t_start + lines_each * period + 180
-    counts = await asyncio.gather(*[
-        follow(daemon.port, daemon.token, cid, seen, first, deadline)
-        for cid in command_ids])
+    counts = await asyncio.gather(
+        *[follow(daemon.port, daemon.token, cid, seen, first, deadline) for cid in command_ids]
+    )
     ready = first["ready"]
     if ready is None:
         raise RuntimeError("not every stream delivered a line")
     lo, hi = ready + warmup, ready + warmup + seconds
     latencies = [lat for written, lat in seen if lo <= written <= hi]
-    return {"latencies": latencies, "lines": sum(counts), "commands": len(command_ids),
-            "elapsed": time.time() - t_start, "ready_after": ready - t_start,
-            "window": (lo, hi)}
+    return {
+        "latencies": latencies,
+        "lines": sum(counts),
+        "commands": len(command_ids),
+        "elapsed": time.time() - t_start,
+        "ready_after": ready - t_start,
+        "window": (lo, hi),
+    }
 
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="B5 log latency")
     p.add_argument("--streams", default="10,100,1000")
-    p.add_argument("--agents", type=int, default=1000,
-                   help="simulated agents; streams are spread over them (default: one each)")
+    p.add_argument(
+        "--agents",
+        type=int,
+        default=1000,
+        help="simulated agents; streams are spread over them (default: one each)",
+    )
     p.add_argument("--seconds", type=float, default=30.0, help="counted seconds per phase")
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--period", type=float, default=1.0, help="seconds between lines")
     p.add_argument("--modes", default="long-poll,poll-1s")
     p.add_argument("--shards", type=int, default=2, help="simulator processes")
-    p.add_argument("--pool-per-host", type=int, default=0,
-                   help="daemon rpc_pool_max_per_host (0: the daemon's default)")
+    p.add_argument(
+        "--pool-per-host",
+        type=int,
+        default=0,
+        help="daemon rpc_pool_max_per_host (0: the daemon's default)",
+    )
     args = p.parse_args(argv)
     print_header("B5 log latency")
     stream_counts = [int(s) for s in args.streams.split(",")]
-    modes = {"long-poll": {"log_poll_wait": 10, "log_poll_interval": 1},
-             "poll-1s": {"log_poll_wait": 0, "log_poll_interval": 1}}
+    modes = {
+        "long-poll": {"log_poll_wait": 10, "log_poll_interval": 1},
+        "poll-1s": {"log_poll_wait": 0, "log_poll_interval": 1},
+    }
     table: Dict[Tuple[str, int], Dict[str, Any]] = {}
     with Sim(args.agents, shards=args.shards, extra=["--max-concurrent", "64"]) as sim:
         sim.start()
         sim_samplers = [Sampler(pid, 0.1, children=True) for pid in sim.pids]
         for mode in args.modes.split(","):
-            flags = {"heartbeat_min_interval": 600, "heartbeat_max_interval": 600,
-                     "max_log_pollers": 2000, **modes[mode]}
+            flags = {
+                "heartbeat_min_interval": 600,
+                "heartbeat_max_interval": 600,
+                "max_log_pollers": 2000,
+                **modes[mode],
+            }
             if args.pool_per_host:
                 flags["rpc_pool_max_per_host"] = args.pool_per_host
-            env = {"PYTHONPATH": os.environ["B5_PYTHONPATH"]} if os.environ.get(
-                "B5_PYTHONPATH") else None
+            env = (
+                {"PYTHONPATH": os.environ["B5_PYTHONPATH"]}
+                if os.environ.get("B5_PYTHONPATH")
+                else None
+            )
             with Daemon(flags=flags, env=env) as daemon:
                 adopt_store(daemon.data_dir, sim.files)
                 daemon.start()
@@ -253,8 +291,9 @@ def main(argv: List[str] | None = None) -> int:
                     before = histogram(daemon.metrics(), "myxd_log_poll_lag_seconds")
                     t0 = time.time()
                     own0 = time.process_time()
-                    r = asyncio.run(run_streams(daemon, ids, n, args.seconds, args.period,
-                                                args.warmup))
+                    r = asyncio.run(
+                        run_streams(daemon, ids, n, args.seconds, args.period, args.warmup)
+                    )
                     t1 = time.time()
                     own = time.process_time() - own0
                     after = histogram(daemon.metrics(), "myxd_log_poll_lag_seconds")
@@ -262,37 +301,43 @@ def main(argv: List[str] | None = None) -> int:
                     w0, w1 = r["window"]
                     polls = after[1] - before[1]
                     row = {
-                        "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-                        "max": max(lat) if lat else float("nan"), "lines": len(lat),
+                        "p50": percentile(lat, 50),
+                        "p99": percentile(lat, 99),
+                        "max": max(lat) if lat else float("nan"),
+                        "lines": len(lat),
                         "lag_p50": hist_quantile(before[0], after[0], 0.5),
                         "lag_p99": hist_quantile(before[0], after[0], 0.99),
                         "lag_mean": (after[2] - before[2]) / polls if polls else float("nan"),
                         "polls_per_s": polls / (t1 - t0),
                         "cpu_pct": 100 * sampler.cpu_between(w0, w1) / (w1 - w0),
-                        "sim_pct": 100 * sum(x.cpu_between(w0, w1) for x in sim_samplers)
+                        "sim_pct": 100
+                        * sum(x.cpu_between(w0, w1) for x in sim_samplers)
                         / (w1 - w0),
                         "client_pct": 100 * own / (t1 - t0),
                         "ready_after": r["ready_after"],
                     }
                     table[(mode, n)] = row
-                    print(f"{mode:9s} {n:5d} streams: {row['lines']} lines, latency p50 "
-                          f"{1000 * row['p50']:.0f} ms p99 {1000 * row['p99']:.0f} ms max "
-                          f"{1000 * row['max']:.0f} ms; {row['polls_per_s']:.0f} agent polls/s, "
-                          f"poll lag p50 <= {row['lag_p50']:g}s p99 <= {row['lag_p99']:g}s "
-                          f"mean {row['lag_mean']:.3f}s; CPU % of one core: daemon "
-                          f"{row['cpu_pct']:.0f}, simulated agents + their commands "
-                          f"{row['sim_pct']:.0f}, API client {row['client_pct']:.0f}; "
-                          f"all streams up after {row['ready_after']:.1f}s, phase {t1 - t0:.0f}s "
-                          f"(load {load()})")
+                    print(
+                        f"{mode:9s} {n:5d} streams: {row['lines']} lines, latency p50 "
+                        f"{1000 * row['p50']:.0f} ms p99 {1000 * row['p99']:.0f} ms max "
+                        f"{1000 * row['max']:.0f} ms; {row['polls_per_s']:.0f} agent polls/s, "
+                        f"poll lag p50 <= {row['lag_p50']:g}s p99 <= {row['lag_p99']:g}s "
+                        f"mean {row['lag_mean']:.3f}s; CPU % of one core: daemon "
+                        f"{row['cpu_pct']:.0f}, simulated agents + their commands "
+                        f"{row['sim_pct']:.0f}, API client {row['client_pct']:.0f}; "
+                        f"all streams up after {row['ready_after']:.1f}s, phase {t1 - t0:.0f}s "
+                        f"(load {load()})"
+                    )
                     sys.stdout.flush()
                 sampler.stop()
         for x in sim_samplers:
             x.stop()
     print()
-    print(f"B5 result ({args.seconds:g} s per phase, one line per stream every "
-          f"{args.period:g} s):")
-    print("  streams | long-poll p50 / p99      | poll-1s p50 / p99        | poll lag p99 "
-          "(long-poll / poll-1s)")
+    print(f"B5 result ({args.seconds:g} s per phase, one line per stream every {args.period:g} s):")
+    print(
+        "  streams | long-poll p50 / p99      | poll-1s p50 / p99        | poll lag p99 "
+        "(long-poll / poll-1s)"
+    )
     for n in stream_counts:
         lp = table.get(("long-poll", n))
         pl = table.get(("poll-1s", n))
@@ -309,8 +354,10 @@ def main(argv: List[str] | None = None) -> int:
     lp100 = table.get(("long-poll", 100))
     if lp100:
         ok = lp100["p50"] <= 0.050 and lp100["p99"] <= 0.250
-        print(f"  target long-poll p50 <= 50 ms, p99 <= 250 ms at 100 streams: "
-              f"{'MET' if ok else 'NOT MET'}")
+        print(
+            f"  target long-poll p50 <= 50 ms, p99 <= 250 ms at 100 streams: "
+            f"{'MET' if ok else 'NOT MET'}"
+        )
     print(f"load average at end: {load()}")
     return 0
 

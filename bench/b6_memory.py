@@ -53,16 +53,19 @@ def daemon_rss(size: int, interval: float, cycles: int) -> Dict[str, float]:
     try:
         if sim is not None:
             sim.start(timeout=1800)
-        daemon = Daemon(flags={"heartbeat_min_interval": interval,
-                               "heartbeat_max_interval": interval})
+        daemon = Daemon(
+            flags={"heartbeat_min_interval": interval, "heartbeat_max_interval": interval}
+        )
         try:
             if sim is not None:
                 adopt_store(daemon.data_dir, sim.files)
             daemon.start()
             daemon.wait_cycles(cycles, timeout=cycles * (interval + 300))
-            time.sleep(interval / 2)   # between cycles: steady state
-            return {"rss": status_field(daemon.pid, "VmRSS"),
-                    "hwm": status_field(daemon.pid, "VmHWM")}
+            time.sleep(interval / 2)  # between cycles: steady state
+            return {
+                "rss": status_field(daemon.pid, "VmRSS"),
+                "hwm": status_field(daemon.pid, "VmHWM"),
+            }
         finally:
             daemon.cleanup()
     finally:
@@ -78,16 +81,20 @@ def agent_idle_rss(cycles: int) -> Dict[str, float]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         config = {
-            "agent_token": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32),
-            "rpc_port": port, "rpc_path": secrets.token_urlsafe(18), "bind": "127.0.0.1",
-            "ssl_dir": os.path.join(base, "ssl"), "state_dir": os.path.join(base, "state"),
-            "deployment_tool_dir": os.path.join(base, "tool")}
+            "agent_token": secrets.token_urlsafe(32),
+            "secret_key": secrets.token_urlsafe(32),
+            "rpc_port": port,
+            "rpc_path": secrets.token_urlsafe(18),
+            "bind": "127.0.0.1",
+            "ssl_dir": os.path.join(base, "ssl"),
+            "state_dir": os.path.join(base, "state"),
+            "deployment_tool_dir": os.path.join(base, "tool"),
+        }
         path = os.path.join(base, "config.json")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(config, f)
-        env = dict(os.environ, PYTHONPATH=REPO,
-                   PYTHONPYCACHEPREFIX=os.path.join(base, "pycache"))
+        env = dict(os.environ, PYTHONPATH=REPO, PYTHONPYCACHEPREFIX=os.path.join(base, "pycache"))
         argv = [PYTHON, "-m", "myx_agent", "--config", path]
         log = open(os.path.join(base, "agent.log"), "w")
         # A first start fills the bytecode cache, as an installed agent has it.
@@ -106,10 +113,19 @@ def agent_idle_rss(cycles: int) -> Dict[str, float]:
 
             def adopted() -> bool:
                 try:
-                    adopt_api(d, [{"host": "127.0.0.1", "rpc_port": port,
-                                   "rpc_path": config["rpc_path"],
-                                   "token": config["agent_token"],
-                                   "cert_fingerprint": fingerprint}], 1)
+                    adopt_api(
+                        d,
+                        [
+                            {
+                                "host": "127.0.0.1",
+                                "rpc_port": port,
+                                "rpc_path": config["rpc_path"],
+                                "token": config["agent_token"],
+                                "cert_fingerprint": fingerprint,
+                            }
+                        ],
+                        1,
+                    )
                     return True
                 except RuntimeError:
                     return False
@@ -119,9 +135,11 @@ def agent_idle_rss(cycles: int) -> Dict[str, float]:
             n = len(d.cycles)
             d.wait_cycles(n + cycles, cycles * 30 + 60)
             time.sleep(0.5)
-            return {"rss": status_field(proc.pid, "VmRSS"),
-                    "hwm": status_field(proc.pid, "VmHWM"),
-                    "anon": status_field(proc.pid, "RssAnon")}
+            return {
+                "rss": status_field(proc.pid, "VmRSS"),
+                "hwm": status_field(proc.pid, "VmHWM"),
+                "anon": status_field(proc.pid, "RssAnon"),
+            }
     finally:
         if proc is not None:
             proc.terminate()
@@ -148,21 +166,27 @@ def main(argv: List[str] | None = None) -> int:
             r = daemon_rss(n, args.interval, args.cycles)
             rss[n].append(r["rss"])
             hwm[n].append(r["hwm"])
-            print(f"run {run}: daemon with {n:5d} agents: RSS {r['rss'] / 2**20:.1f} MiB "
-                  f"(peak {r['hwm'] / 2**20:.1f} MiB) (load {load()})")
+            print(
+                f"run {run}: daemon with {n:5d} agents: RSS {r['rss'] / 2**20:.1f} MiB "
+                f"(peak {r['hwm'] / 2**20:.1f} MiB) (load {load()})"
+            )
             sys.stdout.flush()
         a = agent_idle_rss(3)
         agent.append(a["rss"])
-        print(f"run {run}: idle agent RSS {a['rss'] / 2**20:.1f} MiB (peak "
-              f"{a['hwm'] / 2**20:.1f} MiB, anonymous {a['anon'] / 2**20:.1f} MiB)")
+        print(
+            f"run {run}: idle agent RSS {a['rss'] / 2**20:.1f} MiB (peak "
+            f"{a['hwm'] / 2**20:.1f} MiB, anonymous {a['anon'] / 2**20:.1f} MiB)"
+        )
         sys.stdout.flush()
     print()
     print(f"B6 result (median of {args.runs} runs):")
     base = median(rss[0])
     worst = 0.0
     for n in sizes:
-        line = f"  daemon, {n:5d} agents: RSS {median(rss[n]) / 2**20:7.1f} MiB, peak " \
-               f"{median(hwm[n]) / 2**20:7.1f} MiB"
+        line = (
+            f"  daemon, {n:5d} agents: RSS {median(rss[n]) / 2**20:7.1f} MiB, peak "
+            f"{median(hwm[n]) / 2**20:7.1f} MiB"
+        )
         if n:
             per = (median(rss[n]) - base) / n
             per_peak = (median(hwm[n]) - median(hwm[0])) / n
@@ -170,8 +194,10 @@ def main(argv: List[str] | None = None) -> int:
             line += f"; per agent {per / 1000:.1f} kB (peak {per_peak / 1000:.1f} kB)"
         print(line)
     print(f"  idle agent: {median(agent) / 2**20:.1f} MiB")
-    print(f"  targets daemon <= 100 kB per agent: {'MET' if worst <= 100e3 else 'NOT MET'}; "
-          f"agent <= 45 MB: {'MET' if median(agent) <= 45e6 else 'NOT MET'}")
+    print(
+        f"  targets daemon <= 100 kB per agent: {'MET' if worst <= 100e3 else 'NOT MET'}; "
+        f"agent <= 45 MB: {'MET' if median(agent) <= 45e6 else 'NOT MET'}"
+    )
     print(f"load average at end: {load()}")
     return 0
 

@@ -58,11 +58,13 @@ class LoopbackSSHD:
         os.chmod(self.dir, 0o755)  # noqa: S103 - sshd's privsep child reads its config
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.client_key = os.path.join(base, "id_ed25519")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key],
-                       check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.client_key], check=True
+        )
         self.host_key = os.path.join(self.dir, "ssh_host_ed25519_key")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.host_key],
-                       check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.host_key], check=True
+        )
         shutil.copy(self.client_key + ".pub", os.path.join(self.dir, "authorized_keys", "root"))
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,8 +90,9 @@ MaxSessions 400
 LogLevel ERROR
 Subsystem sftp internal-sftp
 """)
-            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", config],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", config], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
             deadline = time.time() + 20
             while time.time() < deadline:
                 if self.proc.poll() is not None:
@@ -118,9 +121,11 @@ def write_ansible(base: str, sshd: LoopbackSSHD, hosts: int) -> Dict[str, str]:
     with open(inventory, "w") as f:
         f.write("[fleet]\n")
         for i in range(1, hosts + 1):
-            f.write(f"h{i:03d} ansible_host=127.0.0.1 ansible_port={sshd.port} "
-                    f"ansible_user=root ansible_ssh_private_key_file={sshd.client_key} "
-                    f"ansible_control_path={cp}/h{i:03d}\n")
+            f.write(
+                f"h{i:03d} ansible_host=127.0.0.1 ansible_port={sshd.port} "
+                f"ansible_user=root ansible_ssh_private_key_file={sshd.client_key} "
+                f"ansible_control_path={cp}/h{i:03d}\n"
+            )
     cfg = os.path.join(base, "ansible.cfg")
     with open(cfg, "w") as f:
         f.write(f"""[defaults]
@@ -136,22 +141,43 @@ ssh_args = -C -o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=
 
 
 def run_ansible(files: Dict[str, str], base: str) -> float:
-    env = dict(os.environ, ANSIBLE_CONFIG=files["config"], ANSIBLE_HOME=os.path.join(
-        base, "ansible-home"), ANSIBLE_NOCOLOR="1")
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=files["config"],
+        ANSIBLE_HOME=os.path.join(base, "ansible-home"),
+        ANSIBLE_NOCOLOR="1",
+    )
     # A fresh control path dir per run: no master connection survives between runs.
     cp = os.path.join(base, "cp")
     shutil.rmtree(cp, ignore_errors=True)
     os.makedirs(cp)
     t0 = time.perf_counter()
-    out = subprocess.run([os.path.join(BIN, "ansible"), "all", "-i", files["inventory"], "-m",
-                          "command", "-a", "hostname", "-f", "50"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            os.path.join(BIN, "ansible"),
+            "all",
+            "-i",
+            files["inventory"],
+            "-m",
+            "command",
+            "-a",
+            "hostname",
+            "-f",
+            "50",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     elapsed = time.perf_counter() - t0
     ok = out.stdout.count("| CHANGED | rc=0")
     hosts = sum(1 for line in open(files["inventory"]) if line.startswith("h"))
     if out.returncode != 0 or ok != hosts:
-        raise RuntimeError(f"ansible: rc {out.returncode}, {ok}/{hosts} ok\n"
-                           f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        raise RuntimeError(
+            f"ansible: rc {out.returncode}, {ok}/{hosts} ok\n"
+            f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        )
     close_masters(cp)
     return elapsed
 
@@ -159,8 +185,12 @@ def run_ansible(files: Dict[str, str], base: str) -> float:
 def close_masters(cp: str) -> None:
     """Ask each SSH master connection (ControlPersist) this run left to exit."""
     for name in os.listdir(cp):
-        subprocess.run(["ssh", "-o", f"ControlPath={os.path.join(cp, name)}", "-O", "exit",
-                        "127.0.0.1"], check=False, capture_output=True, timeout=30)
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={os.path.join(cp, name)}", "-O", "exit", "127.0.0.1"],
+            check=False,
+            capture_output=True,
+            timeout=30,
+        )
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -185,8 +215,10 @@ def main(argv: List[str] | None = None) -> int:
                     sys.stdout.flush()
         finally:
             sshd.stop()
-        with Sim(max(sizes)) as sim, Daemon(flags={"heartbeat_min_interval": 600,
-                                                   "heartbeat_max_interval": 600}) as daemon:
+        with (
+            Sim(max(sizes)) as sim,
+            Daemon(flags={"heartbeat_min_interval": 600, "heartbeat_max_interval": 600}) as daemon,
+        ):
             sim.start()
             daemon.start()
             ids = adopt_api(daemon, sim.entries)
@@ -195,13 +227,13 @@ def main(argv: List[str] | None = None) -> int:
                 for n in sizes:
                     for run in range(1, args.runs + 1):
                         r = fanout(daemon, ids[:n], "hostname", [], done="api", pool=pool)
-                        good = sum(1 for x in r["results"]
-                                   if x["status"] == "success" and x["output"])
+                        good = sum(
+                            1 for x in r["results"] if x["status"] == "success" and x["output"]
+                        )
                         if good != n:
                             raise RuntimeError(f"MyX: {good}/{n} commands succeeded")
                         results["myx"].setdefault(n, []).append(r["total"])
-                        print(f"myx     {n:3d} hosts run {run}: {r['total']:.3f}s "
-                              f"(load {load()})")
+                        print(f"myx     {n:3d} hosts run {run}: {r['total']:.3f}s (load {load()})")
                         sys.stdout.flush()
                         time.sleep(1.0)
     finally:

@@ -52,16 +52,27 @@ async def _adopt(reactor: Any, data_dir: str, entries: List[Dict[str, Any]]) -> 
         store = service.store
         box = store._secret_box()
         now = time.time()
-        rows = [(e["host"], int(e["rpc_port"]), e["rpc_path"], box.encrypt(e["token"]),
-                 box.encrypt(secrets.token_urlsafe(32)),
-                 normalize_fingerprint(e["cert_fingerprint"]), now, now)
-                for e in entries]
+        rows = [
+            (
+                e["host"],
+                int(e["rpc_port"]),
+                e["rpc_path"],
+                box.encrypt(e["token"]),
+                box.encrypt(secrets.token_urlsafe(32)),
+                normalize_fingerprint(e["cert_fingerprint"]),
+                now,
+                now,
+            )
+            for e in entries
+        ]
 
         def txn(t: Any) -> int:
             t.executemany(
                 "INSERT INTO agents (host, rpc_port, rpc_path, token_enc, secret_key_enc,"
                 " cert_fingerprint, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?)", rows)
+                " VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?)",
+                rows,
+            )
             t.execute("SELECT COUNT(*) FROM agents")
             return int(t.fetchone()[0])
 
@@ -93,8 +104,10 @@ def main(argv: List[str] | None = None) -> int:
     t0 = time.monotonic()
 
     def report(total: int) -> None:
-        print(f"adopted {len(entries)} agents into {args.data_dir} "
-              f"({total} in the store) in {time.monotonic() - t0:.2f}s")
+        print(
+            f"adopted {len(entries)} agents into {args.data_dir} "
+            f"({total} in the store) in {time.monotonic() - t0:.2f}s"
+        )
 
     def run(reactor: Any) -> Deferred[Any]:
         d = Deferred.fromCoroutine(_adopt(reactor, args.data_dir, entries))

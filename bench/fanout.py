@@ -31,8 +31,10 @@ def wait_store(db_path: str, ids: Sequence[int], timeout: float) -> float:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     t0 = time.perf_counter()
     marks = ",".join("?" * len(ids))
-    sql = (f"SELECT COUNT(*) FROM agent_commands WHERE id IN ({marks}) AND "  # noqa: S608
-           "status IN ('success', 'failed') AND exit_code IS NOT NULL AND output_offset > 0")
+    sql = (
+        f"SELECT COUNT(*) FROM agent_commands WHERE id IN ({marks}) AND "  # noqa: S608
+        "status IN ('success', 'failed') AND exit_code IS NOT NULL AND output_offset > 0"
+    )
     try:
         while True:
             (done,) = conn.execute(sql, list(ids)).fetchone()
@@ -58,21 +60,39 @@ def read_via_api(daemon: Daemon, command_id: int, timeout: float) -> Dict[str, A
             data += base64.b64decode(chunk["data"])
         offset = body["next_offset"]
         if body["complete"]:
-            return {"id": command_id, "status": body["status"],
-                    "exit_code": body["exit_code"], "output": bytes(data)}
+            return {
+                "id": command_id,
+                "status": body["status"],
+                "exit_code": body["exit_code"],
+                "output": bytes(data),
+            }
         if time.time() > deadline:
             raise RuntimeError(f"command {command_id} not complete in {timeout}s")
 
 
-def fanout(daemon: Daemon, agent_ids: Sequence[int] | str, command: str, args: List[str],
-           *, done: str = "store", timeout: float = 120.0,
-           pool: ThreadPoolExecutor | None = None) -> Dict[str, Any]:
+def fanout(
+    daemon: Daemon,
+    agent_ids: Sequence[int] | str,
+    command: str,
+    args: List[str],
+    *,
+    done: str = "store",
+    timeout: float = 120.0,
+    pool: ThreadPoolExecutor | None = None,
+) -> Dict[str, Any]:
     """Run `command` on the agents with one bulk call; returns timings and results."""
     db = os.path.join(daemon.data_dir, "myxd.sqlite")
     t0 = time.perf_counter()
-    status, body = daemon.api("POST", "/api/commands", {
-        "agents": agent_ids if isinstance(agent_ids, str) else list(agent_ids),
-        "command": command, "args": args, "timeout": 60})
+    status, body = daemon.api(
+        "POST",
+        "/api/commands",
+        {
+            "agents": agent_ids if isinstance(agent_ids, str) else list(agent_ids),
+            "command": command,
+            "args": args,
+            "timeout": 60,
+        },
+    )
     t_post = time.perf_counter() - t0
     if status != 201:
         raise RuntimeError(f"POST /api/commands: {status} {body}")
@@ -101,7 +121,11 @@ def check_outputs(daemon: Daemon, ids: Sequence[int], expected: bytes | None = N
     good = 0
     for i in ids:
         r = read_via_api(daemon, i, 60)
-        if r["status"] == "success" and r["exit_code"] == 0 and r["output"] and (
-                expected is None or r["output"] == expected):
+        if (
+            r["status"] == "success"
+            and r["exit_code"] == 0
+            and r["output"]
+            and (expected is None or r["output"] == expected)
+        ):
             good += 1
     return good

@@ -57,8 +57,11 @@ import time
 from array import array
 from typing import Any, Dict, List, Optional, Tuple
 
-DEFAULT_ROOT = "/dev/shm/myx-fleet-sim" if os.path.isdir("/dev/shm") else os.path.join(
-    tempfile.gettempdir(), "myx-fleet-sim")
+DEFAULT_ROOT = (
+    "/dev/shm/myx-fleet-sim"
+    if os.path.isdir("/dev/shm")
+    else os.path.join(tempfile.gettempdir(), "myx-fleet-sim")
+)
 HOST = "127.0.0.1"
 
 
@@ -93,8 +96,9 @@ class DelayedDispatcher:
     """Answers after an artificial delay (the inner dispatch runs first, as an
     agent on a far link would: the work is done, the answer travels slowly)."""
 
-    def __init__(self, inner: Any, reactor: Any, delay: float, jitter: float,
-                 rng: random.Random) -> None:
+    def __init__(
+        self, inner: Any, reactor: Any, delay: float, jitter: float, rng: random.Random
+    ) -> None:
         self._inner = inner
         self._reactor = reactor
         self._delay = delay
@@ -109,8 +113,10 @@ class DelayedDispatcher:
         from twisted.internet.defer import Deferred
 
         d = self._inner.dispatch(body)
-        delay = max(0.0, self._delay + (self._rng.uniform(-self._jitter, self._jitter)
-                                        if self._jitter else 0.0))
+        delay = max(
+            0.0,
+            self._delay + (self._rng.uniform(-self._jitter, self._jitter) if self._jitter else 0.0),
+        )
         out: Deferred[Any] = Deferred()
 
         def later(result: Any) -> None:
@@ -156,11 +162,13 @@ def fault_factory(site: Any, rate: float, mode: str, rng: random.Random) -> Any:
                     return
                 if mode == "http500":
                     body = b"simulated failure\n"
-                    transport.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: "
-                                    b"%d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    transport.write(
+                        b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: "
+                        b"%d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                    )
                     transport.loseConnection()
                     return
-                self.hung = True   # "hang": swallow this connection's requests
+                self.hung = True  # "hang": swallow this connection's requests
                 return
             super().dataReceived(data)
 
@@ -181,8 +189,15 @@ class Endpoint:
         self.info = info
 
 
-def build_endpoint(index: int, args: argparse.Namespace, reactor: Any, system: Any,
-                   run_dir: str, times: Optional[array], rng: random.Random) -> Endpoint:
+def build_endpoint(
+    index: int,
+    args: argparse.Namespace,
+    reactor: Any,
+    system: Any,
+    run_dir: str,
+    times: Optional[array],
+    rng: random.Random,
+) -> Endpoint:
     from twisted.internet.error import CannotListenError
 
     from myx_agent.commands import CommandRunner
@@ -198,8 +213,9 @@ def build_endpoint(index: int, args: argparse.Namespace, reactor: Any, system: A
     fingerprint = fingerprint_of_pem(cert_pem)
     state_dir = os.path.join(run_dir, "state", f"{index:06d}")
     tool_dir = os.path.join(run_dir, "tool", f"{index:06d}")
-    runner = CommandRunner(state_dir, deployment_tool_dir=tool_dir,
-                           max_concurrent=args.max_concurrent, reactor=reactor)
+    runner = CommandRunner(
+        state_dir, deployment_tool_dir=tool_dir, max_concurrent=args.max_concurrent, reactor=reactor
+    )
     token = secrets.token_urlsafe(24)
     rpc_path = secrets.token_urlsafe(18)
 
@@ -207,19 +223,27 @@ def build_endpoint(index: int, args: argparse.Namespace, reactor: Any, system: A
 
     wanted = args.base_port + index if args.base_port else 0
     methods = AgentMethods(
-        runner=runner, rpc_port=wanted, cert_fingerprint=fingerprint,
+        runner=runner,
+        rpc_port=wanted,
+        cert_fingerprint=fingerprint,
         deployment_tool_dir=tool_dir,
         sync_tool=lambda d, archive, sha, version: sync_deployment_tool(
-            d, archive, sha, version, reactor=reactor),
-        read_tool_version=read_deployment_tool_version, system=system, reactor=reactor)
+            d, archive, sha, version, reactor=reactor
+        ),
+        read_tool_version=read_deployment_tool_version,
+        system=system,
+        reactor=reactor,
+    )
     dispatcher: Any = Dispatcher(methods.table())
     if faulty and args.latency_ms > 0:
-        dispatcher = DelayedDispatcher(dispatcher, reactor, args.latency_ms / 1000.0,
-                                       args.jitter_ms / 1000.0, rng)
+        dispatcher = DelayedDispatcher(
+            dispatcher, reactor, args.latency_ms / 1000.0, args.jitter_ms / 1000.0, rng
+        )
     if times is not None:
         dispatcher = RecordingDispatcher(dispatcher, times)
-    factory: Any = build_factory(rpc_path=rpc_path, token=token, dispatcher=dispatcher,
-                                 reactor=reactor)
+    factory: Any = build_factory(
+        rpc_path=rpc_path, token=token, dispatcher=dispatcher, reactor=reactor
+    )
     if faulty and args.fail_rate > 0:
         factory = fault_factory(factory, args.fail_rate, args.fail_mode, rng)
     try:
@@ -231,8 +255,14 @@ def build_endpoint(index: int, args: argparse.Namespace, reactor: Any, system: A
     # one was taken when this differs).
     methods._rpc_port = actual
     runner.start()
-    info = {"host": HOST, "rpc_port": actual, "rpc_path": rpc_path, "token": token,
-            "cert_fingerprint": fingerprint, "index": index}
+    info = {
+        "host": HOST,
+        "rpc_port": actual,
+        "rpc_path": rpc_path,
+        "token": token,
+        "cert_fingerprint": fingerprint,
+        "index": index,
+    }
     return Endpoint(index, port, runner, info)
 
 
@@ -274,35 +304,52 @@ def _quiet_logging() -> None:
 
     # The agent logs every request at info; a simulator of thousands of agents
     # keeps warnings only (still on stderr, so a real problem shows).
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
-                                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
+    )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--count", type=int, required=True, help="endpoints in the whole fleet")
-    p.add_argument("--base-port", type=int, default=0,
-                   help="endpoint k listens on base+k (0: any free port); a taken port "
-                        "falls back to a free one")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=0,
+        help="endpoint k listens on base+k (0: any free port); a taken port "
+        "falls back to a free one",
+    )
     p.add_argument("--out", required=True, help="adoption file to write (JSON lines)")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n (default 0/1)")
-    p.add_argument("--root", default=DEFAULT_ROOT,
-                   help=f"certificate cache and state dirs (default {DEFAULT_ROOT})")
+    p.add_argument(
+        "--root",
+        default=DEFAULT_ROOT,
+        help=f"certificate cache and state dirs (default {DEFAULT_ROOT})",
+    )
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)
     p.add_argument("--fail-rate", type=float, default=0.0)
     p.add_argument("--fail-mode", choices=("reset", "http500", "hang"), default="reset")
-    p.add_argument("--fault-fraction", type=float, default=1.0,
-                   help="share of endpoints that get the latency/failure (default all)")
-    p.add_argument("--max-concurrent", type=int, default=32,
-                   help="max_concurrent_commands per endpoint")
+    p.add_argument(
+        "--fault-fraction",
+        type=float,
+        default=1.0,
+        help="share of endpoints that get the latency/failure (default all)",
+    )
+    p.add_argument(
+        "--max-concurrent", type=int, default=32, help="max_concurrent_commands per endpoint"
+    )
     p.add_argument("--record", help="write heartbeat arrival times here at exit (JSON)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many s")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--what-if-setsid", action="store_true",
-                   help="measurement aid, not the real agent: see the module docstring")
+    p.add_argument(
+        "--what-if-setsid",
+        action="store_true",
+        help="measurement aid, not the real agent: see the module docstring",
+    )
     args = p.parse_args(argv)
 
     soft, hard = raise_nofile()
@@ -310,8 +357,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     indices = shard_indices(args.count, shard, shards)
     need = 2 * len(indices) + 64
     if soft < need:
-        sys.stderr.write(f"fleet_sim: RLIMIT_NOFILE {soft} < {need} needed for "
-                         f"{len(indices)} endpoints; use more --shard processes\n")
+        sys.stderr.write(
+            f"fleet_sim: RLIMIT_NOFILE {soft} < {need} needed for "
+            f"{len(indices)} endpoints; use more --shard processes\n"
+        )
         return 2
 
     from twisted.internet import reactor
@@ -339,8 +388,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     lines = "".join(json.dumps(e.info, separators=(",", ":")) + "\n" for e in endpoints)
     _write_atomic(args.out, lines)
-    sys.stdout.write(f"READY {len(endpoints)} {args.out} setup={time.monotonic() - t0:.1f}s "
-                     f"nofile={soft}\n")
+    sys.stdout.write(
+        f"READY {len(endpoints)} {args.out} setup={time.monotonic() - t0:.1f}s nofile={soft}\n"
+    )
     sys.stdout.flush()
 
     stopping = [False]

@@ -45,6 +45,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # -- figures -------------------------------------------------------------------
 
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -87,13 +88,16 @@ def load() -> str:
 def print_header(name: str) -> None:
     m = machine()
     print(f"== {name}")
-    print(f"machine: nproc={m['nproc']} cpu={m['cpu']!r} python={m['python']} "
-          f"twisted={m['twisted']} kernel={m['kernel']}")
+    print(
+        f"machine: nproc={m['nproc']} cpu={m['cpu']!r} python={m['python']} "
+        f"twisted={m['twisted']} kernel={m['kernel']}"
+    )
     print(f"load average at start: {load()}")
     sys.stdout.flush()
 
 
 # -- /proc ---------------------------------------------------------------------
+
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (all threads), in seconds."""
@@ -168,6 +172,7 @@ class Sampler:
 
 # -- processes -----------------------------------------------------------------
 
+
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard > soft:
@@ -188,8 +193,14 @@ def _terminate(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
 class Daemon:
     """``twistd -n myxd`` on a temp data dir; ``api()`` talks to its admin API."""
 
-    def __init__(self, *, data_dir: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
-                 name: str = "myxd", env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: Optional[str] = None,
+        flags: Optional[Dict[str, Any]] = None,
+        name: str = "myxd",
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
         self.env = env
         self.owns_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="myx-bench-daemon-")
@@ -210,17 +221,34 @@ class Daemon:
         return self.proc.pid
 
     def start(self, timeout: float = 120.0) -> Daemon:
-        args = [TWISTD, "-n", "--logfile", self.log_path,
-                "--pidfile", os.path.join(self.data_dir, "twistd.pid"),
-                "myxd", "--data-dir", self.data_dir, "--api", "tcp:0:interface=127.0.0.1",
-                "--admin-token", self.token]
+        args = [
+            TWISTD,
+            "-n",
+            "--logfile",
+            self.log_path,
+            "--pidfile",
+            os.path.join(self.data_dir, "twistd.pid"),
+            "myxd",
+            "--data-dir",
+            self.data_dir,
+            "--api",
+            "tcp:0:interface=127.0.0.1",
+            "--admin-token",
+            self.token,
+        ]
         for key, value in self.flags.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         open(self.log_path, "a").close()
         env = dict(os.environ, **self.env) if self.env else None
-        self.proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_raise_nofile)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_raise_nofile,
+        )
         self._tail = threading.Thread(target=self._follow, daemon=True)
         self._tail.start()
         deadline = time.time() + timeout
@@ -248,7 +276,8 @@ class Daemon:
 
     _listen_re = re.compile(r"admin API listening on [0-9.]+:(\d+)")
     _cycle_re = re.compile(
-        r"heartbeat cycle (\d+): (\d+) agents, (\d+) ok, (\d+) failed in ([0-9.]+)s")
+        r"heartbeat cycle (\d+): (\d+) agents, (\d+) ok, (\d+) failed in ([0-9.]+)s"
+    )
 
     def _follow(self) -> None:
         with open(self.log_path, errors="replace") as f:
@@ -268,10 +297,17 @@ class Daemon:
                     m = self._cycle_re.search(line)
                     if m:
                         number, agents, ok, failed, duration = m.groups()
-                        self.cycles.append({
-                            "number": int(number), "agents": int(agents), "ok": int(ok),
-                            "failed": int(failed), "duration": float(duration),
-                            "seen_at": now, "started_at": now - float(duration)})
+                        self.cycles.append(
+                            {
+                                "number": int(number),
+                                "agents": int(agents),
+                                "ok": int(ok),
+                                "failed": int(failed),
+                                "duration": float(duration),
+                                "seen_at": now,
+                                "started_at": now - float(duration),
+                            }
+                        )
 
     def wait_cycles(self, n: int, timeout: float) -> List[Dict[str, Any]]:
         deadline = time.time() + timeout
@@ -291,8 +327,9 @@ class Daemon:
             self._conns.c = conn
         return conn
 
-    def api(self, method: str, path: str, body: Any = None,
-            timeout: float = 120.0) -> Tuple[int, Any]:
+    def api(
+        self, method: str, path: str, body: Any = None, timeout: float = 120.0
+    ) -> Tuple[int, Any]:
         """One admin API call (keep-alive per thread); returns (status, decoded JSON|text)."""
         headers = {"Authorization": f"Bearer {self.token}"}
         data = None
@@ -341,8 +378,15 @@ class Daemon:
 class Sim:
     """``bench.fleet_sim`` in `shards` processes; ``entries`` is the whole fleet."""
 
-    def __init__(self, count: int, *, shards: int = 1, base_port: int = 0,
-                 extra: Sequence[str] = (), record: bool = False) -> None:
+    def __init__(
+        self,
+        count: int,
+        *,
+        shards: int = 1,
+        base_port: int = 0,
+        extra: Sequence[str] = (),
+        record: bool = False,
+    ) -> None:
         self.count = count
         self.shards = shards
         self.base_port = base_port
@@ -350,21 +394,33 @@ class Sim:
         self.dir = tempfile.mkdtemp(prefix="myx-bench-sim-")
         self.procs: List[subprocess.Popen[Any]] = []
         self.files = [os.path.join(self.dir, f"fleet-{i}.jsonl") for i in range(shards)]
-        self.records = ([os.path.join(self.dir, f"record-{i}.json") for i in range(shards)]
-                        if record else [])
+        self.records = (
+            [os.path.join(self.dir, f"record-{i}.json") for i in range(shards)] if record else []
+        )
         self.entries: List[Dict[str, Any]] = []
 
     def start(self, timeout: float = 600.0) -> Sim:
         for i in range(self.shards):
-            args = [PYTHON, "-m", "bench.fleet_sim", "--count", str(self.count),
-                    "--shard", f"{i}/{self.shards}", "--out", self.files[i], *self.extra]
+            args = [
+                PYTHON,
+                "-m",
+                "bench.fleet_sim",
+                "--count",
+                str(self.count),
+                "--shard",
+                f"{i}/{self.shards}",
+                "--out",
+                self.files[i],
+                *self.extra,
+            ]
             if self.base_port:
                 args += ["--base-port", str(self.base_port)]
             if self.records:
                 args += ["--record", self.records[i]]
             log = open(os.path.join(self.dir, f"sim-{i}.log"), "w")
-            self.procs.append(subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log,
-                                               stdin=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            )
         deadline = time.time() + timeout
         for i, proc in enumerate(self.procs):
             while not os.path.exists(self.files[i]):
@@ -421,8 +477,10 @@ class Sim:
 
 # -- adoption ------------------------------------------------------------------
 
-def adopt_api(daemon: Daemon, entries: Iterable[Dict[str, Any]],
-              concurrency: int = 16) -> List[int]:
+
+def adopt_api(
+    daemon: Daemon, entries: Iterable[Dict[str, Any]], concurrency: int = 16
+) -> List[int]:
     """Adopt through POST /api/agents (pinned get_status each); returns agent ids."""
     fields = ("host", "rpc_port", "rpc_path", "token", "cert_fingerprint")
 
@@ -438,8 +496,13 @@ def adopt_api(daemon: Daemon, entries: Iterable[Dict[str, Any]],
 
 def adopt_store(data_dir: str, files: Sequence[str]) -> str:
     """Insert agents straight into the store (the daemon must not be running)."""
-    out = subprocess.run([PYTHON, "-m", "bench.bulk_adopt", "--data-dir", data_dir, *files],
-                         cwd=REPO, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [PYTHON, "-m", "bench.bulk_adopt", "--data-dir", data_dir, *files],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 

@@ -50,17 +50,26 @@ async def main(reactor: Any, parallel: int) -> None:
         t0 = time.monotonic()
         await ensure_rootfs(reactor)
         print(f"rootfs ready (cached or built): {time.monotonic() - t0:.1f} s")
-        settings = Settings(data_dir=base, install_concurrency=max(parallel, 1),
-                            agent_start_timeout=120, ssh_connect_timeout=60)  # fmt: skip
+        settings = Settings(
+            data_dir=base,
+            install_concurrency=max(parallel, 1),
+            agent_start_timeout=120,
+            ssh_connect_timeout=60,
+        )
         store_service = StoreService(os.path.join(base, "myxd.sqlite"), reactor)
         store_service.startService()
         await store_service.when_ready()
         store = store_service.store
         rpc = AgentRPC(reactor, settings)
-        installer = Installer(store, rpc, settings, reactor,
-                              wheelhouse_dir=os.path.join(CACHE_DIR, "wheelhouse"),
-                              agent_bind="127.0.0.1",
-                              agent_port_range=(8000, 32767))  # fmt: skip
+        installer = Installer(
+            store,
+            rpc,
+            settings,
+            reactor,
+            wheelhouse_dir=os.path.join(CACHE_DIR, "wheelhouse"),
+            agent_bind="127.0.0.1",
+            agent_port_range=(8000, 32767),
+        )
 
         async def boot(i: int) -> tuple[TestHost, int]:
             host = TestHost(os.path.join(base, f"h{i}"), reactor)
@@ -69,9 +78,13 @@ async def main(reactor: Any, parallel: int) -> None:
             await host.start()
             print(f"  host {i}: extract+boot to sshd {time.monotonic() - t:.2f} s")
             sid, _ = await installer.create_server(
-                name=host.name, host="127.0.0.1", ssh_port=host.port, username="root",
-                auth={"private_key": host.private_key}, sudo={"mode": "none"},
-            )  # fmt: skip
+                name=host.name,
+                host="127.0.0.1",
+                ssh_port=host.port,
+                username="root",
+                auth={"private_key": host.private_key},
+                sudo={"mode": "none"},
+            )
             return host, sid
 
         print("1 host:")

@@ -47,12 +47,12 @@ class Client:
         self._token = token
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None,
-                query: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
+    ) -> Any:
         url = self.base + path
         if query:
-            url += "?" + urllib.parse.urlencode(
-                {k: v for k, v in query.items() if v is not None})
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         data = None if body is None else json.dumps(body).encode("utf-8")
         req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
         req.add_header("Accept", "application/json")
@@ -73,8 +73,9 @@ class Client:
         try:
             return json.loads(raw)
         except ValueError:
-            raise CLIError(f"myxd answered {method} {path} with something that is not JSON",
-                           3) from None
+            raise CLIError(
+                f"myxd answered {method} {path} with something that is not JSON", 3
+            ) from None
 
 
 def _api_error(status: int, raw: bytes) -> str:
@@ -115,6 +116,7 @@ def _read_token(args: argparse.Namespace) -> str | None:
 
 # -- output helpers --------------------------------------------------------------
 
+
 def _ago(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -140,16 +142,26 @@ def _dump(obj: Any) -> None:
 
 # -- commands --------------------------------------------------------------------
 
+
 def cmd_agents(client: Client, args: argparse.Namespace) -> int:
     rows = [["ID", "HOST", "PORT", "STATUS", "VERSION", "HEARTBEAT", "REASON"]]
     offset = 0
     while True:
-        page = client.request("GET", "/api/agents",
-                              query={"limit": 1000, "offset": offset, "status": args.status})
+        page = client.request(
+            "GET", "/api/agents", query={"limit": 1000, "offset": offset, "status": args.status}
+        )
         for a in page["agents"]:
-            rows.append([str(a["id"]), a["host"], str(a["rpc_port"]), a["status"],
-                         a.get("version") or "-", _ago(a.get("last_heartbeat")),
-                         a.get("status_reason") or ""])
+            rows.append(
+                [
+                    str(a["id"]),
+                    a["host"],
+                    str(a["rpc_port"]),
+                    a["status"],
+                    a.get("version") or "-",
+                    _ago(a.get("last_heartbeat")),
+                    a.get("status_reason") or "",
+                ]
+            )
         offset += len(page["agents"])
         if not page["agents"] or offset >= page.get("total", 0):
             break
@@ -172,9 +184,17 @@ def cmd_adopt(client: Client, args: argparse.Namespace) -> int:
             token = f.read().strip()
     if not token:
         raise CLIError("give the agent's token with --agent-token or --agent-token-file")
-    rec = client.request("POST", "/api/agents", {
-        "host": args.host, "rpc_port": args.rpc_port, "rpc_path": args.rpc_path,
-        "token": token, "cert_fingerprint": args.fingerprint})
+    rec = client.request(
+        "POST",
+        "/api/agents",
+        {
+            "host": args.host,
+            "rpc_port": args.rpc_port,
+            "rpc_path": args.rpc_path,
+            "token": token,
+            "cert_fingerprint": args.fingerprint,
+        },
+    )
     print(f"agent {rec['id']} adopted at {rec['host']}:{rec['rpc_port']} ({rec['status']})")
     return 0
 
@@ -185,12 +205,14 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(client: Client, command_id: int, offset: int, out: BinaryIO,
-            err: BinaryIO) -> dict[str, Any]:
+def _follow(
+    client: Client, command_id: int, offset: int, out: BinaryIO, err: BinaryIO
+) -> dict[str, Any]:
     """Stream a command's output until it is final; returns the last command JSON."""
     while True:
-        rec = client.request("GET", f"/api/commands/{command_id}",
-                             query={"offset": offset, "wait": FOLLOW_WAIT})
+        rec = client.request(
+            "GET", f"/api/commands/{command_id}", query={"offset": offset, "wait": FOLLOW_WAIT}
+        )
         for chunk in rec.get("output", []):
             target = err if chunk["stream"] == "stderr" else out
             target.write(base64.b64decode(chunk["data"]))
@@ -206,22 +228,23 @@ def _finish(rec: dict[str, Any]) -> int:
     reason = rec.get("reason") or (rec.get("result") or {}).get("error")
     code = rec.get("exit_code")
     detail = f"exit code {code}" if code is not None else "no exit code"
-    sys.stderr.write(f"myx: command {rec['id']} {rec['status']} ({detail})"
-                     + (f": {reason}" if reason else "") + "\n")
+    sys.stderr.write(
+        f"myx: command {rec['id']} {rec['status']} ({detail})"
+        + (f": {reason}" if reason else "")
+        + "\n"
+    )
     return code if isinstance(code, int) and 0 < code < 126 else 1
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     if not args.argv:
         raise CLIError("nothing to run: give the command after --")
-    body: dict[str, Any] = {"command": args.argv[0], "args": args.argv[1:],
-                            "timeout": args.timeout}
+    body: dict[str, Any] = {"command": args.argv[0], "args": args.argv[1:], "timeout": args.timeout}
     if args.cwd:
         body["cwd"] = args.cwd
     targets = args.agent
     if len(targets) == 1 and targets[0] != "all":
-        rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands",
-                             body)
+        rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands", body)
         if args.no_follow:
             print(rec["id"])
             return 0
@@ -243,8 +266,10 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         buf = io.BytesIO()
         rec = _follow(client, c["id"], 0, buf, buf)
         text = buf.getvalue().decode("utf-8", "replace")
-        sys.stdout.write(f"--- agent {c['agent_id']} (command {c['id']}, {rec['status']}, "
-                         f"exit {rec.get('exit_code')})\n{text}")
+        sys.stdout.write(
+            f"--- agent {c['agent_id']} (command {c['id']}, {rec['status']}, "
+            f"exit {rec.get('exit_code')})\n{text}"
+        )
         if text and not text.endswith("\n"):
             sys.stdout.write("\n")
         worst = max(worst, 0 if rec["status"] == "success" else 1)
@@ -253,8 +278,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     if args.follow:
-        return _finish(_follow(client, args.id, args.offset, sys.stdout.buffer,
-                               sys.stderr.buffer))
+        return _finish(_follow(client, args.id, args.offset, sys.stdout.buffer, sys.stderr.buffer))
     offset = args.offset
     while True:
         rec = client.request("GET", f"/api/commands/{args.id}", query={"offset": offset})
@@ -286,9 +310,11 @@ def cmd_ansible(client: Client, args: argparse.Namespace) -> int:
         extra = json.loads(args.extra_vars)
     except ValueError as e:
         raise CLIError(f"--extra-vars is not JSON: {e}") from None
-    rec = client.request("POST", f"/api/agents/{args.agent}/ansible",
-                         {"playbook": args.playbook, "extra_vars": extra,
-                          "timeout": args.timeout})
+    rec = client.request(
+        "POST",
+        f"/api/agents/{args.agent}/ansible",
+        {"playbook": args.playbook, "extra_vars": extra, "timeout": args.timeout},
+    )
     if args.no_follow:
         print(rec["id"])
         return 0
@@ -299,8 +325,16 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
     page = client.request("GET", "/api/events", query={"limit": args.limit})
     rows = [["ID", "WHEN", "ACTOR", "ACTION", "TARGET", "OUTCOME"]]
     for e in page["events"]:
-        rows.append([str(e["id"]), _ago(e["at"]), e["actor"], e["action"],
-                     e.get("target") or "-", e["outcome"]])
+        rows.append(
+            [
+                str(e["id"]),
+                _ago(e["at"]),
+                e["actor"],
+                e["action"],
+                e.get("target") or "-",
+                e["outcome"],
+            ]
+        )
     _table(rows, sys.stdout)
     return 0
 
@@ -314,11 +348,15 @@ def _int(value: str, what: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="myx", description="Drive a MyX daemon (myxd).")
-    p.add_argument("--api", default=os.environ.get("MYX_API", DEFAULT_API),
-                   help=f"admin API base URL (env MYX_API; default {DEFAULT_API})")
+    p.add_argument(
+        "--api",
+        default=os.environ.get("MYX_API", DEFAULT_API),
+        help=f"admin API base URL (env MYX_API; default {DEFAULT_API})",
+    )
     p.add_argument("--token", help="admin token (prefer MYX_TOKEN or --token-file)")
-    p.add_argument("--token-file",
-                   help=f"file holding the admin token (default {DEFAULT_TOKEN_FILE})")
+    p.add_argument(
+        "--token-file", help=f"file holding the admin token (default {DEFAULT_TOKEN_FILE})"
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("agents", help="list agents")
@@ -343,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_remove)
 
-    s = sub.add_parser("run", help="run a command on agents and stream its output",
-                       usage="myx run AGENT [AGENT ...] [--timeout S] -- COMMAND [ARG ...]")
+    s = sub.add_parser(
+        "run",
+        help="run a command on agents and stream its output",
+        usage="myx run AGENT [AGENT ...] [--timeout S] -- COMMAND [ARG ...]",
+    )
     s.add_argument("agent", nargs="+", help="agent ids, or 'all'")
     s.add_argument("--timeout", type=float)
     s.add_argument("--cwd")
@@ -385,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, rest = argv[:i], argv[i + 1:]
+        argv, rest = argv[:i], argv[i + 1 :]
     parser = build_parser()
     args = parser.parse_args(argv)
     if rest:

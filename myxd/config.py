@@ -45,55 +45,87 @@ class Settings:
     """Everything the daemon can be told. Defaults follow the architecture."""
 
     data_dir: str = dataclasses.field(
-        default="./myxd-data", metadata=_doc("directory for the SQLite store and secrets"))
+        default="./myxd-data", metadata=_doc("directory for the SQLite store and secrets")
+    )
     api: str = dataclasses.field(
         default="tcp:8470:interface=127.0.0.1",
-        metadata=_doc("admin API endpoint (Twisted endpoint string)"))
+        metadata=_doc("admin API endpoint (Twisted endpoint string)"),
+    )
     admin_token: str | None = dataclasses.field(
-        default=None, repr=False,
-        metadata=_doc("admin API bearer token (default: generated into "
-                      "<data-dir>/admin-token; prefer the config file to a flag)"))
+        default=None,
+        repr=False,
+        metadata=_doc(
+            "admin API bearer token (default: generated into "
+            "<data-dir>/admin-token; prefer the config file to a flag)"
+        ),
+    )
     heartbeat_min_interval: float = dataclasses.field(
-        default=20.0, metadata=_doc("shortest pause between heartbeat cycles, seconds"))
+        default=20.0, metadata=_doc("shortest pause between heartbeat cycles, seconds")
+    )
     heartbeat_max_interval: float = dataclasses.field(
-        default=60.0, metadata=_doc("longest pause between heartbeat cycles, seconds"))
+        default=60.0, metadata=_doc("longest pause between heartbeat cycles, seconds")
+    )
     heartbeat_concurrency: int = dataclasses.field(
-        default=256, metadata=_doc("agents in flight at once during a heartbeat cycle"))
+        default=256, metadata=_doc("agents in flight at once during a heartbeat cycle")
+    )
     rpc_retry_max_attempts: int = dataclasses.field(
-        default=3, metadata=_doc("retries of a failed agent RPC call after the first try "
-                                  "(architecture 3.2: at most 3 retries, 1/2/4 s apart)"))
+        default=3,
+        metadata=_doc(
+            "retries of a failed agent RPC call after the first try "
+            "(architecture 3.2: at most 3 retries, 1/2/4 s apart)"
+        ),
+    )
     rpc_retry_base_delay: float = dataclasses.field(
-        default=1.0, metadata=_doc("first retry delay, seconds (then doubled)"))
+        default=1.0, metadata=_doc("first retry delay, seconds (then doubled)")
+    )
     rpc_timeout: float = dataclasses.field(
-        default=30.0, metadata=_doc("timeout of one agent RPC attempt, seconds"))
+        default=30.0, metadata=_doc("timeout of one agent RPC attempt, seconds")
+    )
     rpc_pool_idle_timeout: float = dataclasses.field(
         default=120.0,
-        metadata=_doc(f"idle agent connections are closed after this, seconds "
-                      f"(< {AGENT_KEEPALIVE:g}, the agent's keep-alive)"))
+        metadata=_doc(
+            f"idle agent connections are closed after this, seconds "
+            f"(< {AGENT_KEEPALIVE:g}, the agent's keep-alive)"
+        ),
+    )
     rpc_pool_max_per_host: int = dataclasses.field(
-        default=2, metadata=_doc("persistent connections kept per agent"))
+        default=2, metadata=_doc("persistent connections kept per agent")
+    )
     log_poll_interval: float = dataclasses.field(
-        default=1.0, metadata=_doc("pause between command log polls, seconds"))
+        default=1.0, metadata=_doc("pause between command log polls, seconds")
+    )
     log_poll_wait: float = dataclasses.field(
         default=10.0,
-        metadata=_doc(f"long-poll wait asked of the agent, seconds (<= {MAX_LOG_POLL_WAIT:g}; "
-                      "0: plain polling every log_poll_interval)"))
+        metadata=_doc(
+            f"long-poll wait asked of the agent, seconds (<= {MAX_LOG_POLL_WAIT:g}; "
+            "0: plain polling every log_poll_interval)"
+        ),
+    )
     max_log_pollers: int = dataclasses.field(
-        default=1000, metadata=_doc("command log polls in flight at once"))
+        default=1000, metadata=_doc("command log polls in flight at once")
+    )
     reinstall_after_cycles: int = dataclasses.field(
-        default=3, metadata=_doc("dead heartbeat cycles before an agent goes to reinstall"))
+        default=3, metadata=_doc("dead heartbeat cycles before an agent goes to reinstall")
+    )
     install_concurrency: int = dataclasses.field(
-        default=4, metadata=_doc("agent installs over SSH running at once"))
+        default=4, metadata=_doc("agent installs over SSH running at once")
+    )
     ssh_connect_timeout: float = dataclasses.field(
-        default=15.0, metadata=_doc("SSH connect and authentication timeout, seconds"))
+        default=15.0, metadata=_doc("SSH connect and authentication timeout, seconds")
+    )
     ssh_command_timeout: float = dataclasses.field(
-        default=600.0, metadata=_doc("timeout of one remote command during install, seconds"))
+        default=600.0, metadata=_doc("timeout of one remote command during install, seconds")
+    )
     agent_start_timeout: float = dataclasses.field(
-        default=120.0, metadata=_doc("how long an install waits for the agent to answer"))
+        default=120.0, metadata=_doc("how long an install waits for the agent to answer")
+    )
     install_dependency_mode: str = dataclasses.field(
         default="wheelhouse",
-        metadata=_doc("how installs get the agent's Python deps: 'wheelhouse' (built here, "
-                      "uploaded) or 'index' (pip on the target)"))
+        metadata=_doc(
+            "how installs get the agent's Python deps: 'wheelhouse' (built here, "
+            "uploaded) or 'index' (pip on the target)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _validate(self, "settings")
@@ -200,8 +232,10 @@ def _validate(s: Settings, source: str) -> None:
     if s.admin_token is not None:
         if len(s.admin_token) < MIN_ADMIN_TOKEN_LEN:
             raise bad("admin_token", f"must be at least {MIN_ADMIN_TOKEN_LEN} characters")
-        if not s.admin_token.isascii() or not s.admin_token.isprintable() or any(
-            c.isspace() for c in s.admin_token
+        if (
+            not s.admin_token.isascii()
+            or not s.admin_token.isprintable()
+            or any(c.isspace() for c in s.admin_token)
         ):
             raise bad("admin_token", "must be printable ASCII without spaces")
     if s.install_dependency_mode not in DEPENDENCY_MODES:
@@ -233,9 +267,7 @@ def _validate(s: Settings, source: str) -> None:
 class _Invalid(ConfigError):
     """A bad value; ``related`` lists the keys of a broken relation between keys."""
 
-    def __init__(
-        self, source: str, key: str, problem: str, related: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, source: str, key: str, problem: str, related: tuple[str, ...] = ()) -> None:
         self.key = key
         self.problem = problem
         self.related = related

@@ -31,57 +31,111 @@ RPC_PATH_ALPHABET = string.ascii_letters + string.digits + "_-"
 # registrations and the defaults of common server software.
 WELL_KNOWN_PORTS: frozenset[int] = frozenset(
     {
-        8000, 8001, 8008, 8009, 8010,     # HTTP alternates, dev servers, AJP (8009)
-        8006,                             # Proxmox VE web UI
-        8080, 8081, 8082, 8088, 8089,     # HTTP proxies/alternates, Splunk mgmt (8089)
-        8086, 8087,                       # InfluxDB, Riak
-        8118,                             # Privoxy
-        8123,                             # Home Assistant / ClickHouse HTTP
-        8125, 8126,                       # StatsD, Datadog APM
-        8161,                             # ActiveMQ web console
-        8181, 8200, 8201,                 # alternates, HashiCorp Vault
-        8300, 8301, 8302, 8500, 8501, 8502, 8600,  # HashiCorp Consul
-        8333,                             # Bitcoin
-        8384,                             # Syncthing GUI
-        8388,                             # Shadowsocks default
-        8443, 8444,                       # HTTPS alternates
-        8545, 8546,                       # Ethereum JSON-RPC
-        8834,                             # Nessus
-        8843, 8880, 8888,                 # HTTP(S) alternates, Jupyter (8888)
-        8883,                             # MQTT over TLS
-        8983,                             # Apache Solr
-        9000, 9001,                       # PHP-FPM, SonarQube, MinIO, Portainer, supervisord
-        9042,                             # Cassandra CQL
-        9043, 9060,                       # WebSphere admin
-        9050, 9051,                       # Tor SOCKS / control
-        9080, 9081,                       # HTTP alternates
-        9090, 9091, 9093, 9094,           # Prometheus, Pushgateway, Alertmanager
-        9092,                             # Kafka
-        9100, 9101, 9102, 9103, 9104,     # Prometheus exporters (node, ...)
-        9115, 9121, 9187,                 # blackbox, redis and postgres exporters
-        9200, 9300,                       # Elasticsearch / OpenSearch
-        9418,                             # git daemon
-        9443,                             # HTTPS alternates, Portainer
-        9600,                             # Logstash API
-        9990, 9993,                       # WildFly admin
-        9997, 9998, 9999,                 # Splunk forwarder, misc admin UIs
-        10000,                            # Webmin
-        10050, 10051,                     # Zabbix agent / server
-        10250, 10255, 10256, 10257, 10259,  # Kubernetes node/control plane
-        10443,                            # HTTPS alternate
-        10808, 10809,                     # V2Ray/Xray local proxy defaults
-        11211,                            # memcached
-        15672, 25672,                     # RabbitMQ management, clustering
-        16379, 26379,                     # Redis cluster bus, Redis Sentinel
-        22000,                            # Syncthing
-        25565,                            # Minecraft
-        27015,                            # Steam / Source servers
-        27017, 27018, 27019, 28017,       # MongoDB
-        30033,                            # TeamSpeak file transfer
-        32400,                            # Plex
-        50000, 50070, 50075,              # Jenkins agents, Hadoop
-        51820,                            # WireGuard
-        61613, 61614, 61616,              # ActiveMQ STOMP / OpenWire
+        8000,
+        8001,
+        8008,
+        8009,
+        8010,  # HTTP alternates, dev servers, AJP (8009)
+        8006,  # Proxmox VE web UI
+        8080,
+        8081,
+        8082,
+        8088,
+        8089,  # HTTP proxies/alternates, Splunk mgmt (8089)
+        8086,
+        8087,  # InfluxDB, Riak
+        8118,  # Privoxy
+        8123,  # Home Assistant / ClickHouse HTTP
+        8125,
+        8126,  # StatsD, Datadog APM
+        8161,  # ActiveMQ web console
+        8181,
+        8200,
+        8201,  # alternates, HashiCorp Vault
+        8300,
+        8301,
+        8302,
+        8500,
+        8501,
+        8502,
+        8600,  # HashiCorp Consul
+        8333,  # Bitcoin
+        8384,  # Syncthing GUI
+        8388,  # Shadowsocks default
+        8443,
+        8444,  # HTTPS alternates
+        8545,
+        8546,  # Ethereum JSON-RPC
+        8834,  # Nessus
+        8843,
+        8880,
+        8888,  # HTTP(S) alternates, Jupyter (8888)
+        8883,  # MQTT over TLS
+        8983,  # Apache Solr
+        9000,
+        9001,  # PHP-FPM, SonarQube, MinIO, Portainer, supervisord
+        9042,  # Cassandra CQL
+        9043,
+        9060,  # WebSphere admin
+        9050,
+        9051,  # Tor SOCKS / control
+        9080,
+        9081,  # HTTP alternates
+        9090,
+        9091,
+        9093,
+        9094,  # Prometheus, Pushgateway, Alertmanager
+        9092,  # Kafka
+        9100,
+        9101,
+        9102,
+        9103,
+        9104,  # Prometheus exporters (node, ...)
+        9115,
+        9121,
+        9187,  # blackbox, redis and postgres exporters
+        9200,
+        9300,  # Elasticsearch / OpenSearch
+        9418,  # git daemon
+        9443,  # HTTPS alternates, Portainer
+        9600,  # Logstash API
+        9990,
+        9993,  # WildFly admin
+        9997,
+        9998,
+        9999,  # Splunk forwarder, misc admin UIs
+        10000,  # Webmin
+        10050,
+        10051,  # Zabbix agent / server
+        10250,
+        10255,
+        10256,
+        10257,
+        10259,  # Kubernetes node/control plane
+        10443,  # HTTPS alternate
+        10808,
+        10809,  # V2Ray/Xray local proxy defaults
+        11211,  # memcached
+        15672,
+        25672,  # RabbitMQ management, clustering
+        16379,
+        26379,  # Redis cluster bus, Redis Sentinel
+        22000,  # Syncthing
+        25565,  # Minecraft
+        27015,  # Steam / Source servers
+        27017,
+        27018,
+        27019,
+        28017,  # MongoDB
+        30033,  # TeamSpeak file transfer
+        32400,  # Plex
+        50000,
+        50070,
+        50075,  # Jenkins agents, Hadoop
+        51820,  # WireGuard
+        61613,
+        61614,
+        61616,  # ActiveMQ STOMP / OpenWire
     }
 )
 
@@ -109,8 +163,11 @@ def _system_rng() -> random.Random:
 
 def is_allowed_port(port: int) -> bool:
     """True when ``port`` may be handed to a new agent (ignoring uniqueness)."""
-    return (RPC_PORT_MIN <= port <= RPC_PORT_MAX and port not in WELL_KNOWN_PORTS
-            and port not in EPHEMERAL_PORTS)
+    return (
+        RPC_PORT_MIN <= port <= RPC_PORT_MAX
+        and port not in WELL_KNOWN_PORTS
+        and port not in EPHEMERAL_PORTS
+    )
 
 
 def new_rpc_path(rng: random.Random | None = None) -> str:

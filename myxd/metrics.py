@@ -35,8 +35,22 @@ RPC_ERROR_KINDS = ("retryable", "auth", "final")
 
 # Heartbeats on loopback take ~1 ms, over a WAN tens of ms; a slow agent can hold a
 # call until rpc_timeout (30 s), so the buckets span that whole range.
-HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                     2.5, 5.0, 10.0, 30.0)
+HEARTBEAT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 # Poll lag is how late a log poll runs after it was due; it should stay well below
 # log_poll_interval (1 s) even with 1,000 pollers.
 POLL_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -78,8 +92,13 @@ def _header(name: str, help_text: str, kind: str) -> list[str]:
 class Counter:
     """A monotonically increasing counter with an optional single label."""
 
-    def __init__(self, name: str, help_text: str, label: str | None = None,
-                 initial_labels: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        label: str | None = None,
+        initial_labels: Iterable[str] = (),
+    ) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"bad metric name {name!r}")
         if label is not None and not _LABEL_RE.match(label):
@@ -151,8 +170,9 @@ class Histogram:
         return lines
 
 
-def _gauge_lines(name: str, help_text: str, label: str, values: Mapping[str, float],
-                 known: Iterable[str]) -> list[str]:
+def _gauge_lines(
+    name: str, help_text: str, label: str, values: Mapping[str, float], known: Iterable[str]
+) -> list[str]:
     lines = _header(name, help_text, "gauge")
     merged = {k: 0.0 for k in known}
     for key, val in values.items():
@@ -169,29 +189,37 @@ class Metrics:
         self.heartbeat_latency = Histogram(
             "myxd_heartbeat_latency_seconds",
             "Round-trip time of a successful heartbeat + get_status batch.",
-            HEARTBEAT_BUCKETS)
+            HEARTBEAT_BUCKETS,
+        )
         self.rpc_errors = Counter(
-            "myxd_rpc_errors", "Agent RPC calls that failed, by error kind (after retries).",
-            "kind", RPC_ERROR_KINDS)
-        self.rpc_retries = Counter(
-            "myxd_rpc_retries", "Agent RPC attempts that were retried.")
+            "myxd_rpc_errors",
+            "Agent RPC calls that failed, by error kind (after retries).",
+            "kind",
+            RPC_ERROR_KINDS,
+        )
+        self.rpc_retries = Counter("myxd_rpc_retries", "Agent RPC attempts that were retried.")
         self.poll_lag_seconds = Histogram(
             "myxd_log_poll_lag_seconds",
-            "How late a command log poll ran after it was due.", POLL_LAG_BUCKETS)
-        self.heartbeat_cycles = Counter(
-            "myxd_heartbeat_cycles", "Completed heartbeat cycles.")
+            "How late a command log poll ran after it was due.",
+            POLL_LAG_BUCKETS,
+        )
+        self.heartbeat_cycles = Counter("myxd_heartbeat_cycles", "Completed heartbeat cycles.")
         self.heartbeat_cycle_seconds = Histogram(
-            "myxd_heartbeat_cycle_seconds", "Wall time of one heartbeat cycle.",
-            CYCLE_BUCKETS)
+            "myxd_heartbeat_cycle_seconds", "Wall time of one heartbeat cycle.", CYCLE_BUCKETS
+        )
         self.heartbeat_failures = Counter(
-            "myxd_heartbeat_failures", "Agent heartbeats that failed.")
-        self.reinstalls = Counter(
-            "myxd_reinstall_requests", "Agents handed to the reinstall hook.")
+            "myxd_heartbeat_failures", "Agent heartbeats that failed."
+        )
+        self.reinstalls = Counter("myxd_reinstall_requests", "Agents handed to the reinstall hook.")
         self.commands_created = Counter(
-            "myxd_commands_created", "Commands and ansible runs created, by kind.",
-            "kind", ("command", "ansible"))
+            "myxd_commands_created",
+            "Commands and ansible runs created, by kind.",
+            "kind",
+            ("command", "ansible"),
+        )
         self.api_requests = Counter(
-            "myxd_api_requests", "Admin API responses, by HTTP status code.", "code")
+            "myxd_api_requests", "Admin API responses, by HTTP status code.", "code"
+        )
 
     # -- hooks for the fleet code (cheap, never raise on odd input) --------------
 
@@ -225,17 +253,30 @@ class Metrics:
 
     # -- exposition ----------------------------------------------------------------
 
-    def render(self, agent_counts: Mapping[str, int] | None = None,
-               command_counts: Mapping[str, int] | None = None) -> str:
+    def render(
+        self,
+        agent_counts: Mapping[str, int] | None = None,
+        command_counts: Mapping[str, int] | None = None,
+    ) -> str:
         """The whole exposition; gauge values are passed in by the scraper."""
         lines: list[str] = []
-        lines += _gauge_lines("myxd_agents", "Agents by status.", "status",
-                              agent_counts or {}, AGENT_STATUSES)
-        lines += _gauge_lines("myxd_commands", "Commands by status.", "status",
-                              command_counts or {}, COMMAND_STATUSES)
-        for metric in (self.heartbeat_latency, self.heartbeat_cycle_seconds,
-                       self.heartbeat_cycles, self.heartbeat_failures, self.rpc_errors,
-                       self.rpc_retries, self.poll_lag_seconds, self.reinstalls,
-                       self.commands_created, self.api_requests):
+        lines += _gauge_lines(
+            "myxd_agents", "Agents by status.", "status", agent_counts or {}, AGENT_STATUSES
+        )
+        lines += _gauge_lines(
+            "myxd_commands", "Commands by status.", "status", command_counts or {}, COMMAND_STATUSES
+        )
+        for metric in (
+            self.heartbeat_latency,
+            self.heartbeat_cycle_seconds,
+            self.heartbeat_cycles,
+            self.heartbeat_failures,
+            self.rpc_errors,
+            self.rpc_retries,
+            self.poll_lag_seconds,
+            self.reinstalls,
+            self.commands_created,
+            self.api_requests,
+        ):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -172,11 +172,21 @@ class AdminAPI:
     #: Seconds between SSE comment lines that keep idle proxies and clients awake.
     sse_keepalive = 15.0
 
-    def __init__(self, store: Store, queue: CommandQueue, rpc: AgentRPC, settings: Settings,
-                 reactor: Any = None, *, metrics: Metrics, admin_token: str,
-                 servers_api: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        queue: CommandQueue,
+        rpc: AgentRPC,
+        settings: Settings,
+        reactor: Any = None,
+        *,
+        metrics: Metrics,
+        admin_token: str,
+        servers_api: Any = None,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
+
             reactor = global_reactor
         if not admin_token:
             raise ValueError("the admin API needs a non-empty admin token")
@@ -197,9 +207,12 @@ class AdminAPI:
         """The root resource: the token gate in front of the Klein routes."""
         # The console's page and assets are public: they carry no data, and the page
         # asks for the token itself. Every /api/* route stays behind the token.
-        return Gate(self._app.resource(), self._token,
-                    public=(b"/api/health", *CONSOLE_PATHS),
-                    on_response=self._metrics.api_response)
+        return Gate(
+            self._app.resource(),
+            self._token,
+            public=(b"/api/health", *CONSOLE_PATHS),
+            on_response=self._metrics.api_response,
+        )
 
     def site(self) -> Site:
         """A Site serving `resource()` that caps request bodies while they arrive."""
@@ -219,8 +232,11 @@ class AdminAPI:
         url_map = getattr(app, "url_map", None)
         if url_map is None:
             return {}
-        routes = [(rule.rule, sorted(rule.methods or ())) for rule in url_map.iter_rules()
-                  if "__rest__" not in rule.rule]
+        routes = [
+            (rule.rule, sorted(rule.methods or ()))
+            for rule in url_map.iter_rules()
+            if "__rest__" not in rule.rule
+        ]
         return openapi.mounted_paths("/api/servers", routes)
 
     # -- errors ------------------------------------------------------------------
@@ -244,8 +260,15 @@ class AdminAPI:
         # The agent could not be asked (e.g. a cancel): the daemon itself is fine.
         err = failure.value
         assert isinstance(err, AgentRPCError)
-        return _json(request, {"error": f"the agent could not be reached: {err.reason}",
-                               "reason": err.reason, "kind": err.kind}, 502)
+        return _json(
+            request,
+            {
+                "error": f"the agent could not be reached: {err.reason}",
+                "reason": err.reason,
+                "kind": err.kind,
+            },
+            502,
+        )
 
     @_app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -261,14 +284,16 @@ class AdminAPI:
 
     @_app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("admin API request {request_id} {method} failed", failure,
-                         request_id=request_id(request),
-                         method=request.method.decode("latin-1"))
+        self.log.failure(
+            "admin API request {request_id} {method} failed",
+            failure,
+            request_id=request_id(request),
+            method=request.method.decode("latin-1"),
+        )
         if getattr(request, "startedWriting", False):
             # Headers are gone already (a stream): nothing sensible can be added.
             return b""
-        return _json(request, {"error": "internal error",
-                               "request_id": request_id(request)}, 500)
+        return _json(request, {"error": "internal error", "request_id": request_id(request)}, 500)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -284,19 +309,23 @@ class AdminAPI:
             raise APIError(404, f"no command {command_id}")
         return rec
 
-    async def _command_output_or_404(self, command_id: int, offset: int,
-                                     max_bytes: int) -> tuple[CommandRecord, list[OutputChunk]]:
-        rec, chunks = await self._store.read_command_output(_check_id(command_id), offset,
-                                                            max_bytes)
+    async def _command_output_or_404(
+        self, command_id: int, offset: int, max_bytes: int
+    ) -> tuple[CommandRecord, list[OutputChunk]]:
+        rec, chunks = await self._store.read_command_output(
+            _check_id(command_id), offset, max_bytes
+        )
         if rec is None:
             raise APIError(404, f"no command {command_id}")
         return rec, chunks
 
-    async def _event(self, action: str, target: str | None, outcome: str,
-                     details: dict[str, Any] | None = None) -> None:
+    async def _event(
+        self, action: str, target: str | None, outcome: str, details: dict[str, Any] | None = None
+    ) -> None:
         try:
-            await self._store.add_event(actor="admin-api", action=action, target=target,
-                                        outcome=outcome, details=details)
+            await self._store.add_event(
+                actor="admin-api", action=action, target=target, outcome=outcome, details=details
+            )
         except Exception:
             # The audit row must not turn a done action into an error for the client.
             self.log.failure("could not record event {action}", action=action)
@@ -329,8 +358,15 @@ class AdminAPI:
         agents = await self._store.list_agents(limit=limit, offset=offset, status=status)
         counts = await self._store.agent_counts_by_status()
         total = counts.get(status, 0) if status is not None else sum(counts.values())
-        return _json(request, {"agents": [agent_json(a) for a in agents], "limit": limit,
-                               "offset": offset, "total": total})
+        return _json(
+            request,
+            {
+                "agents": [agent_json(a) for a in agents],
+                "limit": limit,
+                "offset": offset,
+                "total": total,
+            },
+        )
 
     @_app.route("/api/agents/<int:agent_id>", methods=["GET"])
     async def get_agent(self, request: IRequest, agent_id: int) -> bytes:
@@ -347,8 +383,9 @@ class AdminAPI:
 
     @_app.route("/api/agents", methods=["POST"])
     async def adopt_agent(self, request: IRequest) -> bytes:
-        body = Body(read_json_object(request),
-                    {"host", "rpc_port", "rpc_path", "token", "cert_fingerprint"})
+        body = Body(
+            read_json_object(request), {"host", "rpc_port", "rpc_path", "token", "cert_fingerprint"}
+        )
         host = body.string("host", max_len=253)
         assert host is not None
         if not valid_host(host):
@@ -357,55 +394,74 @@ class AdminAPI:
         assert port is not None
         rpc_path = (body.string("rpc_path", max_len=130) or "").strip("/")
         if not _RPC_PATH_RE.match(rpc_path):
-            raise APIError(400, "rpc_path must be 1-128 characters of [A-Za-z0-9_-]",
-                           "rpc_path")
+            raise APIError(400, "rpc_path must be 1-128 characters of [A-Za-z0-9_-]", "rpc_path")
         token = body.string("token", max_len=1024)
         assert token is not None
         if not _TOKEN_RE.match(token):
-            raise APIError(400, "token must be visible ASCII characters without spaces",
-                           "token")
+            raise APIError(400, "token must be visible ASCII characters without spaces", "token")
         try:
-            fingerprint = normalize_fingerprint(body.string("cert_fingerprint", max_len=200)
-                                                or "")
+            fingerprint = normalize_fingerprint(body.string("cert_fingerprint", max_len=200) or "")
         except ValueError as e:
             raise APIError(400, str(e), "cert_fingerprint") from None
 
         target = f"{host}:{port}"
-        endpoint = AgentEndpoint(host=host, port=port, path=rpc_path, token=token,
-                                 fingerprint=fingerprint)
+        endpoint = AgentEndpoint(
+            host=host, port=port, path=rpc_path, token=token, fingerprint=fingerprint
+        )
         started = self._reactor.seconds()
         try:
             status = await self._rpc.call(endpoint, "get_status", retry=False)
         except CertificateMismatch as e:
-            await self._event("agent.adopt", target, "refused",
-                              {"reason": "certificate mismatch"})
-            raise APIError(422, "the agent's certificate does not match cert_fingerprint",
-                           "cert_fingerprint", reason=e.reason) from None
+            await self._event("agent.adopt", target, "refused", {"reason": "certificate mismatch"})
+            raise APIError(
+                422,
+                "the agent's certificate does not match cert_fingerprint",
+                "cert_fingerprint",
+                reason=e.reason,
+            ) from None
         except AgentRPCError as e:
             await self._event("agent.adopt", target, "refused", {"reason": e.reason})
-            raise APIError(422, f"the agent could not be checked: {e.reason}",
-                           reason=e.reason, kind=e.kind) from None
+            raise APIError(
+                422, f"the agent could not be checked: {e.reason}", reason=e.reason, kind=e.kind
+            ) from None
         latency = self._reactor.seconds() - started
         if not isinstance(status, dict):
-            raise APIError(422, "the agent answered get_status with something unexpected",
-                           reason="bad get_status result")
+            raise APIError(
+                422,
+                "the agent answered get_status with something unexpected",
+                reason="bad get_status result",
+            )
         try:
             agent_id = await self._store.add_agent(
-                host=host, rpc_port=port, rpc_path=rpc_path, token=token,
-                secret_key=secrets.token_urlsafe(32), cert_fingerprint=fingerprint,
-                status="online")
+                host=host,
+                rpc_port=port,
+                rpc_path=rpc_path,
+                token=token,
+                secret_key=secrets.token_urlsafe(32),
+                cert_fingerprint=fingerprint,
+                status="online",
+            )
         except ConflictError:
-            raise APIError(409, "an agent with this rpc_port is already registered",
-                           "rpc_port") from None
+            raise APIError(
+                409, "an agent with this rpc_port is already registered", "rpc_port"
+            ) from None
         version = status.get("version")
-        await self._store.record_heartbeat_results([HeartbeatResult(
-            agent_id=agent_id, at=self._reactor.seconds(), ok=True,
-            version=version if isinstance(version, str) else None,
-            details=status, latency=latency)])
-        self.log.info("agent {agent_id} adopted at {target}", agent_id=agent_id,
-                      target=target)
-        await self._event("agent.adopt", f"agent:{agent_id}", "ok", {"host": host,
-                                                                     "rpc_port": port})
+        await self._store.record_heartbeat_results(
+            [
+                HeartbeatResult(
+                    agent_id=agent_id,
+                    at=self._reactor.seconds(),
+                    ok=True,
+                    version=version if isinstance(version, str) else None,
+                    details=status,
+                    latency=latency,
+                )
+            ]
+        )
+        self.log.info("agent {agent_id} adopted at {target}", agent_id=agent_id, target=target)
+        await self._event(
+            "agent.adopt", f"agent:{agent_id}", "ok", {"host": host, "rpc_port": port}
+        )
         rec = await self._agent_or_404(agent_id)
         return _json(request, agent_json(rec), 201)
 
@@ -418,16 +474,29 @@ class AdminAPI:
         offset = q.integer("offset", 0, minimum=0, maximum=_MAX_ID)
         await self._agent_or_404(agent_id)
         rows = await self._store.list_commands(agent_id=agent_id, limit=limit, offset=offset)
-        return _json(request, {
-            "commands": [command_json(c) for c in rows], "limit": limit, "offset": offset,
-            "next_offset": offset + len(rows) if len(rows) == limit else None})
+        return _json(
+            request,
+            {
+                "commands": [command_json(c) for c in rows],
+                "limit": limit,
+                "offset": offset,
+                "next_offset": offset + len(rows) if len(rows) == limit else None,
+            },
+        )
 
     @_app.route("/api/agents/<int:agent_id>/commands", methods=["POST"])
     async def create_command(self, request: IRequest, agent_id: int) -> bytes:
         await self._agent_or_404(agent_id)
         spec = _command_spec(Body(read_json_object(request), _COMMAND_FIELDS))
-        rec = await self._queue.add_command(agent_id, spec.command, spec.args, spec.timeout,
-                                            env=spec.env, cwd=spec.cwd, actor="admin-api")
+        rec = await self._queue.add_command(
+            agent_id,
+            spec.command,
+            spec.args,
+            spec.timeout,
+            env=spec.env,
+            cwd=spec.cwd,
+            actor="admin-api",
+        )
         return _json(request, command_json(rec), 201)
 
     @_app.route("/api/agents/<int:agent_id>/ansible", methods=["POST"])
@@ -437,12 +506,12 @@ class AdminAPI:
         playbook = body.string("playbook", max_len=1024)
         assert playbook is not None
         if playbook.startswith("/") or ".." in playbook.split("/"):
-            raise APIError(400, "playbook must be a relative path inside playbooks/",
-                           "playbook")
+            raise APIError(400, "playbook must be a relative path inside playbooks/", "playbook")
         extra_vars = body.json_object("extra_vars")
         timeout = body.timeout("timeout")
-        rec = await self._queue.add_ansible(agent_id, playbook, extra_vars, timeout,
-                                            actor="admin-api")
+        rec = await self._queue.add_ansible(
+            agent_id, playbook, extra_vars, timeout, actor="admin-api"
+        )
         return _json(request, command_json(rec), 201)
 
     @_app.route("/api/commands", methods=["POST"])
@@ -455,12 +524,17 @@ class AdminAPI:
         async def one(agent_id: int) -> dict[str, Any]:
             try:
                 rec = await self._queue.add_command(
-                    agent_id, spec.command, spec.args, spec.timeout, env=spec.env,
-                    cwd=spec.cwd, actor="admin-api")
+                    agent_id,
+                    spec.command,
+                    spec.args,
+                    spec.timeout,
+                    env=spec.env,
+                    cwd=spec.cwd,
+                    actor="admin-api",
+                )
             except Exception:
                 # One agent's failure must not hide the commands created for the others.
-                self.log.failure("bulk command for agent {agent_id} failed",
-                                 agent_id=agent_id)
+                self.log.failure("bulk command for agent {agent_id} failed", agent_id=agent_id)
                 return {"agent_id": agent_id, "error": "could not create the command"}
             return {"agent_id": agent_id, "id": rec.id, "status": rec.status}
 
@@ -471,21 +545,18 @@ class AdminAPI:
         if wanted == "all":
             return [a.id for a in await self._store.list_agents()]
         if not isinstance(wanted, list) or not wanted:
-            raise APIError(400, 'agents must be a non-empty array of agent ids or "all"',
-                           "agents")
+            raise APIError(400, 'agents must be a non-empty array of agent ids or "all"', "agents")
         if len(wanted) > _MAX_BULK_AGENTS:
             raise APIError(400, f"agents has more than {_MAX_BULK_AGENTS} ids", "agents")
         ids: list[int] = []
         seen: set[int] = set()
         for i, value in enumerate(wanted):
-            if not isinstance(value, int) or isinstance(value, bool) or not (
-                    1 <= value <= _MAX_ID):
+            if not isinstance(value, int) or isinstance(value, bool) or not (1 <= value <= _MAX_ID):
                 raise APIError(400, f"agents[{i}] must be an agent id", f"agents[{i}]")
             if value not in seen:
                 seen.add(value)
                 ids.append(value)
-        records = await gatherResults([ensureDeferred(self._store.get_agent(i))
-                                       for i in ids])
+        records = await gatherResults([ensureDeferred(self._store.get_agent(i)) for i in ids])
         missing = [i for i, rec in zip(ids, records) if rec is None]
         if missing:
             raise APIError(404, "unknown agent ids", "agents", missing=missing[:100])
@@ -500,8 +571,7 @@ class AdminAPI:
         # Record and output come from one store transaction, and a long-poll
         # subscribes before that read (a notification in between is kept by the
         # watch): a log reader costs one store trip per answer, not five.
-        watch = OutputWatch(self._queue, _check_id(command_id), self._reactor) \
-            if wait > 0 else None
+        watch = OutputWatch(self._queue, _check_id(command_id), self._reactor) if wait > 0 else None
         try:
             rec, chunks = await self._command_output_or_404(command_id, offset, max_bytes)
             if offset > rec.output_offset:
@@ -513,16 +583,19 @@ class AdminAPI:
                 watch.close()
         next_offset = offset + sum(len(c.data) for c in chunks)
         out = command_json(rec)
-        out.update({
-            "offset": offset,
-            "output": [chunk_json(c) for c in chunks],
-            "next_offset": next_offset,
-            "complete": rec.status in FINAL_STATUSES and next_offset >= rec.output_offset,
-        })
+        out.update(
+            {
+                "offset": offset,
+                "output": [chunk_json(c) for c in chunks],
+                "next_offset": next_offset,
+                "complete": rec.status in FINAL_STATUSES and next_offset >= rec.output_offset,
+            }
+        )
         return _json(request, out)
 
-    async def _long_poll(self, rec: CommandRecord, offset: int, max_bytes: int, wait: float,
-                         watch: OutputWatch) -> tuple[CommandRecord, list[OutputChunk]]:
+    async def _long_poll(
+        self, rec: CommandRecord, offset: int, max_bytes: int, wait: float, watch: OutputWatch
+    ) -> tuple[CommandRecord, list[OutputChunk]]:
         """Wait for new output or the end (`watch` was subscribed before `rec` was read)."""
         deadline = self._reactor.seconds() + wait
         chunks: list[OutputChunk] = []
@@ -541,8 +614,9 @@ class AdminAPI:
             Body(read_json_object(request), ())
         rec = await self._command_or_404(command_id)
         if rec.status in FINAL_STATUSES:
-            raise APIError(409, f"command {rec.id} already finished ({rec.status})",
-                           status=rec.status)
+            raise APIError(
+                409, f"command {rec.id} already finished ({rec.status})", status=rec.status
+            )
         rec = await self._queue.cancel(rec.id, actor="admin-api")
         return _json(request, command_json(rec))
 
@@ -552,8 +626,9 @@ class AdminAPI:
         offset = q.integer("offset", 0, minimum=0, maximum=_MAX_ID)
         last_id = request.getHeader(b"last-event-id")
         if last_id is not None:
-            text = last_id.strip() if isinstance(last_id, str) else last_id.decode(
-                "latin-1").strip()
+            text = (
+                last_id.strip() if isinstance(last_id, str) else last_id.decode("latin-1").strip()
+            )
             if not re.fullmatch(r"[0-9]{1,19}", text):
                 raise APIError(400, "Last-Event-ID must be a byte offset", "Last-Event-ID")
             offset = int(text)
@@ -583,11 +658,17 @@ class AdminAPI:
         except CancelledError:
             raise
         except Exception:
-            self.log.failure("event stream {request_id} for command {command_id} failed",
-                             request_id=request_id(request), command_id=command_id)
+            self.log.failure(
+                "event stream {request_id} for command {command_id} failed",
+                request_id=request_id(request),
+                command_id=command_id,
+            )
             if not closed[0]:
-                request.write(_sse_event("error", {"error": "internal error",
-                                                   "request_id": request_id(request)}))
+                request.write(
+                    _sse_event(
+                        "error", {"error": "internal error", "request_id": request_id(request)}
+                    )
+                )
         finally:
             watch.close()
             # After a disconnect the channel is gone (and the producer with it).
@@ -595,9 +676,15 @@ class AdminAPI:
                 request.unregisterProducer()  # type: ignore[attr-defined]
         return b""
 
-    async def _pump_events(self, request: IRequest, command_id: int, offset: int,
-                           watch: OutputWatch, flow: _FlowControl,
-                           closed: Sequence[bool]) -> None:
+    async def _pump_events(
+        self,
+        request: IRequest,
+        command_id: int,
+        offset: int,
+        watch: OutputWatch,
+        flow: _FlowControl,
+        closed: Sequence[bool],
+    ) -> None:
         while not closed[0]:
             chunks = await self._store.read_output(command_id, offset, _SSE_READ_BYTES)
             for chunk in chunks:
@@ -616,10 +703,20 @@ class AdminAPI:
                 request.write(_sse_event("error", {"error": "command deleted"}))
                 return
             if rec.status in FINAL_STATUSES and offset >= rec.output_offset:
-                request.write(_sse_event("final", {
-                    "id": rec.id, "status": rec.status, "exit_code": rec.exit_code,
-                    "reason": rec.reason, "output_offset": rec.output_offset,
-                    "finished_at": rec.finished_at}, offset))
+                request.write(
+                    _sse_event(
+                        "final",
+                        {
+                            "id": rec.id,
+                            "status": rec.status,
+                            "exit_code": rec.exit_code,
+                            "reason": rec.reason,
+                            "output_offset": rec.output_offset,
+                            "finished_at": rec.finished_at,
+                        },
+                        offset,
+                    )
+                )
                 return
             woke = await watch.wait(self.sse_keepalive)
             if not woke and not closed[0]:
@@ -633,9 +730,14 @@ class AdminAPI:
         limit = q.integer("limit", 50, minimum=1, maximum=1000)
         before_id = q.optional_integer("before_id", minimum=1, maximum=_MAX_ID)
         rows = await self._store.list_events(limit=limit, before_id=before_id)
-        return _json(request, {
-            "events": [event_json(e) for e in rows], "limit": limit,
-            "next_before_id": rows[-1].id if len(rows) == limit and rows else None})
+        return _json(
+            request,
+            {
+                "events": [event_json(e) for e in rows],
+                "limit": limit,
+                "next_before_id": rows[-1].id if len(rows) == limit and rows else None,
+            },
+        )
 
     # -- servers (issue 4), mounted after the token gate -------------------------
 

@@ -41,13 +41,15 @@ ASSETS: dict[str, str] = {
 
 #: Exact request paths the token gate serves without the admin token (GET/HEAD only).
 PUBLIC_PATHS: tuple[bytes, ...] = (b"/",) + tuple(
-    (CONSOLE_PREFIX + name).encode("ascii") for name in ASSETS if name != "index.html")
+    (CONSOLE_PREFIX + name).encode("ascii") for name in ASSETS if name != "index.html"
+)
 
 SECURITY_HEADERS: dict[bytes, bytes] = {
     # default-src 'self' forbids inline script and any other origin; the rest stops
     # the console being framed (clickjacking) or a <base> tag redirecting its URLs.
-    b"content-security-policy": (b"default-src 'self'; base-uri 'none'; "
-                                 b"form-action 'self'; frame-ancestors 'none'"),
+    b"content-security-policy": (
+        b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
     b"x-content-type-options": b"nosniff",
     b"x-frame-options": b"DENY",
     b"referrer-policy": b"no-referrer",
@@ -58,9 +60,11 @@ SECURITY_HEADERS: dict[bytes, bytes] = {
 _CACHE_CONTROL = b"no-cache"
 
 # A tiny favicon, so the browser's automatic /favicon request is not a 401 every time.
-_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
-         b'<rect width="32" height="32" rx="6" fill="#1f6feb"/>'
-         b'<path d="M7 24V8h4l5 8 5-8h4v16h-4V15l-5 8-5-8v9z" fill="#fff"/></svg>')
+_ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+    b'<rect width="32" height="32" rx="6" fill="#1f6feb"/>'
+    b'<path d="M7 24V8h4l5 8 5-8h4v16h-4V15l-5 8-5-8v9z" fill="#fff"/></svg>'
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,9 @@ class Console:
         for name, content_type in ASSETS.items():
             body = _load(package, name)
             digest = hashlib.sha256(body).hexdigest()[:32]
-            self._assets[name] = _Asset(body, content_type.encode("ascii"),
-                                        f'"{digest}"'.encode("ascii"))
+            self._assets[name] = _Asset(
+                body, content_type.encode("ascii"), f'"{digest}"'.encode("ascii")
+            )
 
     def resource(self) -> IResource:
         return self._app.resource()
@@ -105,8 +110,12 @@ class Console:
         request.setHeader(b"content-type", asset.content_type)
         given = request.getHeader(b"if-none-match")
         if given is not None:
-            tags = {t.strip() for t in (given if isinstance(given, bytes)
-                                        else given.encode("latin-1")).split(b",")}
+            tags = {
+                t.strip()
+                for t in (given if isinstance(given, bytes) else given.encode("latin-1")).split(
+                    b","
+                )
+            }
             if asset.etag in tags or b"*" in tags:
                 request.setResponseCode(304)
                 return b""
@@ -132,4 +141,3 @@ class Console:
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
         return json_bytes({"error": (exc.name or "error").lower()})
-

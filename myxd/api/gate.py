@@ -84,10 +84,15 @@ class Gate(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, inner: IResource, token: bytes, *,
-                 public: Collection[bytes] = (b"/api/health",),
-                 max_body: int = MAX_BODY_BYTES,
-                 on_response: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: IResource,
+        token: bytes,
+        *,
+        public: Collection[bytes] = (b"/api/health",),
+        max_body: int = MAX_BODY_BYTES,
+        on_response: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
         if not token:
             raise ValueError("the admin token must not be empty")
@@ -101,8 +106,9 @@ class Gate(Resource):
         postpath: list[bytes] = request.postpath
         return b"/" + b"/".join(postpath)
 
-    def _reject(self, request: IRequest, err: APIError,
-                headers: dict[bytes, bytes] | None = None) -> bytes:
+    def _reject(
+        self, request: IRequest, err: APIError, headers: dict[bytes, bytes] | None = None
+    ) -> bytes:
         request.setResponseCode(err.code)
         request.setHeader(b"content-type", b"application/json")
         for name, value in (headers or {}).items():
@@ -124,12 +130,14 @@ class Gate(Resource):
         public = request.method in (b"GET", b"HEAD") and self._path(request) in self._public
         if not public and not is_authorized(request, self._token):
             return self._reject(
-                request, APIError(401, "missing or wrong admin token"),
-                {b"www-authenticate": b'Bearer realm="myxd"'})
+                request,
+                APIError(401, "missing or wrong admin token"),
+                {b"www-authenticate": b'Bearer realm="myxd"'},
+            )
         if _body_too_large(request, self._max_body):
             return self._reject(
-                request, APIError(413, f"request body larger than {self._max_body} bytes",
-                                  "body"))
+                request, APIError(413, f"request body larger than {self._max_body} bytes", "body")
+            )
         result = self._inner.render(request)
         return NOT_DONE_YET if result is NOT_DONE_YET else result
 

@@ -37,8 +37,7 @@ _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 class APIError(Exception):
     """A client error with a status code, a message and optionally the field at fault."""
 
-    def __init__(self, code: int, message: str, field: str | None = None,
-                 **extra: Any) -> None:
+    def __init__(self, code: int, message: str, field: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -103,8 +102,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_text(field: str, value: str, *, max_len: int) -> str:
@@ -134,8 +132,9 @@ class Body:
     def __init__(self, doc: Mapping[str, Any], allowed: Collection[str]) -> None:
         for key in doc:
             if key not in allowed:
-                raise APIError(400, f"unknown field {key!r}" if len(key) <= 64
-                               else "unknown field", key[:64])
+                raise APIError(
+                    400, f"unknown field {key!r}" if len(key) <= 64 else "unknown field", key[:64]
+                )
         self._doc = doc
 
     def has(self, name: str) -> bool:
@@ -148,8 +147,15 @@ class Body:
             return None
         return self._doc[name]
 
-    def string(self, name: str, *, required: bool = True, max_len: int = 4096,
-               allow_empty: bool = False, nullable: bool = False) -> str | None:
+    def string(
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        max_len: int = 4096,
+        allow_empty: bool = False,
+        nullable: bool = False,
+    ) -> str | None:
         value = self._get(name, required)
         if value is None:
             if name in self._doc and not nullable:
@@ -161,8 +167,14 @@ class Body:
             raise APIError(400, f"{name} must not be empty", name)
         return _check_text(name, value, max_len=max_len)
 
-    def integer(self, name: str, *, required: bool = True, minimum: int | None = None,
-                maximum: int | None = None) -> int | None:
+    def integer(
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int | None:
         value = self._get(name, required)
         if value is None:
             if name in self._doc:
@@ -189,8 +201,7 @@ class Body:
             raise APIError(400, f"{name} must be at most {maximum:g}", name)
         return float(value)
 
-    def string_list(self, name: str, *, max_items: int = 4096,
-                    max_len: int = 131072) -> list[str]:
+    def string_list(self, name: str, *, max_items: int = 4096, max_len: int = 131072) -> list[str]:
         value = self._get(name, False)
         if value is None:
             if name in self._doc:

@@ -18,7 +18,8 @@ from typing import Any
 __all__ = ["build_document", "openapi_path", "static_paths"]
 
 _CONVERTER_RE = re.compile(
-    r"<(?:(?P<conv>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>")
+    r"<(?:(?P<conv>[a-zA-Z_]+)(?:\([^)]*\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>"
+)
 
 
 def openapi_path(rule: str) -> str:
@@ -57,18 +58,29 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _resp(text[c], _ERR) for c in codes}
 
 
-def _param(name: str, where: str, schema: dict[str, Any], description: str,
-           required: bool = False) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": required or where == "path",
-            "schema": schema, "description": description}
+def _param(
+    name: str, where: str, schema: dict[str, Any], description: str, required: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required or where == "path",
+        "schema": schema,
+        "description": description,
+    }
 
 
 _AGENT_ID = _param("agent_id", "path", {"type": "integer", "minimum": 1}, "Agent id.")
 _COMMAND_ID = _param("command_id", "path", {"type": "integer", "minimum": 1}, "Command id.")
-_LIMIT = _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000,
-                                   "default": 50}, "Page size.")
-_OFFSET = _param("offset", "query", {"type": "integer", "minimum": 0, "default": 0},
-                 "Rows to skip.")
+_LIMIT = _param(
+    "limit",
+    "query",
+    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+    "Page size.",
+)
+_OFFSET = _param(
+    "offset", "query", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip."
+)
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 _NULLABLE_STRING = {"type": "string", "nullable": True}
 _NULLABLE_INT = {"type": "integer", "nullable": True}
@@ -99,8 +111,11 @@ _SCHEMAS: dict[str, Any] = {
             "rpc_last_success": _NULLABLE_NUMBER,
             "last_heartbeat": _NULLABLE_NUMBER,
             "version": _NULLABLE_STRING,
-            "details": {"type": "object", "nullable": True,
-                        "description": "The agent's last get_status result."},
+            "details": {
+                "type": "object",
+                "nullable": True,
+                "description": "The agent's last get_status result.",
+            },
             "failed_cycles": {"type": "integer"},
             "total_failures": {"type": "integer"},
             "last_error_kind": _NULLABLE_STRING,
@@ -121,7 +136,7 @@ _SCHEMAS: dict[str, Any] = {
             "cert_fingerprint": {
                 "type": "string",
                 "description": "SHA-256 of the certificate's DER bytes in hex; colons and "
-                               "case are ignored.",
+                "case are ignored.",
             },
         },
     },
@@ -132,10 +147,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "command": {"type": "string", "minLength": 1},
             "args": {"type": "array", "items": {"type": "string"}, "default": []},
-            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
-                        "nullable": True},
-            "env": {"type": "object", "additionalProperties": {"type": "string"},
-                    "nullable": True},
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "nullable": True},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True},
             "cwd": _NULLABLE_STRING,
         },
     },
@@ -144,11 +157,12 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["playbook"],
         "properties": {
-            "playbook": {"type": "string",
-                         "description": "Relative to the agent's deployment-tool playbooks/."},
+            "playbook": {
+                "type": "string",
+                "description": "Relative to the agent's deployment-tool playbooks/.",
+            },
             "extra_vars": {"type": "object", "default": {}},
-            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
-                        "nullable": True},
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "nullable": True},
         },
     },
     "BulkCommand": {
@@ -156,28 +170,38 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["agents", "command"],
         "properties": {
-            "agents": {"oneOf": [{"type": "array", "items": {"type": "integer"}},
-                                 {"type": "string", "enum": ["all"]}]},
+            "agents": {
+                "oneOf": [
+                    {"type": "array", "items": {"type": "integer"}},
+                    {"type": "string", "enum": ["all"]},
+                ]
+            },
             "command": {"type": "string", "minLength": 1},
             "args": {"type": "array", "items": {"type": "string"}, "default": []},
-            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
-                        "nullable": True},
-            "env": {"type": "object", "additionalProperties": {"type": "string"},
-                    "nullable": True},
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "nullable": True},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True},
             "cwd": _NULLABLE_STRING,
         },
     },
     "BulkCommandResult": {
         "type": "object",
         "properties": {
-            "commands": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"agent_id": {"type": "integer"}, "id": {"type": "integer"},
-                               "status": {"type": "string"},
-                               "error": {"type": "string",
-                                         "description": "Set instead of id when the "
-                                                        "command could not be created."}},
-            }},
+            "commands": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "agent_id": {"type": "integer"},
+                        "id": {"type": "integer"},
+                        "status": {"type": "string"},
+                        "error": {
+                            "type": "string",
+                            "description": "Set instead of id when the "
+                            "command could not be created.",
+                        },
+                    },
+                },
+            },
         },
     },
     "Command": {
@@ -190,16 +214,18 @@ _SCHEMAS: dict[str, Any] = {
             "command": {"type": "string"},
             "args": {"type": "array", "items": {}},
             "timeout": _NULLABLE_NUMBER,
-            "extra": {"type": "object", "nullable": True,
-                      "description": "cwd, env names (never values), playbook/extra_vars."},
+            "extra": {
+                "type": "object",
+                "nullable": True,
+                "description": "cwd, env names (never values), playbook/extra_vars.",
+            },
             "status": {"type": "string", "enum": ["pending", "running", "success", "failed"]},
             "final": {"type": "boolean"},
             "exit_code": _NULLABLE_INT,
             "reason": _NULLABLE_STRING,
             "result": {"type": "object", "nullable": True},
             "attempts": {"type": "integer"},
-            "output_offset": {"type": "integer",
-                              "description": "Bytes of output stored so far."},
+            "output_offset": {"type": "integer", "description": "Bytes of output stored so far."},
             "created_at": {"type": "number"},
             "started_at": _NULLABLE_NUMBER,
             "finished_at": _NULLABLE_NUMBER,
@@ -214,23 +240,31 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "CommandWithOutput": {
-        "allOf": [_ref("Command"), {
-            "type": "object",
-            "properties": {
-                "offset": {"type": "integer"},
-                "output": {"type": "array", "items": _ref("OutputChunk")},
-                "next_offset": {"type": "integer"},
-                "complete": {"type": "boolean",
-                             "description": "Final, and every stored byte was returned."},
+        "allOf": [
+            _ref("Command"),
+            {
+                "type": "object",
+                "properties": {
+                    "offset": {"type": "integer"},
+                    "output": {"type": "array", "items": _ref("OutputChunk")},
+                    "next_offset": {"type": "integer"},
+                    "complete": {
+                        "type": "boolean",
+                        "description": "Final, and every stored byte was returned.",
+                    },
+                },
             },
-        }],
+        ],
     },
     "Event": {
         "type": "object",
         "properties": {
-            "id": {"type": "integer"}, "at": {"type": "number"},
-            "actor": {"type": "string"}, "action": {"type": "string"},
-            "target": _NULLABLE_STRING, "outcome": {"type": "string"},
+            "id": {"type": "integer"},
+            "at": {"type": "number"},
+            "actor": {"type": "string"},
+            "action": {"type": "string"},
+            "target": _NULLABLE_STRING,
+            "outcome": {"type": "string"},
             "details": {"type": "object", "nullable": True},
         },
     },
@@ -241,161 +275,264 @@ def static_paths() -> dict[str, dict[str, Any]]:
     """Every route this app serves itself, keyed by OpenAPI path then method."""
     return {
         "/api/health": {
-            "get": {"summary": "Liveness; the only route without the admin token.",
-                    "security": [],
-                    "responses": {"200": _resp("OK", {"type": "object", "properties": {
-                        "status": {"type": "string"}}})}},
+            "get": {
+                "summary": "Liveness; the only route without the admin token.",
+                "security": [],
+                "responses": {
+                    "200": _resp(
+                        "OK", {"type": "object", "properties": {"status": {"type": "string"}}}
+                    )
+                },
+            },
         },
         "/api/agents": {
-            "get": {"summary": "List agents.",
-                    "parameters": [_LIMIT, _OFFSET, _param(
-                        "status", "query",
-                        {"type": "string",
-                         "enum": ["online", "offline", "installing", "error"]},
-                        "Only agents with this status.")],
-                    "responses": {"200": _resp("A page of agents", {
-                        "type": "object", "properties": {
-                            "agents": {"type": "array", "items": _ref("Agent")},
-                            "limit": {"type": "integer"}, "offset": {"type": "integer"},
-                            "total": {"type": "integer"}}}),
-                        **_errors(400, 401)}},
-            "post": {"summary": "Adopt an agent installed without SSH. It is checked with "
-                                "one pinned get_status call before it is saved.",
-                     "requestBody": {"required": True, "content": _json_content(
-                         _ref("AdoptAgent"))},
-                     "responses": {"201": _resp("Adopted", _ref("Agent")),
-                                   **_errors(400, 401, 409, 413, 422)}},
+            "get": {
+                "summary": "List agents.",
+                "parameters": [
+                    _LIMIT,
+                    _OFFSET,
+                    _param(
+                        "status",
+                        "query",
+                        {"type": "string", "enum": ["online", "offline", "installing", "error"]},
+                        "Only agents with this status.",
+                    ),
+                ],
+                "responses": {
+                    "200": _resp(
+                        "A page of agents",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "agents": {"type": "array", "items": _ref("Agent")},
+                                "limit": {"type": "integer"},
+                                "offset": {"type": "integer"},
+                                "total": {"type": "integer"},
+                            },
+                        },
+                    ),
+                    **_errors(400, 401),
+                },
+            },
+            "post": {
+                "summary": "Adopt an agent installed without SSH. It is checked with "
+                "one pinned get_status call before it is saved.",
+                "requestBody": {"required": True, "content": _json_content(_ref("AdoptAgent"))},
+                "responses": {
+                    "201": _resp("Adopted", _ref("Agent")),
+                    **_errors(400, 401, 409, 413, 422),
+                },
+            },
         },
         "/api/agents/{agent_id}": {
-            "get": {"summary": "One agent.", "parameters": [_AGENT_ID],
-                    "responses": {"200": _resp("The agent", _ref("Agent")),
-                                  **_errors(401, 404)}},
-            "delete": {"summary": "Forget an agent (and its commands).",
-                       "parameters": [_AGENT_ID],
-                       "responses": {"200": _resp("Deleted", {"type": "object"}),
-                                     **_errors(401, 404)}},
+            "get": {
+                "summary": "One agent.",
+                "parameters": [_AGENT_ID],
+                "responses": {"200": _resp("The agent", _ref("Agent")), **_errors(401, 404)},
+            },
+            "delete": {
+                "summary": "Forget an agent (and its commands).",
+                "parameters": [_AGENT_ID],
+                "responses": {"200": _resp("Deleted", {"type": "object"}), **_errors(401, 404)},
+            },
         },
         "/api/agents/{agent_id}/commands": {
-            "get": {"summary": "The agent's commands, newest first.",
-                    "parameters": [_AGENT_ID, _LIMIT, _OFFSET],
-                    "responses": {"200": _resp("A page of commands", {
-                        "type": "object", "properties": {
-                            "commands": {"type": "array", "items": _ref("Command")},
-                            "limit": {"type": "integer"}, "offset": {"type": "integer"},
-                            "next_offset": _NULLABLE_INT}}),
-                        **_errors(400, 401, 404)}},
-            "post": {"summary": "Run a command on the agent.", "parameters": [_AGENT_ID],
-                     "requestBody": {"required": True,
-                                     "content": _json_content(_ref("NewCommand"))},
-                     "responses": {"201": _resp("Created", _ref("Command")),
-                                   **_errors(400, 401, 404, 413)}},
+            "get": {
+                "summary": "The agent's commands, newest first.",
+                "parameters": [_AGENT_ID, _LIMIT, _OFFSET],
+                "responses": {
+                    "200": _resp(
+                        "A page of commands",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "commands": {"type": "array", "items": _ref("Command")},
+                                "limit": {"type": "integer"},
+                                "offset": {"type": "integer"},
+                                "next_offset": _NULLABLE_INT,
+                            },
+                        },
+                    ),
+                    **_errors(400, 401, 404),
+                },
+            },
+            "post": {
+                "summary": "Run a command on the agent.",
+                "parameters": [_AGENT_ID],
+                "requestBody": {"required": True, "content": _json_content(_ref("NewCommand"))},
+                "responses": {
+                    "201": _resp("Created", _ref("Command")),
+                    **_errors(400, 401, 404, 413),
+                },
+            },
         },
         "/api/agents/{agent_id}/ansible": {
-            "post": {"summary": "Run a playbook from the agent's deployment tool.",
-                     "parameters": [_AGENT_ID],
-                     "requestBody": {"required": True,
-                                     "content": _json_content(_ref("NewAnsibleRun"))},
-                     "responses": {"201": _resp("Created", _ref("Command")),
-                                   **_errors(400, 401, 404, 413)}},
+            "post": {
+                "summary": "Run a playbook from the agent's deployment tool.",
+                "parameters": [_AGENT_ID],
+                "requestBody": {"required": True, "content": _json_content(_ref("NewAnsibleRun"))},
+                "responses": {
+                    "201": _resp("Created", _ref("Command")),
+                    **_errors(400, 401, 404, 413),
+                },
+            },
         },
         "/api/commands": {
-            "post": {"summary": "Run one command on many agents (or \"all\").",
-                     "requestBody": {"required": True,
-                                     "content": _json_content(_ref("BulkCommand"))},
-                     "responses": {"201": _resp("Created", _ref("BulkCommandResult")),
-                                   **_errors(400, 401, 404, 413)}},
+            "post": {
+                "summary": 'Run one command on many agents (or "all").',
+                "requestBody": {"required": True, "content": _json_content(_ref("BulkCommand"))},
+                "responses": {
+                    "201": _resp("Created", _ref("BulkCommandResult")),
+                    **_errors(400, 401, 404, 413),
+                },
+            },
         },
         "/api/commands/{command_id}": {
-            "get": {"summary": "A command's state and its output from `offset`.",
-                    "parameters": [
-                        _COMMAND_ID,
-                        _param("offset", "query", {"type": "integer", "minimum": 0,
-                                                   "default": 0},
-                               "Byte offset in the combined output stream."),
-                        _param("wait", "query", {"type": "number", "minimum": 0,
-                                                 "maximum": 30, "default": 0},
-                               "Long-poll: wait up to this many seconds for output."),
-                        _param("max_bytes", "query", {"type": "integer", "minimum": 1,
-                                                      "maximum": 1048576},
-                               "Cap on output bytes returned."),
-                    ],
-                    "responses": {"200": _resp("The command", _ref("CommandWithOutput")),
-                                  **_errors(400, 401, 404)}},
+            "get": {
+                "summary": "A command's state and its output from `offset`.",
+                "parameters": [
+                    _COMMAND_ID,
+                    _param(
+                        "offset",
+                        "query",
+                        {"type": "integer", "minimum": 0, "default": 0},
+                        "Byte offset in the combined output stream.",
+                    ),
+                    _param(
+                        "wait",
+                        "query",
+                        {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
+                        "Long-poll: wait up to this many seconds for output.",
+                    ),
+                    _param(
+                        "max_bytes",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 1048576},
+                        "Cap on output bytes returned.",
+                    ),
+                ],
+                "responses": {
+                    "200": _resp("The command", _ref("CommandWithOutput")),
+                    **_errors(400, 401, 404),
+                },
+            },
         },
         "/api/commands/{command_id}/cancel": {
-            "post": {"summary": "Cancel a running command (SIGTERM, then SIGKILL).",
-                     "parameters": [_COMMAND_ID],
-                     "responses": {"200": _resp("Cancel requested", _ref("Command")),
-                                   **_errors(401, 404, 409)}},
+            "post": {
+                "summary": "Cancel a running command (SIGTERM, then SIGKILL).",
+                "parameters": [_COMMAND_ID],
+                "responses": {
+                    "200": _resp("Cancel requested", _ref("Command")),
+                    **_errors(401, 404, 409),
+                },
+            },
         },
         "/api/commands/{command_id}/stream": {
-            "get": {"summary": "Server-sent events: `output` events "
-                               "({offset, stream, data: base64}), then one `final` event. "
-                               "Each event id is the next offset; resume with "
-                               "Last-Event-ID or ?offset=.",
-                    "parameters": [
-                        _COMMAND_ID,
-                        _param("offset", "query", {"type": "integer", "minimum": 0},
-                               "Start offset."),
-                        _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0},
-                               "Resume after this event (overrides offset)."),
-                    ],
-                    "responses": {"200": {"description": "Event stream",
-                                          "content": {"text/event-stream": {
-                                              "schema": {"type": "string"}}}},
-                                  **_errors(400, 401, 404)}},
+            "get": {
+                "summary": "Server-sent events: `output` events "
+                "({offset, stream, data: base64}), then one `final` event. "
+                "Each event id is the next offset; resume with "
+                "Last-Event-ID or ?offset=.",
+                "parameters": [
+                    _COMMAND_ID,
+                    _param("offset", "query", {"type": "integer", "minimum": 0}, "Start offset."),
+                    _param(
+                        "Last-Event-ID",
+                        "header",
+                        {"type": "integer", "minimum": 0},
+                        "Resume after this event (overrides offset).",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400, 401, 404),
+                },
+            },
         },
         "/api/events": {
-            "get": {"summary": "Audit trail, newest first.",
-                    "parameters": [_LIMIT, _param(
-                        "before_id", "query", {"type": "integer", "minimum": 1},
-                        "Only events older than this id (next page).")],
-                    "responses": {"200": _resp("A page of events", {
-                        "type": "object", "properties": {
-                            "events": {"type": "array", "items": _ref("Event")},
-                            "limit": {"type": "integer"},
-                            "next_before_id": _NULLABLE_INT}}),
-                        **_errors(400, 401)}},
+            "get": {
+                "summary": "Audit trail, newest first.",
+                "parameters": [
+                    _LIMIT,
+                    _param(
+                        "before_id",
+                        "query",
+                        {"type": "integer", "minimum": 1},
+                        "Only events older than this id (next page).",
+                    ),
+                ],
+                "responses": {
+                    "200": _resp(
+                        "A page of events",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "events": {"type": "array", "items": _ref("Event")},
+                                "limit": {"type": "integer"},
+                                "next_before_id": _NULLABLE_INT,
+                            },
+                        },
+                    ),
+                    **_errors(400, 401),
+                },
+            },
         },
         "/api/openapi.json": {
-            "get": {"summary": "This document.",
-                    "responses": {"200": _resp("OpenAPI 3.0 document", {"type": "object"}),
-                                  **_errors(401)}},
+            "get": {
+                "summary": "This document.",
+                "responses": {
+                    "200": _resp("OpenAPI 3.0 document", {"type": "object"}),
+                    **_errors(401),
+                },
+            },
         },
         "/metrics": {
-            "get": {"summary": "Prometheus metrics (text format 0.0.4).",
-                    "responses": {"200": {"description": "Metrics",
-                                          "content": {"text/plain": {
-                                              "schema": {"type": "string"}}}},
-                                  **_errors(401)}},
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4).",
+                "responses": {
+                    "200": {
+                        "description": "Metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401),
+                },
+            },
         },
     }
 
 
-def mounted_paths(prefix: str, routes: Iterable[tuple[str, Iterable[str]]]
-                  ) -> dict[str, dict[str, Any]]:
+def mounted_paths(
+    prefix: str, routes: Iterable[tuple[str, Iterable[str]]]
+) -> dict[str, dict[str, Any]]:
     """Generic entries for routes of a mounted app: (rule relative to prefix, methods)."""
     out: dict[str, dict[str, Any]] = {}
     for rule, methods in routes:
         rel = openapi_path(rule)
         path = prefix.rstrip("/") + ("" if rel == "/" else rel)
-        params = [_param(name, "path", {"type": "string"}, f"{name} (path)")
-                  for name in re.findall(r"{([^}]+)}", rel)]
+        params = [
+            _param(name, "path", {"type": "string"}, f"{name} (path)")
+            for name in re.findall(r"{([^}]+)}", rel)
+        ]
         for method in methods:
             m = method.lower()
             if m in ("head", "options"):
                 continue
-            op: dict[str, Any] = {"summary": f"{method.upper()} {path} (servers API)",
-                                  "responses": {"200": _resp("OK", {"type": "object"}),
-                                                **_errors(400, 401, 404)}}
+            op: dict[str, Any] = {
+                "summary": f"{method.upper()} {path} (servers API)",
+                "responses": {"200": _resp("OK", {"type": "object"}), **_errors(400, 401, 404)},
+            }
             if params:
                 op["parameters"] = params
             out.setdefault(path, {})[m] = op
     return out
 
 
-def build_document(version: str, extra_paths: dict[str, dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
+def build_document(
+    version: str, extra_paths: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     paths = static_paths()
     for path, ops in (extra_paths or {}).items():
         paths.setdefault(path, {}).update(ops)
@@ -405,7 +542,7 @@ def build_document(version: str, extra_paths: dict[str, dict[str, Any]] | None =
             "title": "MyX admin API",
             "version": version,
             "description": "JSON API of the MyX daemon. Every route except GET /api/health "
-                           "needs `Authorization: Bearer <admin token>`.",
+            "needs `Authorization: Bearer <admin token>`.",
         },
         "paths": paths,
         "components": {

@@ -17,15 +17,43 @@ __all__ = ["agent_json", "chunk_json", "command_json", "event_json", "FINAL_STAT
 FINAL_STATUSES = frozenset({"success", "failed"})
 
 _AGENT_FIELDS = (
-    "id", "server_id", "host", "rpc_port", "rpc_path", "cert_fingerprint", "status",
-    "status_reason", "rpc_supported", "rpc_last_check", "rpc_last_success",
-    "last_heartbeat", "version", "details", "failed_cycles", "total_failures",
-    "last_error_kind", "last_latency", "created_at", "updated_at",
+    "id",
+    "server_id",
+    "host",
+    "rpc_port",
+    "rpc_path",
+    "cert_fingerprint",
+    "status",
+    "status_reason",
+    "rpc_supported",
+    "rpc_last_check",
+    "rpc_last_success",
+    "last_heartbeat",
+    "version",
+    "details",
+    "failed_cycles",
+    "total_failures",
+    "last_error_kind",
+    "last_latency",
+    "created_at",
+    "updated_at",
 )
 
 _COMMAND_FIELDS = (
-    "id", "agent_id", "command_uid", "kind", "command", "args", "timeout", "status",
-    "exit_code", "reason", "attempts", "output_offset", "created_at", "started_at",
+    "id",
+    "agent_id",
+    "command_uid",
+    "kind",
+    "command",
+    "args",
+    "timeout",
+    "status",
+    "exit_code",
+    "reason",
+    "attempts",
+    "output_offset",
+    "created_at",
+    "started_at",
     "finished_at",
 )
 
@@ -52,8 +80,11 @@ def _extra_json(extra: dict[str, Any] | None) -> dict[str, Any] | None:
 def command_json(rec: CommandRecord) -> dict[str, Any]:
     out = {name: getattr(rec, name) for name in _COMMAND_FIELDS}
     out["extra"] = _extra_json(rec.extra)
-    out["result"] = (None if rec.result is None
-                     else {k: v for k, v in rec.result.items() if k not in _RESULT_DROP})
+    out["result"] = (
+        None
+        if rec.result is None
+        else {k: v for k, v in rec.result.items() if k not in _RESULT_DROP}
+    )
     out["final"] = rec.status in FINAL_STATUSES
     return out
 

@@ -39,8 +39,15 @@ __all__ = ["ServersAPI", "server_json"]
 _JSON = b"application/json"
 _MAX_ID = 2**63 - 1
 _CREATE_FIELDS = (
-    "name", "host", "ssh_port", "username", "auth", "sudo", "host_key_fingerprint", "start",
-)  # fmt: skip
+    "name",
+    "host",
+    "ssh_port",
+    "username",
+    "auth",
+    "sudo",
+    "host_key_fingerprint",
+    "start",
+)
 _MAX_SECRET = 16 * 1024
 
 
@@ -55,9 +62,12 @@ def server_json(server: Any, agent: Any = None, *, install_running: bool = False
         "ssh_port": server.ssh_port,
         "username": server.username,
         "auth_method": (
-            "private_key" if auth.get("private_key") else "password" if auth.get("password")
+            "private_key"
+            if auth.get("private_key")
+            else "password"
+            if auth.get("password")
             else None
-        ),  # fmt: skip
+        ),
         "sudo": {"mode": sudo.get("mode", "none"), "password_set": bool(sudo.get("password"))},
         "host_key_fingerprint": server.host_key_fingerprint,
         "host_key": server.host_key,
@@ -92,8 +102,9 @@ def _secret(value: Any, field: str, *, required: bool) -> str | None:
 
 def _parse_auth(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise APIError(400, "auth must be an object: {password} or {private_key, passphrase?}",
-                       "auth")  # fmt: skip
+        raise APIError(
+            400, "auth must be an object: {password} or {private_key, passphrase?}", "auth"
+        )
     unknown = set(value) - {"password", "private_key", "passphrase"}
     if unknown:
         name = sorted(unknown)[0][:64]
@@ -178,9 +189,12 @@ class ServersAPI:
 
     @_app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("servers API {method} {path} failed", failure,
-                         method=request.method.decode("latin-1"),
-                         path=request.path.decode("latin-1", "replace"))  # fmt: skip
+        self.log.failure(
+            "servers API {method} {path} failed",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1", "replace"),
+        )
         return _json(request, {"error": "internal error"}, 500)
 
     # -- helpers -------------------------------------------------------------
@@ -201,9 +215,12 @@ class ServersAPI:
             return
         try:
             await deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), load_private_key,
-                auth["private_key"], auth.get("passphrase"),
-            )  # fmt: skip
+                self._reactor,
+                self._reactor.getThreadPool(),
+                load_private_key,
+                auth["private_key"],
+                auth.get("passphrase"),
+            )
         except KeyLoadError as e:
             field = "auth.passphrase" if "passphrase" in str(e) else "auth.private_key"
             raise APIError(400, str(e), field) from None
@@ -240,9 +257,14 @@ class ServersAPI:
             raise APIError(400, "start must be a boolean", "start")
         await self._check_key(auth)
         server_id, _agent_id = await self._installer.create_server(
-            name=name, host=host, ssh_port=ssh_port, username=username, auth=auth, sudo=sudo,
+            name=name,
+            host=host,
+            ssh_port=ssh_port,
+            username=username,
+            auth=auth,
+            sudo=sudo,
             host_key_fingerprint=pin,
-        )  # fmt: skip
+        )
         install_id = None
         if start is not False:
             install_id = await self._installer.start(server_id, "install", actor="api")
@@ -265,8 +287,10 @@ class ServersAPI:
         latest = await self._store.get_latest_install(server_id)
         if latest is None:
             raise APIError(404, "this server has no install yet")
-        return _json(request, {"server_id": server_id, **latest,
-                               "running": self._installer.is_running(server_id)})  # fmt: skip
+        return _json(
+            request,
+            {"server_id": server_id, **latest, "running": self._installer.is_running(server_id)},
+        )
 
     async def _start(self, request: IRequest, server_id: int, kind: str) -> bytes:
         await self._server_or_404(server_id)
@@ -285,8 +309,7 @@ class ServersAPI:
                 raise InstallInProgress(f"an install of server {server_id} is running")
             await self._installer.forget_host_key(server_id)
         install_id = await self._installer.start(server_id, kind, actor="api")
-        return _json(request, {"server_id": server_id, "install_id": install_id, "kind": kind},
-                     202)  # fmt: skip
+        return _json(request, {"server_id": server_id, "install_id": install_id, "kind": kind}, 202)
 
     @_app.route("/<int:server_id>/reinstall", methods=["POST"], strict_slashes=False)
     async def reinstall(self, request: IRequest, server_id: int) -> bytes:

@@ -19,8 +19,7 @@ __all__ = ["OutputWatch", "Subscribable"]
 
 
 class Subscribable(Protocol):
-    def subscribe(self, command_id: int, callback: Callable[..., Any]) -> Callable[[], None]:
-        ...
+    def subscribe(self, command_id: int, callback: Callable[..., Any]) -> Callable[[], None]: ...
 
 
 class OutputWatch:

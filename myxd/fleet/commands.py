@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LOG_CHUNK_BYTES", "CommandQueue", "CommandUpdate"]
 
-LOG_CHUNK_BYTES = 256 * 1024     # max_bytes per get_command_log (agent cap: 1 MiB)
-MAX_AGENT_WAIT = 30.0            # the agent's upper bound for `wait`
+LOG_CHUNK_BYTES = 256 * 1024  # max_bytes per get_command_log (agent cap: 1 MiB)
+MAX_AGENT_WAIT = 30.0  # the agent's upper bound for `wait`
 UNKNOWN_COMMAND = -32004
 FINAL_STATUSES = ("success", "failed")
 
@@ -91,14 +91,19 @@ def _parse_log(res: Any, offset: int) -> _LogSlice:
         raise ProtocolError("get_command_log: new_offset is not an integer")
     if new_offset != offset + len(data):
         raise ProtocolError(
-            f"get_command_log: new_offset {new_offset} != offset {offset} + {len(data)} bytes")
+            f"get_command_log: new_offset {new_offset} != offset {offset} + {len(data)} bytes"
+        )
     stream = res.get("log_type")
     if data and stream not in ("stdout", "stderr"):
         raise ProtocolError("get_command_log: log_type is not stdout or stderr")
     result = res.get("result")
-    return _LogSlice(data=data, stream=stream if data else None, new_offset=new_offset,
-                     is_final=res.get("is_final") is True,
-                     result=result if isinstance(result, dict) else None)
+    return _LogSlice(
+        data=data,
+        stream=stream if data else None,
+        new_offset=new_offset,
+        is_final=res.get("is_final") is True,
+        result=result if isinstance(result, dict) else None,
+    )
 
 
 def _failure_reason(result: Mapping[str, Any]) -> str:
@@ -133,8 +138,15 @@ class CommandQueue(Service):
 
     log = Logger()
 
-    def __init__(self, store: Store, rpc: AgentRPC, settings: Settings,
-                 reactor: IReactorTime | None = None, *, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rpc: AgentRPC,
+        settings: Settings,
+        reactor: IReactorTime | None = None,
+        *,
+        metrics: Any = None,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -191,9 +203,17 @@ class CommandQueue(Service):
 
     # -- public API -------------------------------------------------------------
 
-    async def add_command(self, agent_id: int, command: str, args: Sequence[str],
-                          timeout: float | None, *, env: Mapping[str, str] | None = None,
-                          cwd: str | None = None, actor: str = "api") -> CommandRecord:
+    async def add_command(
+        self,
+        agent_id: int,
+        command: str,
+        args: Sequence[str],
+        timeout: float | None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        actor: str = "api",
+    ) -> CommandRecord:
         """Record a command `running` and start it on the agent (execute + log polling).
 
         Raises ValueError (naming the field) for bad input, NotFoundError for an
@@ -205,8 +225,10 @@ class CommandQueue(Service):
         if isinstance(args, (str, bytes)) or not all(isinstance(a, str) for a in args):
             raise ValueError("args must be a list of strings")
         timeout = _check_timeout(timeout)
-        if env is not None and not (isinstance(env, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        if env is not None and not (
+            isinstance(env, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
             raise ValueError("env must be an object of string values")
         if cwd is not None and not isinstance(cwd, str):
             raise ValueError("cwd must be a string")
@@ -215,13 +237,26 @@ class CommandQueue(Service):
             extra["env"] = dict(env)
         if cwd is not None:
             extra["cwd"] = cwd
-        return await self._create(agent_id, "command", command, list(args), timeout,
-                                  extra or None, actor,
-                                  {"command": command, "args": list(args),
-                                   "env_keys": sorted(env or {}), "cwd": cwd})
+        return await self._create(
+            agent_id,
+            "command",
+            command,
+            list(args),
+            timeout,
+            extra or None,
+            actor,
+            {"command": command, "args": list(args), "env_keys": sorted(env or {}), "cwd": cwd},
+        )
 
-    async def add_ansible(self, agent_id: int, playbook: str, extra_vars: Mapping[str, Any],
-                          timeout: float | None, *, actor: str = "api") -> CommandRecord:
+    async def add_ansible(
+        self,
+        agent_id: int,
+        playbook: str,
+        extra_vars: Mapping[str, Any],
+        timeout: float | None,
+        *,
+        actor: str = "api",
+    ) -> CommandRecord:
         """Like `add_command`, for `execute_ansible(playbook, extra_vars, timeout)`."""
         if not isinstance(playbook, str) or not playbook:
             raise ValueError("playbook must be a non-empty string")
@@ -230,10 +265,16 @@ class CommandQueue(Service):
         if not isinstance(extra_vars, Mapping):
             raise ValueError("extra_vars must be an object")
         timeout = _check_timeout(timeout)
-        return await self._create(agent_id, "ansible", playbook, [], timeout,
-                                  {"extra_vars": dict(extra_vars)}, actor,
-                                  {"playbook": playbook,
-                                   "extra_var_keys": sorted(extra_vars)})
+        return await self._create(
+            agent_id,
+            "ansible",
+            playbook,
+            [],
+            timeout,
+            {"extra_vars": dict(extra_vars)},
+            actor,
+            {"playbook": playbook, "extra_var_keys": sorted(extra_vars)},
+        )
 
     async def cancel(self, command_id: int, *, actor: str = "api") -> CommandRecord:
         """Ask the agent to cancel; the poller then stores the final (cancelled) result.
@@ -251,8 +292,9 @@ class CommandQueue(Service):
             await self._fail(rec, "agent was deleted")
             return await self._current(rec)
         try:
-            reply = await self._rpc.call(AgentEndpoint.from_record(agent), "cancel_command",
-                                         {"command_id": rec.command_uid})
+            reply = await self._rpc.call(
+                AgentEndpoint.from_record(agent), "cancel_command", {"command_id": rec.command_uid}
+            )
         except RemoteError as e:
             if e.code != UNKNOWN_COMMAND or rec.attempts:
                 await self._event(actor, "command.cancel", rec, "failed", {"reason": e.reason})
@@ -267,13 +309,17 @@ class CommandQueue(Service):
         except AgentRPCError as e:
             await self._event(actor, "command.cancel", rec, "failed", {"reason": e.reason})
             raise
-        outcome = "requested" if isinstance(reply, dict) and reply.get("cancelled") else (
-            "already_finished")
+        outcome = (
+            "requested"
+            if isinstance(reply, dict) and reply.get("cancelled")
+            else ("already_finished")
+        )
         await self._event(actor, "command.cancel", rec, outcome)
         return await self._current(rec)
 
-    def subscribe(self, command_id: int,
-                  callback: Callable[[CommandUpdate], Any]) -> Callable[[], None]:
+    def subscribe(
+        self, command_id: int, callback: Callable[[CommandUpdate], Any]
+    ) -> Callable[[], None]:
         """Call `callback(CommandUpdate)` after new output or the final status is
         stored. Returns a function that unsubscribes (safe to call twice)."""
         self._subscribers.setdefault(command_id, []).append(callback)
@@ -297,20 +343,33 @@ class CommandQueue(Service):
 
     # -- creation ---------------------------------------------------------------
 
-    async def _create(self, agent_id: int, kind: str, command: str, args: list[str],
-                      timeout: float | None, extra: dict[str, Any] | None, actor: str,
-                      audit: dict[str, Any]) -> CommandRecord:
+    async def _create(
+        self,
+        agent_id: int,
+        kind: str,
+        command: str,
+        args: list[str],
+        timeout: float | None,
+        extra: dict[str, Any] | None,
+        actor: str,
+        audit: dict[str, Any],
+    ) -> CommandRecord:
         if self._stopping:
             raise RuntimeError("the command queue is stopping")
         agent = await self._store.get_agent(agent_id)
         if agent is None:
             raise NotFoundError(f"agent {agent_id} not found")
-        rec = await self._store.create_command(agent_id=agent_id, kind=kind, command=command,
-                                               args=args, timeout=timeout, extra=extra,
-                                               status="running")
+        rec = await self._store.create_command(
+            agent_id=agent_id,
+            kind=kind,
+            command=command,
+            args=args,
+            timeout=timeout,
+            extra=extra,
+            status="running",
+        )
         self._hook("command_created", kind)
-        await self._event(actor, f"{kind}.create", rec, "running",
-                          {"agent_id": agent_id, **audit})
+        await self._event(actor, f"{kind}.create", rec, "running", {"agent_id": agent_id, **audit})
         self._spawn(rec, agent)
         return rec
 
@@ -334,8 +393,11 @@ class CommandQueue(Service):
     def _task_failed(self, failure: Failure, command_id: int) -> None:
         if failure.check(CancelledError, _Stop):
             return
-        self.log.failure("command {command_id}: poller failed; it resumes at the next start",
-                         failure, command_id=command_id)
+        self.log.failure(
+            "command {command_id}: poller failed; it resumes at the next start",
+            failure,
+            command_id=command_id,
+        )
 
     # -- the per-command task: execute (if not yet accepted), then poll ----------
 
@@ -361,25 +423,41 @@ class CommandQueue(Service):
         extra = rec.extra or {}
         if rec.kind == "ansible":
             return "execute_ansible", {
-                "playbook": rec.command, "extra_vars": extra.get("extra_vars") or {},
-                "timeout": rec.timeout, "command_id": rec.command_uid}
+                "playbook": rec.command,
+                "extra_vars": extra.get("extra_vars") or {},
+                "timeout": rec.timeout,
+                "command_id": rec.command_uid,
+            }
         return "execute_command", {
-            "command": rec.command, "args": list(rec.args), "timeout": rec.timeout,
-            "command_id": rec.command_uid, "env": extra.get("env"), "cwd": extra.get("cwd")}
+            "command": rec.command,
+            "args": list(rec.args),
+            "timeout": rec.timeout,
+            "command_id": rec.command_uid,
+            "env": extra.get("env"),
+            "cwd": extra.get("cwd"),
+        }
 
     async def _execute(self, rec: CommandRecord, ep: AgentEndpoint) -> None:
         method, params = self._execute_call(rec)
         try:
             reply, attempts = await self._rpc.call_with_attempts(ep, method, params, retry=True)
         except AgentRPCError as e:
-            await self._fail(rec, f"{method} failed: {e.reason}", attempts=e.attempts,
-                             unreachable=e.kind == RETRYABLE)
+            await self._fail(
+                rec,
+                f"{method} failed: {e.reason}",
+                attempts=e.attempts,
+                unreachable=e.kind == RETRYABLE,
+            )
             raise _Stop() from e
-        self.log.info("command {command_id} started on agent {agent_id} ({method}, "
-                      "{attempts} attempt(s){dup})", command_id=rec.id, agent_id=rec.agent_id,
-                      method=method, attempts=attempts,
-                      dup=", duplicate" if isinstance(reply, dict) and reply.get("duplicate")
-                      else "")
+        self.log.info(
+            "command {command_id} started on agent {agent_id} ({method}, "
+            "{attempts} attempt(s){dup})",
+            command_id=rec.id,
+            agent_id=rec.agent_id,
+            method=method,
+            attempts=attempts,
+            dup=", duplicate" if isinstance(reply, dict) and reply.get("duplicate") else "",
+        )
         await self._store.update_command(rec.id, status="running", attempts=attempts)
 
     async def _poll(self, rec: CommandRecord, ep: AgentEndpoint) -> None:
@@ -397,16 +475,26 @@ class CommandQueue(Service):
             self.max_polls_in_flight = max(self.max_polls_in_flight, self.polls_in_flight)
             try:
                 reply = await self._rpc.call(
-                    ep, "get_command_log",
-                    {"command_id": rec.command_uid, "offset": offset, "wait": wait,
-                     "max_bytes": LOG_CHUNK_BYTES},
-                    retry=True, timeout=call_timeout)
+                    ep,
+                    "get_command_log",
+                    {
+                        "command_id": rec.command_uid,
+                        "offset": offset,
+                        "wait": wait,
+                        "max_bytes": LOG_CHUNK_BYTES,
+                    },
+                    retry=True,
+                    timeout=call_timeout,
+                )
             except RemoteError as e:
                 await self._fail(rec, f"get_command_log failed: {e.reason}")
                 return
             except AgentRPCError as e:
-                await self._fail(rec, f"agent unreachable while reading the log: {e.reason}",
-                                 unreachable=e.kind == RETRYABLE)
+                await self._fail(
+                    rec,
+                    f"agent unreachable while reading the log: {e.reason}",
+                    unreachable=e.kind == RETRYABLE,
+                )
                 return
             finally:
                 self.polls_in_flight -= 1
@@ -419,8 +507,9 @@ class CommandQueue(Service):
             try:
                 if piece.data:
                     assert piece.stream is not None
-                    offset = await self._store.append_output(rec.id, offset, piece.stream,
-                                                             piece.data)
+                    offset = await self._store.append_output(
+                        rec.id, offset, piece.stream, piece.data
+                    )
                     self._notify(CommandUpdate(rec.id, offset, "running", False))
                 if piece.is_final and offset == piece.new_offset:
                     await self._finish(rec, piece.result or {})
@@ -429,14 +518,18 @@ class CommandQueue(Service):
                 raise
             except NotFoundError:
                 # The command (or its agent) was deleted meanwhile: nothing to keep.
-                self.log.info("command {command_id} was deleted; its poller stops",
-                              command_id=rec.id)
+                self.log.info(
+                    "command {command_id} was deleted; its poller stops", command_id=rec.id
+                )
                 return
             except Exception:
                 # The store hiccuped: nothing was lost, the agent keeps the log, so
                 # the same range is simply read again after a pause.
-                self.log.failure("command {command_id}: could not store output at offset "
-                                 "{offset}; retrying", command_id=rec.id, offset=offset)
+                self.log.failure(
+                    "command {command_id}: could not store output at offset {offset}; retrying",
+                    command_id=rec.id,
+                    offset=offset,
+                )
                 await deferLater(clock, max(interval, 0.1), lambda: None)
                 offset = await self._stored_offset(rec, offset)
                 due = clock.seconds()
@@ -470,24 +563,45 @@ class CommandQueue(Service):
         # only duplicate up to 128 KiB of it in every record.
         slim = {k: v for k, v in result.items() if k not in ("stdout", "stderr")}
         finished = result.get("finished_at")
-        finished_at = float(finished) if isinstance(finished, (int, float)) and not \
-            isinstance(finished, bool) else self._reactor.seconds()
-        await self._store.update_command(rec.id, status=status, exit_code=exit_code,
-                                         reason=reason, result=slim, finished_at=finished_at)
-        self.log.info("command {command_id} finished: {status} (exit code {exit_code})",
-                      command_id=rec.id, status=status, exit_code=exit_code)
-        await self._event("queue", f"{rec.kind}.finish", rec, status,
-                          {"exit_code": exit_code, "reason": reason})
+        finished_at = (
+            float(finished)
+            if isinstance(finished, (int, float)) and not isinstance(finished, bool)
+            else self._reactor.seconds()
+        )
+        await self._store.update_command(
+            rec.id,
+            status=status,
+            exit_code=exit_code,
+            reason=reason,
+            result=slim,
+            finished_at=finished_at,
+        )
+        self.log.info(
+            "command {command_id} finished: {status} (exit code {exit_code})",
+            command_id=rec.id,
+            status=status,
+            exit_code=exit_code,
+        )
+        await self._event(
+            "queue", f"{rec.kind}.finish", rec, status, {"exit_code": exit_code, "reason": reason}
+        )
         current = await self._current(rec)
         self._notify(CommandUpdate(rec.id, current.output_offset, status, True))
 
-    async def _fail(self, rec: CommandRecord, reason: str, *, attempts: int | None = None,
-                    unreachable: bool = False) -> None:
+    async def _fail(
+        self,
+        rec: CommandRecord,
+        reason: str,
+        *,
+        attempts: int | None = None,
+        unreachable: bool = False,
+    ) -> None:
         now = self._reactor.seconds()
         self.log.warn("command {command_id} failed: {reason}", command_id=rec.id, reason=reason)
         try:
-            await self._store.update_command(rec.id, status="failed", reason=reason,
-                                             attempts=attempts, finished_at=now)
+            await self._store.update_command(
+                rec.id, status="failed", reason=reason, attempts=attempts, finished_at=now
+            )
         except NotFoundError:
             return
         await self._event("queue", f"{rec.kind}.finish", rec, "failed", {"reason": reason})
@@ -500,17 +614,26 @@ class CommandQueue(Service):
         # An agent that cannot be reached after retries is as dead as a failed
         # heartbeat: it is marked offline and the failure counts towards reinstall.
         try:
-            await self._store.record_heartbeat_results([HeartbeatResult(
-                agent_id=rec.agent_id, at=now, ok=False, reason=reason,
-                error_kind=RETRYABLE)])
-            await self._store.add_event(actor="queue", action="agent.unreachable",
-                                        target=f"agent:{rec.agent_id}", outcome="failed",
-                                        details={"command_id": rec.id, "reason": reason})
+            await self._store.record_heartbeat_results(
+                [
+                    HeartbeatResult(
+                        agent_id=rec.agent_id, at=now, ok=False, reason=reason, error_kind=RETRYABLE
+                    )
+                ]
+            )
+            await self._store.add_event(
+                actor="queue",
+                action="agent.unreachable",
+                target=f"agent:{rec.agent_id}",
+                outcome="failed",
+                details={"command_id": rec.id, "reason": reason},
+            )
         except CancelledError:
             raise
         except Exception:
-            self.log.failure("could not record that agent {agent_id} is unreachable",
-                             agent_id=rec.agent_id)
+            self.log.failure(
+                "could not record that agent {agent_id} is unreachable", agent_id=rec.agent_id
+            )
 
     # -- helpers -----------------------------------------------------------------
 
@@ -518,26 +641,43 @@ class CommandQueue(Service):
         current = await self._store.get_command(rec.id)
         return rec if current is None else current
 
-    async def _event(self, actor: str, action: str, rec: CommandRecord, outcome: str,
-                     details: dict[str, Any] | None = None) -> None:
+    async def _event(
+        self,
+        actor: str,
+        action: str,
+        rec: CommandRecord,
+        outcome: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         try:
             await self._store.add_event(
-                actor=actor, action=action, target=f"command:{rec.id}", outcome=outcome,
-                details={"agent_id": rec.agent_id, "command_uid": rec.command_uid,
-                         **(details or {})})
+                actor=actor,
+                action=action,
+                target=f"command:{rec.id}",
+                outcome=outcome,
+                details={
+                    "agent_id": rec.agent_id,
+                    "command_uid": rec.command_uid,
+                    **(details or {}),
+                },
+            )
         except CancelledError:
             raise
         except Exception:
-            self.log.failure("could not record event {action} for command {command_id}",
-                             action=action, command_id=rec.id)
+            self.log.failure(
+                "could not record event {action} for command {command_id}",
+                action=action,
+                command_id=rec.id,
+            )
 
     def _notify(self, update: CommandUpdate) -> None:
         for callback in list(self._subscribers.get(update.command_id, ())):
             try:
                 callback(update)
             except Exception:
-                self.log.failure("subscriber of command {command_id} failed",
-                                 command_id=update.command_id)
+                self.log.failure(
+                    "subscriber of command {command_id} failed", command_id=update.command_id
+                )
 
     def _hook(self, name: str, *args: Any) -> None:
         fn = getattr(self._metrics, name, None) if self._metrics is not None else None

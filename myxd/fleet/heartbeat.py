@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CycleStats", "HeartbeatService"]
 
-WRITE_BATCH = 500   # heartbeat results per store transaction
+WRITE_BATCH = 500  # heartbeat results per store transaction
 HEARTBEAT_CALLS: list[tuple[str, None]] = [("heartbeat", None), ("get_status", None)]
 
 
@@ -62,11 +62,18 @@ class HeartbeatService(Service):
 
     log = Logger()
 
-    def __init__(self, store: Store, rpc: AgentRPC, settings: Settings,
-                 reactor: IReactorTime | None = None, *,
-                 reinstall_hook: Callable[[AgentRecord, str], Any] | None = None,
-                 rng: random.Random | None = None, metrics: Any = None,
-                 write_batch: int = WRITE_BATCH) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rpc: AgentRPC,
+        settings: Settings,
+        reactor: IReactorTime | None = None,
+        *,
+        reinstall_hook: Callable[[AgentRecord, str], Any] | None = None,
+        rng: random.Random | None = None,
+        metrics: Any = None,
+        write_batch: int = WRITE_BATCH,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -204,16 +211,27 @@ class HeartbeatService(Service):
         requested = 0
         if not self._stopping:
             requested = await self._check_reinstall(number, failed, agents)
-        stats = CycleStats(number=number, started_at=started,
-                           duration=clock.seconds() - started, agents=len(agents),
-                           ok=counts["ok"], failed=counts["failed"],
-                           reinstall_requested=requested, store_errors=counts["store_errors"])
+        stats = CycleStats(
+            number=number,
+            started_at=started,
+            duration=clock.seconds() - started,
+            agents=len(agents),
+            ok=counts["ok"],
+            failed=counts["failed"],
+            reinstall_requested=requested,
+            store_errors=counts["store_errors"],
+        )
         self.last_cycle = stats
         self._hook("heartbeat_cycle", stats.duration, stats.agents, stats.failed)
         self.log.info(
             "heartbeat cycle {number}: {agents} agents, {ok} ok, {failed} failed in "
-            "{duration:.3f}s", number=number, agents=stats.agents, ok=stats.ok,
-            failed=stats.failed, duration=stats.duration)
+            "{duration:.3f}s",
+            number=number,
+            agents=stats.agents,
+            ok=stats.ok,
+            failed=stats.failed,
+            duration=stats.duration,
+        )
         return stats
 
     def _forget_worker(self, result: object, worker: Deferred[None]) -> object:
@@ -231,8 +249,7 @@ class HeartbeatService(Service):
         except CancelledError:
             return None
         except Exception:
-            self.log.failure("heartbeat of agent {agent_id} failed unexpectedly",
-                             agent_id=agent.id)
+            self.log.failure("heartbeat of agent {agent_id} failed unexpectedly", agent_id=agent.id)
             return None
         finally:
             self.in_flight -= 1
@@ -244,35 +261,59 @@ class HeartbeatService(Service):
         try:
             ep = AgentEndpoint.from_record(agent)
         except ValueError as e:
-            return HeartbeatResult(agent_id=agent.id, at=clock.seconds(), ok=False,
-                                   reason=f"bad agent record: {e}", error_kind=FINAL)
+            return HeartbeatResult(
+                agent_id=agent.id,
+                at=clock.seconds(),
+                ok=False,
+                reason=f"bad agent record: {e}",
+                error_kind=FINAL,
+            )
         try:
             hb, status = await self._rpc.batch(ep, HEARTBEAT_CALLS, retry=True)
         except AgentRPCError as e:
-            self.log.info("agent {agent_id} heartbeat failed ({kind}) after {attempts} "
-                          "attempt(s): {reason}", agent_id=agent.id, kind=e.kind,
-                          attempts=e.attempts, reason=e.reason)
-            return HeartbeatResult(agent_id=agent.id, at=clock.seconds(), ok=False,
-                                   reason=e.reason, error_kind=e.kind)
+            self.log.info(
+                "agent {agent_id} heartbeat failed ({kind}) after {attempts} attempt(s): {reason}",
+                agent_id=agent.id,
+                kind=e.kind,
+                attempts=e.attempts,
+                reason=e.reason,
+            )
+            return HeartbeatResult(
+                agent_id=agent.id, at=clock.seconds(), ok=False, reason=e.reason, error_kind=e.kind
+            )
         now = clock.seconds()
         for name, value in (("heartbeat", hb), ("get_status", status)):
             if isinstance(value, RemoteError):
-                return HeartbeatResult(agent_id=agent.id, at=now, ok=False,
-                                       reason=f"{name}: {value.reason}", error_kind=FINAL)
+                return HeartbeatResult(
+                    agent_id=agent.id,
+                    at=now,
+                    ok=False,
+                    reason=f"{name}: {value.reason}",
+                    error_kind=FINAL,
+                )
             if not isinstance(value, dict):
-                return HeartbeatResult(agent_id=agent.id, at=now, ok=False,
-                                       reason=f"{name}: malformed result", error_kind=FINAL)
+                return HeartbeatResult(
+                    agent_id=agent.id,
+                    at=now,
+                    ok=False,
+                    reason=f"{name}: malformed result",
+                    error_kind=FINAL,
+                )
         version = hb.get("version")
         if not isinstance(version, str):
             version = status.get("version") if isinstance(status.get("version"), str) else None
         latency = now - t0
         self._hook("observe_heartbeat", latency)
-        return HeartbeatResult(agent_id=agent.id, at=now, ok=True, version=version,
-                               details=status, latency=latency)
+        return HeartbeatResult(
+            agent_id=agent.id, at=now, ok=True, version=version, details=status, latency=latency
+        )
 
-    async def _check_reinstall(self, number: int,
-                               failed: list[tuple[AgentRecord, HeartbeatResult]],
-                               agents: list[AgentRecord]) -> int:
+    async def _check_reinstall(
+        self,
+        number: int,
+        failed: list[tuple[AgentRecord, HeartbeatResult]],
+        agents: list[AgentRecord],
+    ) -> int:
         threshold = int(self._settings.reinstall_after_cycles)
         failed_ids = {agent.id for agent, _ in failed}
         for agent in agents:
@@ -299,19 +340,25 @@ class HeartbeatService(Service):
         self.reinstall_requests += 1
         self._hook("reinstall_requested")
         hook = self.reinstall_hook
-        self.log.warn("agent {agent_id} RPC dead for {cycles} cycles ({reason}); "
-                      "{what}", agent_id=agent.id, cycles=dead_cycles, reason=reason,
-                      what="handing it to the reinstall hook" if hook else
-                      "no reinstall hook is configured")
+        self.log.warn(
+            "agent {agent_id} RPC dead for {cycles} cycles ({reason}); {what}",
+            agent_id=agent.id,
+            cycles=dead_cycles,
+            reason=reason,
+            what="handing it to the reinstall hook" if hook else "no reinstall hook is configured",
+        )
         try:
             await self._store.add_event(
-                actor="heartbeat", action="agent.reinstall_requested",
+                actor="heartbeat",
+                action="agent.reinstall_requested",
                 target=f"agent:{agent.id}",
                 outcome="requested" if hook is not None else "no_hook",
-                details={"failed_cycles": dead_cycles, "reason": reason})
+                details={"failed_cycles": dead_cycles, "reason": reason},
+            )
         except Exception:
-            self.log.failure("could not record the reinstall event of agent {agent_id}",
-                             agent_id=agent.id)
+            self.log.failure(
+                "could not record the reinstall event of agent {agent_id}", agent_id=agent.id
+            )
         if hook is None:
             return
         try:
@@ -325,8 +372,7 @@ class HeartbeatService(Service):
             self.log.failure("reinstall hook failed for agent {agent_id}", agent_id=agent.id)
 
     def _hook_failed(self, failure: Failure, agent_id: int) -> None:
-        self.log.failure("reinstall hook failed for agent {agent_id}", failure,
-                         agent_id=agent_id)
+        self.log.failure("reinstall hook failed for agent {agent_id}", failure, agent_id=agent_id)
 
     def _hook(self, name: str, *args: Any) -> None:
         fn = getattr(self._metrics, name, None) if self._metrics is not None else None

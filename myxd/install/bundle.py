@@ -362,13 +362,25 @@ class Wheelhouse:
         tags = target.platform_tags()
         tmp, req_file = _start_download_dir(self.cache_dir, path, requirements)
         argv = [
-            self.python, "-m", "pip", "download",
-            "--disable-pip-version-check", "--no-input", "--quiet",
+            self.python,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--quiet",
             "--only-binary=:all:",
-            "--python-version", target.python_short,
-            "--implementation", "cp",
-            "--abi", target.python_tag, "--abi", "abi3", "--abi", "none",
-        ]  # fmt: skip
+            "--python-version",
+            target.python_short,
+            "--implementation",
+            "cp",
+            "--abi",
+            target.python_tag,
+            "--abi",
+            "abi3",
+            "--abi",
+            "none",
+        ]
         for tag in tags:
             argv += ["--platform", tag]
         argv += ["-r", req_file, "-d", tmp]

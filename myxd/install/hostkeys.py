@@ -104,8 +104,7 @@ def parse_fingerprint(text: str) -> bytes:
         if len(digest) == 32:
             return digest
     raise InvalidFingerprint(
-        "host key fingerprint must be SHA256:<base64> (as ssh-keygen -l prints it) "
-        "or 64 hex digits"
+        "host key fingerprint must be SHA256:<base64> (as ssh-keygen -l prints it) or 64 hex digits"
     )
 
 

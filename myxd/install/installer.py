@@ -59,8 +59,16 @@ from myxd.install.ssh import (
 )
 
 INSTALL_STEPS = (
-    "connect", "check", "upload", "dependencies", "config", "service", "wait", "pin", "sync_tool",
-)  # fmt: skip
+    "connect",
+    "check",
+    "upload",
+    "dependencies",
+    "config",
+    "service",
+    "wait",
+    "pin",
+    "sync_tool",
+)
 UNINSTALL_STEPS = ("connect", "stop", "remove")
 DEPENDENCY_MODES = ("wheelhouse", "index")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -193,9 +201,10 @@ class Installer(Service):
         # target's own outgoing connections.
         self.agent_port_range = agent_port_range
         self.wait_timeout = float(
-            wait_timeout if wait_timeout is not None
+            wait_timeout
+            if wait_timeout is not None
             else getattr(settings, "agent_start_timeout", 120.0)
-        )  # fmt: skip
+        )
         self.connect_timeout = float(getattr(settings, "ssh_connect_timeout", 15.0))
         self.command_timeout = float(getattr(settings, "ssh_command_timeout", 600.0))
         self.check_interval = check_interval
@@ -366,16 +375,24 @@ class Installer(Service):
         server_id = agent.server_id
         details: dict[str, Any] = {"agent_id": agent.id, "reason": reason}
         if server_id is None:
-            await self._event("agent.auto_reinstall", None, "skipped",
-                              {**details, "why": "adopted agent without a server"},
-                              target=f"agent:{agent.id}")  # fmt: skip
+            await self._event(
+                "agent.auto_reinstall",
+                None,
+                "skipped",
+                {**details, "why": "adopted agent without a server"},
+                target=f"agent:{agent.id}",
+            )
             return
         server = await self._store.get_server(server_id)
         if server is None:
             return
         if server_id in self._running:
-            await self._event("server.auto_reinstall", server_id, "skipped",
-                              {**details, "why": "an install is already running"})  # fmt: skip
+            await self._event(
+                "server.auto_reinstall",
+                server_id,
+                "skipped",
+                {**details, "why": "an install is already running"},
+            )
             return
         if not server.auth:
             await self._store.update_server(
@@ -383,8 +400,12 @@ class Installer(Service):
                 status="needs_attention",
                 status_reason=f"agent unreachable ({reason}); no SSH credentials stored",
             )
-            await self._event("server.auto_reinstall", server_id, "needs_attention",
-                              {**details, "why": "no stored credentials"})  # fmt: skip
+            await self._event(
+                "server.auto_reinstall",
+                server_id,
+                "needs_attention",
+                {**details, "why": "no stored credentials"},
+            )
             return
         now = self._reactor.seconds()
         state = self._auto.setdefault(server_id, _AutoState())
@@ -399,21 +420,27 @@ class Installer(Service):
                     status_reason=f"{state.attempts} automatic reinstalls did not bring the "
                     f"agent back; last reason: {reason}",
                 )
-                await self._event("server.auto_reinstall", server_id, "capped",
-                                  {**details, "attempts": state.attempts})  # fmt: skip
+                await self._event(
+                    "server.auto_reinstall",
+                    server_id,
+                    "capped",
+                    {**details, "attempts": state.attempts},
+                )
             return
         if state.last_attempt is not None:
             delay = min(self.auto_backoff_max, self.auto_backoff_base * 2 ** (state.attempts - 1))
             if now - state.last_attempt < delay:
                 self.log.debug(
                     "auto reinstall of server {server_id} deferred: backoff {delay}s",
-                    server_id=server_id, delay=delay,
-                )  # fmt: skip
+                    server_id=server_id,
+                    delay=delay,
+                )
                 return
         state.attempts += 1
         state.last_attempt = now
-        await self._event("server.auto_reinstall", server_id, "started",
-                          {**details, "attempt": state.attempts})  # fmt: skip
+        await self._event(
+            "server.auto_reinstall", server_id, "started", {**details, "attempt": state.attempts}
+        )
         try:
             await self.start(server_id, "reinstall", actor="auto")
         except InstallInProgress:
@@ -436,8 +463,9 @@ class Installer(Service):
         if self._running.get(server_id) is job:
             del self._running[server_id]
         if isinstance(result, Failure):
-            self.log.failure("install job of server {server_id} crashed", result,
-                             server_id=server_id)  # fmt: skip
+            self.log.failure(
+                "install job of server {server_id} crashed", result, server_id=server_id
+            )
             if not job.started.called:
                 job.started.errback(result)
             outcome = InstallOutcome(None, server_id, job.kind, False, "internal error")
@@ -455,11 +483,16 @@ class Installer(Service):
         install_id = await self._store.start_install(server_id, job.kind)
         job.started.callback(install_id)
         await self._store.update_server(server_id, status="installing", status_reason=None)
-        await self._event(f"server.{job.kind}", server_id, "started",
-                          {"install_id": install_id, "actor": actor})  # fmt: skip
-        self.log.info("{kind} of server {server_id} ({host}) started (install {install_id})",
-                      kind=job.kind, server_id=server_id, host=server.host,
-                      install_id=install_id)  # fmt: skip
+        await self._event(
+            f"server.{job.kind}", server_id, "started", {"install_id": install_id, "actor": actor}
+        )
+        self.log.info(
+            "{kind} of server {server_id} ({host}) started (install {install_id})",
+            kind=job.kind,
+            server_id=server_id,
+            host=server.host,
+            install_id=install_id,
+        )
         ctx = _Ctx(install_id=install_id, server=server, kind=job.kind)
         ctx.sudo = Sudo.from_record(server.sudo)
         await self._sem.acquire()
@@ -473,37 +506,51 @@ class Installer(Service):
         except InstallError as e:
             return await self._failed(ctx, e)
         except Exception as e:
-            self.log.failure("{kind} of server {server_id} crashed", kind=job.kind,
-                             server_id=server_id)  # fmt: skip
+            self.log.failure(
+                "{kind} of server {server_id} crashed", kind=job.kind, server_id=server_id
+            )
             return await self._failed(ctx, InstallError("internal", f"internal error: {e!r}"))
         finally:
             self._sem.release()
             await self._cleanup(ctx)
         await self._store.finish_install(install_id, "ok")
         agent_id = ctx.agent.id if ctx.agent is not None else None
-        await self._event(f"server.{job.kind}", server_id, "ok",
-                          {"install_id": install_id, "agent_id": agent_id})  # fmt: skip
-        self.log.info("{kind} of server {server_id} done (install {install_id})",
-                      kind=job.kind, server_id=server_id, install_id=install_id)  # fmt: skip
+        await self._event(
+            f"server.{job.kind}", server_id, "ok", {"install_id": install_id, "agent_id": agent_id}
+        )
+        self.log.info(
+            "{kind} of server {server_id} done (install {install_id})",
+            kind=job.kind,
+            server_id=server_id,
+            install_id=install_id,
+        )
         return InstallOutcome(install_id, server_id, job.kind, True, agent_id=agent_id)
 
     async def _failed(self, ctx: _Ctx, e: InstallError) -> InstallOutcome:
         message = f"{e.step}: {e.message}"
         if self._stopping:
             message += " (the daemon is stopping)"
-        self.log.warn("{kind} of server {server_id} failed at {step}: {message}",
-                      kind=ctx.kind, server_id=ctx.server.id, step=e.step,
-                      message=e.message)  # fmt: skip
+        self.log.warn(
+            "{kind} of server {server_id} failed at {step}: {message}",
+            kind=ctx.kind,
+            server_id=ctx.server.id,
+            step=e.step,
+            message=e.message,
+        )
         await self._store.finish_install(ctx.install_id, "failed", message)
         await self._store.update_server(ctx.server.id, status="failed", status_reason=message)
         if ctx.agent is not None and ctx.kind != "uninstall":
             await self._store.update_agent(ctx.agent.id, status="error", status_reason=message)
-        await self._event(f"server.{ctx.kind}", ctx.server.id, "failed",
-                          {"install_id": ctx.install_id, "step": e.step,
-                           "error": e.message})  # fmt: skip
+        await self._event(
+            f"server.{ctx.kind}",
+            ctx.server.id,
+            "failed",
+            {"install_id": ctx.install_id, "step": e.step, "error": e.message},
+        )
         agent_id = ctx.agent.id if ctx.agent is not None else None
-        return InstallOutcome(ctx.install_id, ctx.server.id, ctx.kind, False, message, e.step,
-                              agent_id)  # fmt: skip
+        return InstallOutcome(
+            ctx.install_id, ctx.server.id, ctx.kind, False, message, e.step, agent_id
+        )
 
     async def _cleanup(self, ctx: _Ctx) -> None:
         client = ctx.client
@@ -513,8 +560,9 @@ class Installer(Service):
             if client.connected and ctx.staging is not None:
                 await client.run(remote.remove_staging(ctx.staging), timeout=60)
         except Exception:
-            self.log.failure("could not remove the staging dir on server {server_id}",
-                             server_id=ctx.server.id)  # fmt: skip
+            self.log.failure(
+                "could not remove the staging dir on server {server_id}", server_id=ctx.server.id
+            )
         try:
             await client.close()
         except Exception:
@@ -524,8 +572,9 @@ class Installer(Service):
         self, ctx: _Ctx, name: str, body: Callable[[], Awaitable[_StepResult]]
     ) -> _StepResult:
         await self._store.record_install_step(ctx.install_id, name, "running")
-        await self._event("install.step", ctx.server.id, "running",
-                          {"install_id": ctx.install_id, "step": name})  # fmt: skip
+        await self._event(
+            "install.step", ctx.server.id, "running", {"install_id": ctx.install_id, "step": name}
+        )
         try:
             result = await body()
         except InstallError as e:
@@ -536,24 +585,36 @@ class Installer(Service):
             self.log.failure("install step {step} crashed", step=name)
             err = InstallError(name, f"internal error: {type(e).__name__}: {e}")
         else:
-            await self._store.record_install_step(ctx.install_id, name, result.status,
-                                                  log=result.log)  # fmt: skip
-            await self._event("install.step", ctx.server.id, result.status,
-                              {"install_id": ctx.install_id, "step": name,
-                               "log": result.log[-500:]})  # fmt: skip
+            await self._store.record_install_step(
+                ctx.install_id, name, result.status, log=result.log
+            )
+            await self._event(
+                "install.step",
+                ctx.server.id,
+                result.status,
+                {"install_id": ctx.install_id, "step": name, "log": result.log[-500:]},
+            )
             return result
         err.step = name if err.step in ("", "internal") else err.step
-        await self._store.record_install_step(ctx.install_id, name, "failed", log=err.stderr,
-                                              error=err.message)  # fmt: skip
-        await self._event("install.step", ctx.server.id, "failed",
-                          {"install_id": ctx.install_id, "step": name,
-                           "error": err.message})  # fmt: skip
+        await self._store.record_install_step(
+            ctx.install_id, name, "failed", log=err.stderr, error=err.message
+        )
+        await self._event(
+            "install.step",
+            ctx.server.id,
+            "failed",
+            {"install_id": ctx.install_id, "step": name, "error": err.message},
+        )
         raise err
 
     async def _progress(self, ctx: _Ctx, step: str, text: str) -> None:
         await self._store.record_install_step(ctx.install_id, step, "running", log=text)
-        await self._event("install.step", ctx.server.id, "running",
-                          {"install_id": ctx.install_id, "step": step, "log": text})  # fmt: skip
+        await self._event(
+            "install.step",
+            ctx.server.id,
+            "running",
+            {"install_id": ctx.install_id, "step": step, "log": text},
+        )
 
     async def _event(
         self,
@@ -727,16 +788,18 @@ class Installer(Service):
                 problems.append(f"python3 on the target is {py}; the agent needs Python >= 3.9")
             elif facts.get("venv") != "yes":
                 problems.append(
-                    "python3 on the target lacks the venv/ensurepip modules "
-                    "(install python3-venv)"
+                    "python3 on the target lacks the venv/ensurepip modules (install python3-venv)"
                 )
         if facts.get("systemd") != "yes":
             problems.append("the target does not run systemd (no /run/systemd/system)")
         if facts.get("port") == "busy" and facts.get("agent") != "active":
             problems.append(
                 f"port {ctx.agent.rpc_port} is already in use on the target by another program"
-                + ("" if not ctx.agent.cert_fingerprint else
-                   " (a reinstall keeps the agent's port; free it, or uninstall and install)")
+                + (
+                    ""
+                    if not ctx.agent.cert_fingerprint
+                    else " (a reinstall keeps the agent's port; free it, or uninstall and install)"
+                )
             )
         if problems:
             raise InstallError("check", "; ".join(problems), stderr=_tail(res.stderr_text()))
@@ -745,8 +808,10 @@ class Installer(Service):
             await self._privileged(ctx, "check", "true", timeout=60)
         if self.dependency_mode == "wheelhouse":
             self._target(ctx).platform_tags()  # raises BundleError for unusable targets
-        lines = [f"{k}={facts.get(k, '')}" for k in
-                 ("os", "kernel", "machine", "python", "glibc", "systemd", "port")]  # fmt: skip
+        lines = [
+            f"{k}={facts.get(k, '')}"
+            for k in ("os", "kernel", "machine", "python", "glibc", "systemd", "port")
+        ]
         return _StepResult("ok", "\n".join(notes + lines))
 
     def _target(self, ctx: _Ctx) -> TargetPlatform:
@@ -761,8 +826,9 @@ class Installer(Service):
         res = await client.run(remote.MAKE_STAGING, timeout=60)
         path = res.stdout_text().strip()
         if not res.ok or not path:
-            raise InstallError("upload", "cannot create a temp dir on the target",
-                               stderr=_tail(res.stderr_text()))  # fmt: skip
+            raise InstallError(
+                "upload", "cannot create a temp dir on the target", stderr=_tail(res.stderr_text())
+            )
         ctx.staging = staging = remote.Staging(path)
         files = agent_files()
         ctx.files = files
@@ -802,9 +868,11 @@ class Installer(Service):
                 )
             wheels_dir = staging.wheels
         res = await self._privileged(
-            ctx, "dependencies", remote.install_dependencies(stamp, wheels_dir),
+            ctx,
+            "dependencies",
+            remote.install_dependencies(stamp, wheels_dir),
             timeout=self.command_timeout,
-        )  # fmt: skip
+        )
         installed = [ln for ln in res.stdout_text().splitlines() if "Successfully" in ln]
         source = f"{len(wheels)} uploaded wheels" if wheels_dir else "the package index"
         return _StepResult("ok", f"installed from {source}\n" + _tail("\n".join(installed), 2000))
@@ -880,9 +948,11 @@ class Installer(Service):
             if fingerprint is not None:
                 try:
                     await self._rpc.call(
-                        self._endpoint(ctx, fingerprint), "health_check",
-                        retry=False, timeout=max(1.0, min(10.0, deadline - clock.seconds())),
-                    )  # fmt: skip
+                        self._endpoint(ctx, fingerprint),
+                        "health_check",
+                        retry=False,
+                        timeout=max(1.0, min(10.0, deadline - clock.seconds())),
+                    )
                 except CertificateMismatch as e:
                     # The agent made a new certificate since we read it: read again.
                     fingerprint, last = None, e.reason
@@ -932,9 +1002,10 @@ class Installer(Service):
         errors = [ln for ln in text.splitlines() if ln.startswith("myx-agent: error:")]
         reason = errors[-1] if errors else "see the log"
         raise InstallError(
-            "wait", f"the agent keeps exiting ({restarts} restarts): {reason}",
+            "wait",
+            f"the agent keeps exiting ({restarts} restarts): {reason}",
             stderr=_tail(text, 3000) or None,
-        )  # fmt: skip
+        )
 
     async def _pin(self, ctx: _Ctx) -> _StepResult:
         fingerprint = ctx.fingerprint
@@ -950,8 +1021,11 @@ class Installer(Service):
                 "pin", "the agent reports a different certificate than the one on disk"
             )
         if int(status.get("rpc_port", -1)) != int(ctx.agent.rpc_port):
-            raise InstallError("pin", f"the agent listens on {status.get('rpc_port')}, "
-                                      f"not the assigned port {ctx.agent.rpc_port}")  # fmt: skip
+            raise InstallError(
+                "pin",
+                f"the agent listens on {status.get('rpc_port')}, "
+                f"not the assigned port {ctx.agent.rpc_port}",
+            )
         await self._store.update_agent(
             ctx.agent.id, cert_fingerprint=fingerprint, host=ctx.server.host
         )
@@ -971,10 +1045,14 @@ class Installer(Service):
         result = await self._rpc.call(
             self._endpoint(ctx, fingerprint),
             "sync_deployment_tool",
-            {"archive": base64.b64encode(archive).decode("ascii"), "sha256": digest,
-             "version": version},
-            retry=True, timeout=120,
-        )  # fmt: skip
+            {
+                "archive": base64.b64encode(archive).decode("ascii"),
+                "sha256": digest,
+                "version": version,
+            },
+            retry=True,
+            timeout=120,
+        )
         if isinstance(result, dict) and result.get("changed") is False:
             return _StepResult(
                 "skipped", f"deployment tool {version} (sha256 {digest[:16]}) already in place"
@@ -1001,9 +1079,8 @@ class Installer(Service):
         await self._privileged(ctx, "remove", remote.uninstall_files(), timeout=300)
         return _StepResult(
             "ok",
-            "removed " + ", ".join(
-                (remote.AGENT_DIR, remote.CONFIG_DIR, remote.STATE_DIR, remote.TOOL_DIR)
-            ),
+            "removed "
+            + ", ".join((remote.AGENT_DIR, remote.CONFIG_DIR, remote.STATE_DIR, remote.TOOL_DIR)),
         )
 
 

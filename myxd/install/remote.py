@@ -196,9 +196,7 @@ def install_dependencies(stamp: str, wheels_dir: str | None) -> str:
     ``wheels_dir``: install offline from that wheelhouse; None: from the index.
     The stamp is written last, so an interrupted run is redone next time.
     """
-    source = (
-        f"--no-index --find-links {q(wheels_dir)}" if wheels_dir is not None else ""
-    )
+    source = f"--no-index --find-links {q(wheels_dir)}" if wheels_dir is not None else ""
     return f"""set -e
 cd {AGENT_DIR}
 PY={VENV_DIR}/bin/python

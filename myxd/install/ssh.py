@@ -585,8 +585,10 @@ def _sftp_error(op: str, path: str, f: Failure) -> SFTPError:
 
 
 _SUDO_FAILURES = (
-    ("a password is required", "sudo needs a password for user {user}; give the sudo "
-     "password or allow NOPASSWD"),
+    (
+        "a password is required",
+        "sudo needs a password for user {user}; give the sudo password or allow NOPASSWD",
+    ),
     ("incorrect password", "sudo rejected the password for user {user}"),
     ("sorry, try again", "sudo rejected the password for user {user}"),
     ("no password was provided", "sudo needs a password for user {user}"),
@@ -975,4 +977,3 @@ def _conn_reason(e: BaseException) -> str:
         return "timed out"
     text = str(e).strip()
     return text or type(e).__name__
-

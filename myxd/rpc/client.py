@@ -74,13 +74,19 @@ __all__ = [
 ]
 
 # Methods that change nothing on the agent, or that the agent de-duplicates.
-IDEMPOTENT_METHODS = frozenset({
-    "health_check", "heartbeat", "get_status", "get_port", "get_command_log",
-    "cancel_command",
-})
+IDEMPOTENT_METHODS = frozenset(
+    {
+        "health_check",
+        "heartbeat",
+        "get_status",
+        "get_port",
+        "get_command_log",
+        "cancel_command",
+    }
+)
 # execute_* carry a command_id; the agent runs each id at most once.
 COMMAND_METHODS = frozenset({"execute_command", "execute_ansible"})
-MAX_BATCH = 50                       # the agent answers larger batches with -32600
+MAX_BATCH = 50  # the agent answers larger batches with -32600
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a get_command_log reply is < 1.5 MiB
 
 RPCCallError = RemoteError
@@ -111,8 +117,13 @@ class AgentEndpoint:
 
     @classmethod
     def from_record(cls, rec: AgentRecord) -> AgentEndpoint:
-        return cls(host=rec.host, port=rec.rpc_port, path=rec.rpc_path, token=rec.token,
-                   fingerprint=rec.cert_fingerprint)
+        return cls(
+            host=rec.host,
+            port=rec.rpc_port,
+            path=rec.rpc_path,
+            token=rec.token,
+            fingerprint=rec.cert_fingerprint,
+        )
 
     @property
     def url(self) -> str:
@@ -269,9 +280,15 @@ class AgentRPC:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime | None, settings: Settings, *,
-                 http_agent: IAgent | None = None, metrics: Any = None,
-                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime | None,
+        settings: Settings,
+        *,
+        http_agent: IAgent | None = None,
+        metrics: Any = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -287,31 +304,45 @@ class AgentRPC:
             pool.maxPersistentPerHost = max(1, int(settings.rpc_pool_max_per_host))
             # Twisted annotates this as int; any number of seconds works for callLater.
             pool.cachedConnectionTimeout = float(  # type: ignore[assignment]
-                settings.rpc_pool_idle_timeout)
+                settings.rpc_pool_idle_timeout
+            )
             self._pool = pool
-            endpoints = _PinnedEndpointFactory(reactor, PinnedTLSPolicy(self.pins),
-                                               float(settings.rpc_timeout))
+            endpoints = _PinnedEndpointFactory(
+                reactor, PinnedTLSPolicy(self.pins), float(settings.rpc_timeout)
+            )
             http_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         self._http_agent: IAgent = http_agent
         self._ids = itertools.count(1)
 
     # -- public API -------------------------------------------------------------
 
-    async def call(self, ep: AgentEndpoint, method: str,
-                   params: dict[str, Any] | list[Any] | None = None, *,
-                   retry: bool | None = None, timeout: float | None = None) -> Any:
+    async def call(
+        self,
+        ep: AgentEndpoint,
+        method: str,
+        params: dict[str, Any] | list[Any] | None = None,
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Call one method; returns its result or raises `AgentRPCError`.
 
         `retry` defaults to `retry_is_safe(method)`; `timeout` to rpc_timeout.
         """
         result, _attempts = await self.call_with_attempts(
-            ep, method, params, retry=retry, timeout=timeout)
+            ep, method, params, retry=retry, timeout=timeout
+        )
         return result
 
-    async def call_with_attempts(self, ep: AgentEndpoint, method: str,
-                                 params: dict[str, Any] | list[Any] | None = None, *,
-                                 retry: bool | None = None,
-                                 timeout: float | None = None) -> tuple[Any, int]:
+    async def call_with_attempts(
+        self,
+        ep: AgentEndpoint,
+        method: str,
+        params: dict[str, Any] | list[Any] | None = None,
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> tuple[Any, int]:
         """Like `call`, and also returns how many requests were made."""
         if retry is None:
             retry = retry_is_safe(method)
@@ -327,10 +358,14 @@ class AgentRPC:
 
         return await self._retrying(attempt, ep, method, retry)
 
-    async def batch(self, ep: AgentEndpoint,
-                    calls: Sequence[tuple[str, dict[str, Any] | list[Any] | None]], *,
-                    retry: bool | None = None,
-                    timeout: float | None = None) -> list[Any]:
+    async def batch(
+        self,
+        ep: AgentEndpoint,
+        calls: Sequence[tuple[str, dict[str, Any] | list[Any] | None]],
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Several calls in ONE HTTP request; returns results in order.
 
         A call that got a JSON-RPC error yields a `RPCCallError` (= `RemoteError`)
@@ -375,14 +410,21 @@ class AgentRPC:
             raise ValueError("timeout must be > 0")
         return value
 
-    async def _retrying(self, attempt: Any, ep: AgentEndpoint, method: str,
-                        retry: bool) -> tuple[Any, int]:
+    async def _retrying(
+        self, attempt: Any, ep: AgentEndpoint, method: str, retry: bool
+    ) -> tuple[Any, int]:
         return await retry_call(
-            attempt, clock=self._reactor,
+            attempt,
+            clock=self._reactor,
             max_retries=int(self._settings.rpc_retry_max_attempts),
-            base_delay=float(self._settings.rpc_retry_base_delay), retry=retry,
-            method=method, target=ep.target, log=self.log,
-            on_retry=self._on_retry, on_final=self._on_final)
+            base_delay=float(self._settings.rpc_retry_base_delay),
+            retry=retry,
+            method=method,
+            target=ep.target,
+            log=self.log,
+            on_retry=self._on_retry,
+            on_final=self._on_final,
+        )
 
     def _on_retry(self, reason: str) -> None:
         hook = getattr(self._metrics, "rpc_retry", None)
@@ -401,7 +443,7 @@ class AgentRPC:
         def expire() -> None:
             nonlocal timed_out
             timed_out = True
-            d.cancel()      # aborts the request and its connection
+            d.cancel()  # aborts the request and its connection
 
         timer = self._reactor.callLater(timeout, expire)
         try:
@@ -423,12 +465,13 @@ class AgentRPC:
         # both read it synchronously inside Agent.request.
         self.pins.set(ep.host, ep.port, ep.fingerprint)
         url, token = ep._request_parts
-        headers = Headers({
-            b"Content-Type": [b"application/json"],
-            b"X-Agent-Token": [token],
-        })
-        response = await self._http_agent.request(b"POST", url, headers,
-                                                  _BytesProducer(body))
+        headers = Headers(
+            {
+                b"Content-Type": [b"application/json"],
+                b"X-Agent-Token": [token],
+            }
+        )
+        response = await self._http_agent.request(b"POST", url, headers, _BytesProducer(body))
         reader = _BodyReader(self._max_response_bytes)
         response.deliverBody(reader)
         length = getattr(response, "length", UNKNOWN_LENGTH)
@@ -454,8 +497,7 @@ def _remote_error(obj: Any, attempts: int = 1) -> RemoteError:
     message = obj.get("message")
     if not isinstance(code, int) or isinstance(code, bool):
         raise ProtocolError("malformed JSON-RPC error object")
-    return RemoteError(code, message if isinstance(message, str) else "",
-                       obj.get("data"), attempts)
+    return RemoteError(code, message if isinstance(message, str) else "", obj.get("data"), attempts)
 
 
 def _single_result(payload: Any, req_id: int) -> Any:

@@ -79,8 +79,10 @@ class AgentRPCError(Exception):
         self.attempts = attempts
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r}, "
-                f"attempts={self.attempts})")
+        return (
+            f"{type(self).__name__}(kind={self.kind!r}, reason={self.reason!r}, "
+            f"attempts={self.attempts})"
+        )
 
 
 class RemoteError(AgentRPCError):
@@ -96,8 +98,14 @@ class RemoteError(AgentRPCError):
 class CertificateMismatch(AgentRPCError):
     """The agent presented a certificate other than the pinned one; nothing was sent."""
 
-    def __init__(self, reason: str, attempts: int = 1, *, expected: str | None = None,
-                 actual: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        attempts: int = 1,
+        *,
+        expected: str | None = None,
+        actual: str | None = None,
+    ) -> None:
         super().__init__(FINAL, reason, attempts)
         self.expected = expected
         self.actual = actual
@@ -168,8 +176,10 @@ def is_cancellation(failure_or_exc: Failure | BaseException) -> bool:
     # (our own timeouts are turned into CallTimeout before they get here).
     if isinstance(exc, (CancelledError, neterror.ConnectingCancelledError)):
         return True
-    return any(isinstance(inner, (CancelledError, neterror.ConnectingCancelledError))
-               for inner in _reasons(exc))
+    return any(
+        isinstance(inner, (CancelledError, neterror.ConnectingCancelledError))
+        for inner in _reasons(exc)
+    )
 
 
 def classify(failure_or_exc: Failure | BaseException) -> str:
@@ -191,8 +201,16 @@ def classify(failure_or_exc: Failure | BaseException) -> str:
         return FINAL
     if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
         return RETRYABLE
-    if isinstance(exc, (neterror.ConnectError, neterror.ConnectionClosed,
-                        neterror.DNSLookupError, SSL.Error, ConnectionError)):
+    if isinstance(
+        exc,
+        (
+            neterror.ConnectError,
+            neterror.ConnectionClosed,
+            neterror.DNSLookupError,
+            SSL.Error,
+            ConnectionError,
+        ),
+    ):
         return RETRYABLE
     return FINAL
 
@@ -206,18 +224,25 @@ def describe(failure_or_exc: Failure | BaseException) -> str:
     if mismatch is not None:
         return str(mismatch)
     if isinstance(exc, HTTPStatusError):
-        return {401: "unauthorized: the agent rejected the token (HTTP 401)",
-                400: "bad request (HTTP 400)"}.get(exc.code, str(exc))
+        return {
+            401: "unauthorized: the agent rejected the token (HTTP 401)",
+            400: "bad request (HTTP 400)",
+        }.get(exc.code, str(exc))
     if isinstance(exc, (CallTimeout, ProtocolError)):
         return str(exc)
     if isinstance(exc, DeferredTimeoutError):
         return "no response within the call timeout"
-    if isinstance(exc, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed,
-                        RequestGenerationFailed)):
+    if isinstance(
+        exc,
+        (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, RequestGenerationFailed),
+    ):
         inner = _reasons(exc)
-        what = {ResponseNeverReceived: "no response", ResponseFailed: "response failed",
-                RequestTransmissionFailed: "request not sent",
-                RequestGenerationFailed: "request not generated"}.get(type(exc), "failed")
+        what = {
+            ResponseNeverReceived: "no response",
+            ResponseFailed: "response failed",
+            RequestTransmissionFailed: "request not sent",
+            RequestGenerationFailed: "request not generated",
+        }.get(type(exc), "failed")
         return f"{what}: {describe(inner[0])}" if inner else what
     if isinstance(exc, neterror.ConnectionRefusedError):
         return "connection refused"
@@ -256,8 +281,9 @@ def to_agent_error(failure_or_exc: Failure | BaseException, attempts: int) -> Ag
         return exc
     mismatch = _pin_mismatch(exc)
     if mismatch is not None:
-        return CertificateMismatch(str(mismatch), attempts, expected=mismatch.expected,
-                                   actual=mismatch.actual)
+        return CertificateMismatch(
+            str(mismatch), attempts, expected=mismatch.expected, actual=mismatch.actual
+        )
     return AgentRPCError(classify(exc), describe(exc), attempts)
 
 
@@ -306,18 +332,26 @@ async def retry_call(
                 log.info(
                     "rpc {method} to {target}: attempt {attempt}/{max_attempts} failed "
                     "({reason}); retrying in {delay}s",
-                    method=method, target=target, attempt=n, max_attempts=limit,
-                    reason=reason, delay=delay)
+                    method=method,
+                    target=target,
+                    attempt=n,
+                    max_attempts=limit,
+                    reason=reason,
+                    delay=delay,
+                )
                 if on_retry is not None:
                     on_retry(reason)
                 await deferLater(clock, delay, lambda: None)
                 continue
             final = to_agent_error(exc, n)
             log.warn(
-                "rpc {method} to {target} failed after {attempts} attempt(s), "
-                "{kind}: {reason}",
-                method=method, target=target, attempts=n, kind=final.kind,
-                reason=final.reason)
+                "rpc {method} to {target} failed after {attempts} attempt(s), {kind}: {reason}",
+                method=method,
+                target=target,
+                attempts=n,
+                kind=final.kind,
+                reason=final.reason,
+            )
             if on_final is not None:
                 on_final(final)
             raise final from exc

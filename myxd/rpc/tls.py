@@ -92,8 +92,7 @@ class _PinVerifier:
 
     log = Logger()
 
-    def __call__(self, conn: SSL.Connection, cert: X509, errno: int, depth: int,
-                 ok: int) -> bool:
+    def __call__(self, conn: SSL.Connection, cert: X509, errno: int, depth: int, ok: int) -> bool:
         # OpenSSL's own verdict (ok) is ignored on purpose: a self-signed
         # certificate always "fails" CA verification. Certificates above the leaf
         # are irrelevant, since only the leaf's key signs the handshake and the

@@ -23,8 +23,8 @@ class AgentRecord:
     host: str
     rpc_port: int
     rpc_path: str = field(repr=False)
-    token: str = field(repr=False)          # decrypted
-    secret_key: str = field(repr=False)     # decrypted
+    token: str = field(repr=False)  # decrypted
+    secret_key: str = field(repr=False)  # decrypted
     cert_fingerprint: str
     status: str
     status_reason: str | None
@@ -33,12 +33,12 @@ class AgentRecord:
     rpc_last_success: float | None
     last_heartbeat: float | None
     version: str | None
-    details: dict[str, Any] | None = field(repr=False)   # last get_status result
-    failed_cycles: int                      # consecutive failed heartbeat cycles
+    details: dict[str, Any] | None = field(repr=False)  # last get_status result
+    failed_cycles: int  # consecutive failed heartbeat cycles
     created_at: float
-    total_failures: int = 0                 # failed heartbeat cycles ever
-    last_error_kind: str | None = None      # retryable | auth | final
-    last_latency: float | None = None       # seconds, last successful heartbeat
+    total_failures: int = 0  # failed heartbeat cycles ever
+    last_error_kind: str | None = None  # retryable | auth | final
+    last_latency: float | None = None  # seconds, last successful heartbeat
     updated_at: float | None = None
 
 
@@ -50,26 +50,26 @@ class HeartbeatResult:
     version: str | None = None
     details: dict[str, Any] | None = None
     latency: float | None = None
-    reason: str | None = None       # failure reason when not ok
-    error_kind: str | None = None   # 'retryable' | 'auth' | 'final'
+    reason: str | None = None  # failure reason when not ok
+    error_kind: str | None = None  # 'retryable' | 'auth' | 'final'
 
 
 @dataclass(frozen=True)
 class CommandRecord:
     id: int
     agent_id: int
-    command_uid: str                # the agent-side command_id
-    kind: str                       # command | ansible
+    command_uid: str  # the agent-side command_id
+    kind: str  # command | ansible
     command: str
     args: list[Any]
     timeout: float | None
-    extra: dict[str, Any] | None    # env/cwd, or extra_vars
-    status: str                     # pending | running | success | failed
+    extra: dict[str, Any] | None  # env/cwd, or extra_vars
+    status: str  # pending | running | success | failed
     exit_code: int | None
     reason: str | None
-    result: dict[str, Any] | None   # final result from the agent
+    result: dict[str, Any] | None  # final result from the agent
     attempts: int
-    output_offset: int              # bytes of the combined stream stored
+    output_offset: int  # bytes of the combined stream stored
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -105,7 +105,7 @@ class ServerRecord:
     ssh_port: int
     username: str
     auth: dict[str, Any] | None = field(repr=False)  # {"password"} | {"private_key", "passphrase"}
-    sudo: dict[str, Any] = field(repr=False)         # {"mode": "none"|"sudo", "password": str|None}
+    sudo: dict[str, Any] = field(repr=False)  # {"mode": "none"|"sudo", "password": str|None}
     host_key_fingerprint: str | None
     host_key: str | None
     status: str

@@ -950,9 +950,7 @@ def _append_one(t: Txn, item: _Append) -> int:
         "INSERT INTO command_output (command_id, offset, stream, data) VALUES (?, ?, ?, ?)",
         (item.command_id, stored, item.stream, item.data[stored - item.offset :]),
     )
-    t.execute(
-        "UPDATE agent_commands SET output_offset = ? WHERE id = ?", (end, item.command_id)
-    )
+    t.execute("UPDATE agent_commands SET output_offset = ? WHERE id = ?", (end, item.command_id))
     return end
 
 

@@ -96,9 +96,10 @@ class SSEReader(Protocol):
 
 
 _SAMPLE_RE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
     r'(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})?'
-    r' (?P<value>[-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|Inf|NaN))$')
+    r" (?P<value>[-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|Inf|NaN))$"
+)
 _LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 
 
@@ -130,11 +131,15 @@ def parse_prometheus(text: str) -> dict[str, dict[str, Any]]:
         assert m, f"line {lineno}: not a sample: {line!r}"
         sample = m.group("name")
         assert current is not None and sample.startswith(current), (
-            f"line {lineno}: sample {sample} outside its family {current}")
+            f"line {lineno}: sample {sample} outside its family {current}"
+        )
         fam_kind: str | None = families[current].get("type")
-        suffix = sample[len(current):]
-        allowed = {"counter": ("",), "gauge": ("",),
-                   "histogram": ("_bucket", "_sum", "_count")}.get(fam_kind or "", ("",))
+        suffix = sample[len(current) :]
+        allowed = {
+            "counter": ("",),
+            "gauge": ("",),
+            "histogram": ("_bucket", "_sum", "_count"),
+        }.get(fam_kind or "", ("",))
         assert suffix in allowed, f"line {lineno}: {sample} not valid for a {fam_kind}"
         labels = dict(_LABEL_RE.findall(m.group("labels") or ""))
         value = float(m.group("value").replace("Inf", "inf"))
@@ -157,9 +162,11 @@ def parse_prometheus(text: str) -> dict[str, dict[str, Any]]:
 
 def concrete_path(rule_text: str) -> str:
     """A request path that matches a werkzeug rule (every variable set to 1 / x)."""
+
     def fill(m: re.Match[str]) -> str:
         conv = m.group(1) or ""
         return "x" if conv.startswith("path") else "1"
+
     return re.sub(r"<(?:([a-zA-Z_]+)(?:\([^)]*\))?:)?[a-zA-Z_][a-zA-Z0-9_]*>", fill, rule_text)
 
 

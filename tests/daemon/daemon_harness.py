@@ -27,8 +27,9 @@ WAIT = 120.0
 
 def request_lines(agent: RunningAgent) -> list[str]:
     """The agent logs one line per HTTP request that reached it (any outcome)."""
-    return [line for line in agent.log_text().splitlines()
-            if " rpc " in line and " ms from " in line]
+    return [
+        line for line in agent.log_text().splitlines() if " rpc " in line and " ms from " in line
+    ]
 
 
 class Daemon:
@@ -42,11 +43,19 @@ class Daemon:
 
     async def start(self) -> None:
         settings = Settings(
-            data_dir=self.data_dir, api="tcp:0:interface=127.0.0.1", admin_token=TOKEN,
-            heartbeat_min_interval=0.3, heartbeat_max_interval=0.8,
-            rpc_retry_max_attempts=3, rpc_retry_base_delay=0.05, rpc_timeout=20,
-            rpc_pool_idle_timeout=30, log_poll_interval=0.2, log_poll_wait=2,
-            reinstall_after_cycles=100000)
+            data_dir=self.data_dir,
+            api="tcp:0:interface=127.0.0.1",
+            admin_token=TOKEN,
+            heartbeat_min_interval=0.3,
+            heartbeat_max_interval=0.8,
+            rpc_retry_max_attempts=3,
+            rpc_retry_base_delay=0.05,
+            rpc_timeout=20,
+            rpc_pool_idle_timeout=30,
+            log_poll_interval=0.2,
+            log_poll_wait=2,
+            reinstall_after_cycles=100000,
+        )
         root = makeService({"settings": settings})
         self.root = root
         root.startService()
@@ -55,8 +64,9 @@ class Daemon:
         self.test.addCleanup(self.test.pool.closeCachedConnections)
         await root.getServiceNamed("store").when_ready()
         listener: Any = root.getServiceNamed("api")
-        port = await self.test.until(lambda: now_value(listener.port), lambda p: p is not None,
-                                     "the API to listen")
+        port = await self.test.until(
+            lambda: now_value(listener.port), lambda p: p is not None, "the API to listen"
+        )
         self.base = f"http://127.0.0.1:{port.getHost().port}"
 
     async def stop(self) -> None:
@@ -106,8 +116,14 @@ class DaemonTestCase(TestCase):
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.daemon = Daemon(self, self.data_dir)
 
-    async def until(self, probe: Callable[[], Awaitable[T]], check: Callable[[T], bool],
-                    what: str, timeout: float = WAIT, interval: float = 0.05) -> T:
+    async def until(
+        self,
+        probe: Callable[[], Awaitable[T]],
+        check: Callable[[T], bool],
+        what: str,
+        timeout: float = WAIT,
+        interval: float = 0.05,
+    ) -> T:
         deadline = self.reactor.seconds() + timeout
         while True:
             value = await probe()
@@ -117,26 +133,49 @@ class DaemonTestCase(TestCase):
                 self.fail(f"timed out waiting for {what}; last value: {value!r}")
             await deferLater(self.reactor, interval, lambda: None)
 
-    async def api(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-                  daemon: Daemon | None = None) -> tuple[int, Any]:
+    async def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        auth: bool = True,
+        daemon: Daemon | None = None,
+    ) -> tuple[int, Any]:
         headers: dict[bytes, list[bytes]] = dict(AUTH) if auth else {}
         data = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
             data = json.dumps(body).encode()
         url = (daemon or self.daemon).base + path
-        response = await treq.request(method, url, headers=headers,  # type: ignore[arg-type]
-                                      data=data, pool=self.pool)
+        response = await treq.request(
+            method,
+            url,
+            headers=headers,  # type: ignore[arg-type]
+            data=data,
+            pool=self.pool,
+        )
         raw = await treq.content(response)
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         return response.code, json.loads(raw) if ctype.startswith(b"application/json") else raw
 
     async def adopt(self, agent: RunningAgent, fingerprint: str | None = None) -> int:
-        fp = fingerprint if fingerprint is not None else ":".join(
-            agent.fingerprint[i:i + 2].upper() for i in range(0, 64, 2))
-        code, body = await self.api("POST", "/api/agents", {
-            "host": agent.host, "rpc_port": agent.port, "rpc_path": agent.rpc_path,
-            "token": agent.token, "cert_fingerprint": fp})
+        fp = (
+            fingerprint
+            if fingerprint is not None
+            else ":".join(agent.fingerprint[i : i + 2].upper() for i in range(0, 64, 2))
+        )
+        code, body = await self.api(
+            "POST",
+            "/api/agents",
+            {
+                "host": agent.host,
+                "rpc_port": agent.port,
+                "rpc_path": agent.rpc_path,
+                "token": agent.token,
+                "cert_fingerprint": fp,
+            },
+        )
         self.assertEqual(code, 201, body)
         return int(body["id"])
 
@@ -145,19 +184,23 @@ class DaemonTestCase(TestCase):
         self.assertEqual(code, 200, body)
         return dict(body)
 
-    async def wait_final(self, command_id: int, daemon: Daemon | None = None
-                         ) -> dict[str, Any]:
-        return await self.until(lambda: self.command(command_id, daemon),
-                                lambda c: c["status"] in ("success", "failed"),
-                                f"command {command_id} to finish", interval=0.2)
+    async def wait_final(self, command_id: int, daemon: Daemon | None = None) -> dict[str, Any]:
+        return await self.until(
+            lambda: self.command(command_id, daemon),
+            lambda c: c["status"] in ("success", "failed"),
+            f"command {command_id} to finish",
+            interval=0.2,
+        )
 
     async def read_all(self, command_id: int, daemon: Daemon | None = None) -> bytes:
         """The whole stored output, page by page, checking offsets are contiguous."""
         out = b""
         while True:
             code, body = await self.api(
-                "GET", f"/api/commands/{command_id}?offset={len(out)}&max_bytes=65536",
-                daemon=daemon)
+                "GET",
+                f"/api/commands/{command_id}?offset={len(out)}&max_bytes=65536",
+                daemon=daemon,
+            )
             self.assertEqual(code, 200, body)
             if not body["output"]:
                 return out
@@ -165,4 +208,3 @@ class DaemonTestCase(TestCase):
                 self.assertEqual(chunk["offset"], len(out))
                 out += base64.b64decode(chunk["data"])
             self.assertEqual(body["next_offset"], len(out))
-

@@ -33,17 +33,25 @@ OTHER_PIN = "cd" * 32
 
 def settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = dict(
-        heartbeat_min_interval=20, heartbeat_max_interval=60, heartbeat_concurrency=8,
-        rpc_retry_max_attempts=3, rpc_retry_base_delay=1, rpc_timeout=5,
-        log_poll_interval=1, log_poll_wait=10, max_log_pollers=100,
-        reinstall_after_cycles=3)
+        heartbeat_min_interval=20,
+        heartbeat_max_interval=60,
+        heartbeat_concurrency=8,
+        rpc_retry_max_attempts=3,
+        rpc_retry_base_delay=1,
+        rpc_timeout=5,
+        log_poll_interval=1,
+        log_poll_wait=10,
+        max_log_pollers=100,
+        reinstall_after_cycles=3,
+    )
     base.update(overrides)
     return Settings(**base)
 
 
 def endpoint(port: int = 8443) -> AgentEndpoint:
-    return AgentEndpoint(host="127.0.0.1", port=port, path="secretpath", token="tok-123",
-                         fingerprint=PIN)
+    return AgentEndpoint(
+        host="127.0.0.1", port=port, path="secretpath", token="tok-123", fingerprint=PIN
+    )
 
 
 @implementer(IResponse)
@@ -103,8 +111,9 @@ class FakeHTTPAgent:
         self.requests: list[FakeRequest] = []
         self.cancelled = 0
 
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
-                bodyProducer: Any = None) -> Deferred[Any]:
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
         consumer = _Consumer()
         if bodyProducer is not None:
             bodyProducer.startProducing(consumer)
@@ -112,6 +121,7 @@ class FakeHTTPAgent:
         self.requests.append(req)
         out = self.handler(req)
         if isinstance(out, Deferred):
+
             def count_cancel(f: Failure) -> Failure:
                 from twisted.internet.defer import CancelledError
 
@@ -128,25 +138,46 @@ class FakeHTTPAgent:
 def rpc_result(req: FakeRequest, result: Any) -> FakeResponse:
     body = req.json
     if isinstance(body, list):
-        return FakeResponse(200, [{"jsonrpc": "2.0", "id": r["id"], "result": result}
-                                  for r in body])
+        return FakeResponse(
+            200, [{"jsonrpc": "2.0", "id": r["id"], "result": result} for r in body]
+        )
     return FakeResponse(200, {"jsonrpc": "2.0", "id": body["id"], "result": result})
 
 
 def rpc_error(req: FakeRequest, code: int, message: str) -> FakeResponse:
-    return FakeResponse(200, {"jsonrpc": "2.0", "id": req.json["id"],
-                              "error": {"code": code, "message": message}})
+    return FakeResponse(
+        200, {"jsonrpc": "2.0", "id": req.json["id"], "error": {"code": code, "message": message}}
+    )
 
 
-def agent_record(agent_id: int, *, port: int | None = None, failed_cycles: int = 0,
-                 status: str = "online", fingerprint: str = PIN) -> AgentRecord:
+def agent_record(
+    agent_id: int,
+    *,
+    port: int | None = None,
+    failed_cycles: int = 0,
+    status: str = "online",
+    fingerprint: str = PIN,
+) -> AgentRecord:
     return AgentRecord(
-        id=agent_id, server_id=None, host="127.0.0.1", rpc_port=port or 9000 + agent_id,
-        rpc_path=f"path{agent_id}", token=f"token{agent_id}", secret_key="s",
-        cert_fingerprint=fingerprint, status=status, status_reason=None,
-        rpc_supported=True, rpc_last_check=None, rpc_last_success=None,
-        last_heartbeat=None, version=None, details=None, failed_cycles=failed_cycles,
-        created_at=0.0)
+        id=agent_id,
+        server_id=None,
+        host="127.0.0.1",
+        rpc_port=port or 9000 + agent_id,
+        rpc_path=f"path{agent_id}",
+        token=f"token{agent_id}",
+        secret_key="s",
+        cert_fingerprint=fingerprint,
+        status=status,
+        status_reason=None,
+        rpc_supported=True,
+        rpc_last_check=None,
+        rpc_last_success=None,
+        last_heartbeat=None,
+        version=None,
+        details=None,
+        failed_cycles=failed_cycles,
+        created_at=0.0,
+    )
 
 
 class FakeStore:
@@ -194,13 +225,22 @@ class FakeStore:
                 if a is None:
                     continue
                 if r.ok:
-                    a = dataclasses.replace(a, status="online", status_reason=None,
-                                            failed_cycles=0, last_heartbeat=r.at,
-                                            version=r.version or a.version,
-                                            details=r.details or a.details)
+                    a = dataclasses.replace(
+                        a,
+                        status="online",
+                        status_reason=None,
+                        failed_cycles=0,
+                        last_heartbeat=r.at,
+                        version=r.version or a.version,
+                        details=r.details or a.details,
+                    )
                 else:
-                    a = dataclasses.replace(a, status="offline", status_reason=r.reason,
-                                            failed_cycles=a.failed_cycles + 1)
+                    a = dataclasses.replace(
+                        a,
+                        status="offline",
+                        status_reason=r.reason,
+                        failed_cycles=a.failed_cycles + 1,
+                    )
                 self.agents[r.agent_id] = a
 
         return self._d("record_heartbeat_results", run)
@@ -213,19 +253,40 @@ class FakeStore:
         return self._d("add_event", run)
 
     # commands
-    def create_command(self, *, agent_id: int, kind: str, command: str, args: list[Any],
-                       timeout: float | None, extra: dict[str, Any] | None = None,
-                       status: str = "running") -> Deferred[CommandRecord]:
+    def create_command(
+        self,
+        *,
+        agent_id: int,
+        kind: str,
+        command: str,
+        args: list[Any],
+        timeout: float | None,
+        extra: dict[str, Any] | None = None,
+        status: str = "running",
+    ) -> Deferred[CommandRecord]:
         def run() -> CommandRecord:
             if agent_id not in self.agents:
                 raise NotFoundError(f"agent {agent_id} not found")
             cid = next(self._ids)
             rec = CommandRecord(
-                id=cid, agent_id=agent_id, command_uid=f"uid{cid}", kind=kind,
-                command=command, args=list(args), timeout=timeout, extra=extra,
-                status=status, exit_code=None, reason=None, result=None, attempts=0,
-                output_offset=0, created_at=self.clock.seconds(),
-                started_at=self.clock.seconds(), finished_at=None)
+                id=cid,
+                agent_id=agent_id,
+                command_uid=f"uid{cid}",
+                kind=kind,
+                command=command,
+                args=list(args),
+                timeout=timeout,
+                extra=extra,
+                status=status,
+                exit_code=None,
+                reason=None,
+                result=None,
+                attempts=0,
+                output_offset=0,
+                created_at=self.clock.seconds(),
+                started_at=self.clock.seconds(),
+                finished_at=None,
+            )
             self.commands[cid] = rec
             self.output[cid] = bytearray()
             self.streams[cid] = []
@@ -242,8 +303,10 @@ class FakeStore:
         return self._d("get_command", lambda: self.commands.get(command_id))
 
     def list_unfinished_commands(self) -> Deferred[list[CommandRecord]]:
-        return self._d("list_unfinished_commands", lambda: [
-            c for c in self.commands.values() if c.status in ("pending", "running")])
+        return self._d(
+            "list_unfinished_commands",
+            lambda: [c for c in self.commands.values() if c.status in ("pending", "running")],
+        )
 
     def update_command(self, command_id: int, **fields: Any) -> Deferred[None]:
         def run() -> None:
@@ -255,8 +318,9 @@ class FakeStore:
 
         return self._d("update_command", run)
 
-    def append_output(self, command_id: int, offset: int, stream: str,
-                      data: bytes) -> Deferred[int]:
+    def append_output(
+        self, command_id: int, offset: int, stream: str, data: bytes
+    ) -> Deferred[int]:
         def run() -> int:
             rec = self.commands[command_id]
             stored = rec.output_offset
@@ -265,7 +329,7 @@ class FakeStore:
             end = offset + len(data)
             if end <= stored:
                 return stored
-            new = data[stored - offset:]
+            new = data[stored - offset :]
             self.output[command_id] += new
             self.streams[command_id].append((stored, stream, new))
             self.commands[command_id] = dataclasses.replace(rec, output_offset=end)
@@ -273,10 +337,12 @@ class FakeStore:
 
         return self._d("append_output", run)
 
-    def read_output(self, command_id: int, offset: int = 0,
-                    max_bytes: int = 1048576) -> Deferred[list[OutputChunk]]:
-        return succeed([OutputChunk(o, s, d) for o, s, d in self.streams[command_id]
-                        if o >= offset])
+    def read_output(
+        self, command_id: int, offset: int = 0, max_bytes: int = 1048576
+    ) -> Deferred[list[OutputChunk]]:
+        return succeed(
+            [OutputChunk(o, s, d) for o, s, d in self.streams[command_id] if o >= offset]
+        )
 
 
 class ScriptedRPC:
@@ -289,16 +355,21 @@ class ScriptedRPC:
         self.in_flight: dict[str, int] = {}
         self.max_in_flight: dict[str, int] = {}
 
-    async def call_with_attempts(self, ep: AgentEndpoint, method: str, params: Any = None, *,
-                                 retry: bool | None = None,
-                                 timeout: float | None = None) -> tuple[Any, int]:
+    async def call_with_attempts(
+        self,
+        ep: AgentEndpoint,
+        method: str,
+        params: Any = None,
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> tuple[Any, int]:
         self.calls.append((method, params))
         handler = self.handlers.get(method)
         if handler is None:
             raise RemoteError(-32601, "method not found")
         self.in_flight[method] = self.in_flight.get(method, 0) + 1
-        self.max_in_flight[method] = max(self.max_in_flight.get(method, 0),
-                                         self.in_flight[method])
+        self.max_in_flight[method] = max(self.max_in_flight.get(method, 0), self.in_flight[method])
         try:
             out = handler(ep, params)
             if isinstance(out, Deferred):
@@ -309,10 +380,16 @@ class ScriptedRPC:
         finally:
             self.in_flight[method] -= 1
 
-    async def call(self, ep: AgentEndpoint, method: str, params: Any = None, *,
-                   retry: bool | None = None, timeout: float | None = None) -> Any:
-        result, _ = await self.call_with_attempts(ep, method, params, retry=retry,
-                                                  timeout=timeout)
+    async def call(
+        self,
+        ep: AgentEndpoint,
+        method: str,
+        params: Any = None,
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        result, _ = await self.call_with_attempts(ep, method, params, retry=retry, timeout=timeout)
         return result
 
     def methods(self) -> list[str]:

@@ -38,8 +38,13 @@ from tests.daemon.api_helpers import (
 
 FP = "ab" * 32
 FP_COLONS = ":".join(["AB"] * 32)
-STATUS = {"version": "0.1.0", "hostname": "node-1", "rpc_port": 24351,
-          "cert_fingerprint": FP, "running_commands": 0}
+STATUS = {
+    "version": "0.1.0",
+    "hostname": "node-1",
+    "rpc_port": 24351,
+    "cert_fingerprint": FP,
+    "running_commands": 0,
+}
 
 
 class FakeRPC:
@@ -66,25 +71,65 @@ class FakeQueue:
         self.subscribers: dict[int, list[Callable[..., Any]]] = {}
         self.fail_with: Exception | None = None
 
-    async def add_command(self, agent_id: int, command: str, args: list[str],
-                          timeout: float | None, *, env: Any = None, cwd: Any = None,
-                          actor: str = "api") -> CommandRecord:
+    async def add_command(
+        self,
+        agent_id: int,
+        command: str,
+        args: list[str],
+        timeout: float | None,
+        *,
+        env: Any = None,
+        cwd: Any = None,
+        actor: str = "api",
+    ) -> CommandRecord:
         if self.fail_with is not None:
             raise self.fail_with
-        self.added.append({"agent_id": agent_id, "command": command, "args": args,
-                           "timeout": timeout, "env": env, "cwd": cwd, "actor": actor})
+        self.added.append(
+            {
+                "agent_id": agent_id,
+                "command": command,
+                "args": args,
+                "timeout": timeout,
+                "env": env,
+                "cwd": cwd,
+                "actor": actor,
+            }
+        )
         extra = {k: v for k, v in (("env", env), ("cwd", cwd)) if v is not None} or None
-        return await self.store.create_command(agent_id=agent_id, kind="command",
-                                               command=command, args=args, timeout=timeout,
-                                               extra=extra)
-
-    async def add_ansible(self, agent_id: int, playbook: str, extra_vars: dict[str, Any],
-                          timeout: float | None, *, actor: str = "api") -> CommandRecord:
-        self.added.append({"agent_id": agent_id, "playbook": playbook,
-                           "extra_vars": extra_vars, "timeout": timeout})
         return await self.store.create_command(
-            agent_id=agent_id, kind="ansible", command=playbook, args=[], timeout=timeout,
-            extra={"playbook": playbook, "extra_vars": extra_vars})
+            agent_id=agent_id,
+            kind="command",
+            command=command,
+            args=args,
+            timeout=timeout,
+            extra=extra,
+        )
+
+    async def add_ansible(
+        self,
+        agent_id: int,
+        playbook: str,
+        extra_vars: dict[str, Any],
+        timeout: float | None,
+        *,
+        actor: str = "api",
+    ) -> CommandRecord:
+        self.added.append(
+            {
+                "agent_id": agent_id,
+                "playbook": playbook,
+                "extra_vars": extra_vars,
+                "timeout": timeout,
+            }
+        )
+        return await self.store.create_command(
+            agent_id=agent_id,
+            kind="ansible",
+            command=playbook,
+            args=[],
+            timeout=timeout,
+            extra={"playbook": playbook, "extra_vars": extra_vars},
+        )
 
     async def cancel(self, command_id: int, *, actor: str = "api") -> CommandRecord:
         if self.fail_with is not None:
@@ -116,6 +161,7 @@ class APITestBase(TestCase):
     async def _setup(self) -> None:
         path = self.mktemp()
         import os
+
         os.makedirs(path)
         self.store_service = StoreService(os.path.join(path, "myxd.sqlite"), reactor)
         self.store_service.startService()
@@ -127,10 +173,16 @@ class APITestBase(TestCase):
         self.metrics = Metrics()
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.api = AdminAPI(self.store, self.queue, self.rpc,  # type: ignore[arg-type]
-                            Settings(), self.clock,
-                            metrics=self.metrics, admin_token=TOKEN,
-                            servers_api=getattr(self, "servers_api", None))
+        self.api = AdminAPI(
+            self.store,
+            self.queue,  # type: ignore[arg-type]
+            self.rpc,  # type: ignore[arg-type]
+            Settings(),
+            self.clock,
+            metrics=self.metrics,
+            admin_token=TOKEN,
+            servers_api=getattr(self, "servers_api", None),
+        )
         self.resource = self.api.resource()
         self.stub: Any = StubTreq(self.resource)
 
@@ -157,27 +209,40 @@ class APITestBase(TestCase):
             await deferLater(reactor, 0.002, lambda: None)
         return await d
 
-    async def request(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
-                      auth: bool = True, headers: dict[bytes, list[bytes]] | None = None
-                      ) -> tuple[Any, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        raw: bytes | None = None,
+        auth: bool = True,
+        headers: dict[bytes, list[bytes]] | None = None,
+    ) -> tuple[Any, Any]:
         hdrs: dict[bytes, list[bytes]] = dict(AUTH) if auth else {}
         hdrs.update(headers or {})
         data = raw
         if body is not None:
             data = json.dumps(body).encode()
             hdrs[b"Content-Type"] = [b"application/json"]
-        response = await self.settle(self.stub.request(method, "http://myxd" + path,
-                                                       headers=hdrs, data=data))
+        response = await self.settle(
+            self.stub.request(method, "http://myxd" + path, headers=hdrs, data=data)
+        )
         content = await self.settle(self.stub.content(response))
         ctype = response.headers.getRawHeaders(b"content-type", [b""])[0]
         parsed = json.loads(content) if ctype.startswith(b"application/json") else content
         return response, parsed
 
     async def add_agent(self, port: int, status: str = "online") -> int:
-        agent_id = await self.store.add_agent(host="127.0.0.1", rpc_port=port,
-                                              rpc_path="p" * 16, token="agent-token-secret",
-                                              secret_key="agent-secret-key", cert_fingerprint=FP,
-                                              status=status)
+        agent_id = await self.store.add_agent(
+            host="127.0.0.1",
+            rpc_port=port,
+            rpc_path="p" * 16,
+            token="agent-token-secret",
+            secret_key="agent-secret-key",
+            cert_fingerprint=FP,
+            status=status,
+        )
         return int(agent_id)
 
 
@@ -202,8 +267,9 @@ class AuthTests(APITestBase):
                 {b"Authorization": [f"Bearer {TOKEN}".encode(), f"Bearer {TOKEN}".encode()]},
             ]
             for headers in variants:
-                response, body = await self.request(method, path, auth=False, headers=headers,
-                                                    body={} if method == "POST" else None)
+                response, body = await self.request(
+                    method, path, auth=False, headers=headers, body={} if method == "POST" else None
+                )
                 self.assertEqual(response.code, 401, (method, path, headers))
                 self.assertEqual(body, {"error": "missing or wrong admin token"})
                 checked += 1
@@ -223,9 +289,12 @@ class AuthTests(APITestBase):
         self.assertIn(b"POST", response.headers.getRawHeaders(b"allow")[0])
 
     async def test_body_cap(self) -> None:
-        response, body = await self.request("POST", "/api/agents",
-                                            raw=b"{" + b" " * (1024 * 1024 + 10) + b"}",
-                                            headers={b"Content-Type": [b"application/json"]})
+        response, body = await self.request(
+            "POST",
+            "/api/agents",
+            raw=b"{" + b" " * (1024 * 1024 + 10) + b"}",
+            headers={b"Content-Type": [b"application/json"]},
+        )
         self.assertEqual(response.code, 413)
         self.assertEqual(body["field"], "body")
 
@@ -234,8 +303,13 @@ def _bad(body: Any, field: str) -> tuple[Any, str]:
     return body, field
 
 
-ADOPT_OK = {"host": "127.0.0.1", "rpc_port": 8123, "rpc_path": "abcdefghijklmnop",
-            "token": "agent-token", "cert_fingerprint": FP}
+ADOPT_OK = {
+    "host": "127.0.0.1",
+    "rpc_port": 8123,
+    "rpc_path": "abcdefghijklmnop",
+    "token": "agent-token",
+    "cert_fingerprint": FP,
+}
 RAW = object()
 
 
@@ -253,8 +327,10 @@ class BadInputTests(APITestBase):
             return d
 
         command_cases = [
-            _bad({}, "command"), _bad({"command": 5}, "command"),
-            _bad({"command": ""}, "command"), _bad({"command": None}, "command"),
+            _bad({}, "command"),
+            _bad({"command": 5}, "command"),
+            _bad({"command": ""}, "command"),
+            _bad({"command": None}, "command"),
             _bad({"command": "ls", "args": "x"}, "args"),
             _bad({"command": "ls", "args": [1]}, "args[0]"),
             _bad({"command": "ls", "args": ["a", "b\x00"]}, "args[1]"),
@@ -268,20 +344,35 @@ class BadInputTests(APITestBase):
             _bad({"command": "ls", "cwd": 3}, "cwd"),
             _bad({"command": "ls", "bogus": 1}, "bogus"),
         ]
-        common = [_bad(b"not json", "body"), _bad(b"[1, 2]", "body"), _bad(b"", "body"),
-                  _bad(b"\xff\xfe", "body"), _bad(b'{"a": NaN}', "body")]
+        common = [
+            _bad(b"not json", "body"),
+            _bad(b"[1, 2]", "body"),
+            _bad(b"", "body"),
+            _bad(b"\xff\xfe", "body"),
+            _bad(b'{"a": NaN}', "body"),
+        ]
         return {
-            "/api/agents": common + [
-                _bad(adopt(host=RAW), "host"), _bad(adopt(host=5), "host"),
+            "/api/agents": common
+            + [
+                _bad(adopt(host=RAW), "host"),
+                _bad(adopt(host=5), "host"),
                 _bad(adopt(host="not a host"), "host"),
-                _bad(adopt(host="http://x/"), "host"), _bad(adopt(host=""), "host"),
-                _bad(adopt(rpc_port=RAW), "rpc_port"), _bad(adopt(rpc_port="80"), "rpc_port"),
-                _bad(adopt(rpc_port=True), "rpc_port"), _bad(adopt(rpc_port=0), "rpc_port"),
-                _bad(adopt(rpc_port=70000), "rpc_port"), _bad(adopt(rpc_port=1.5), "rpc_port"),
-                _bad(adopt(rpc_path=RAW), "rpc_path"), _bad(adopt(rpc_path="a b"), "rpc_path"),
-                _bad(adopt(rpc_path="a/b"), "rpc_path"), _bad(adopt(rpc_path=[]), "rpc_path"),
-                _bad(adopt(token=RAW), "token"), _bad(adopt(token="has space"), "token"),
-                _bad(adopt(token="line\nbreak"), "token"), _bad(adopt(token=1), "token"),
+                _bad(adopt(host="http://x/"), "host"),
+                _bad(adopt(host=""), "host"),
+                _bad(adopt(rpc_port=RAW), "rpc_port"),
+                _bad(adopt(rpc_port="80"), "rpc_port"),
+                _bad(adopt(rpc_port=True), "rpc_port"),
+                _bad(adopt(rpc_port=0), "rpc_port"),
+                _bad(adopt(rpc_port=70000), "rpc_port"),
+                _bad(adopt(rpc_port=1.5), "rpc_port"),
+                _bad(adopt(rpc_path=RAW), "rpc_path"),
+                _bad(adopt(rpc_path="a b"), "rpc_path"),
+                _bad(adopt(rpc_path="a/b"), "rpc_path"),
+                _bad(adopt(rpc_path=[]), "rpc_path"),
+                _bad(adopt(token=RAW), "token"),
+                _bad(adopt(token="has space"), "token"),
+                _bad(adopt(token="line\nbreak"), "token"),
+                _bad(adopt(token=1), "token"),
                 _bad(adopt(cert_fingerprint=RAW), "cert_fingerprint"),
                 _bad(adopt(cert_fingerprint="zz" * 32), "cert_fingerprint"),
                 _bad(adopt(cert_fingerprint="ab" * 31), "cert_fingerprint"),
@@ -289,8 +380,10 @@ class BadInputTests(APITestBase):
                 _bad(adopt(extra="x"), "extra"),
             ],
             "/api/agents/<int:agent_id>/commands": common + command_cases,
-            "/api/agents/<int:agent_id>/ansible": common + [
-                _bad({}, "playbook"), _bad({"playbook": 1}, "playbook"),
+            "/api/agents/<int:agent_id>/ansible": common
+            + [
+                _bad({}, "playbook"),
+                _bad({"playbook": 1}, "playbook"),
                 _bad({"playbook": "../etc/x.yml"}, "playbook"),
                 _bad({"playbook": "/etc/x.yml"}, "playbook"),
                 _bad({"playbook": "ping.yml", "extra_vars": []}, "extra_vars"),
@@ -299,9 +392,10 @@ class BadInputTests(APITestBase):
                 _bad({"playbook": "ping.yml", "timeout": "1"}, "timeout"),
                 _bad({"playbook": "ping.yml", "env": {}}, "env"),
             ],
-            "/api/commands": common + [
-                _bad({"command": "ls"}, "agents"), _bad({"agents": "some", "command": "ls"},
-                                                        "agents"),
+            "/api/commands": common
+            + [
+                _bad({"command": "ls"}, "agents"),
+                _bad({"agents": "some", "command": "ls"}, "agents"),
                 _bad({"agents": [], "command": "ls"}, "agents"),
                 _bad({"agents": {}, "command": "ls"}, "agents"),
                 _bad({"agents": ["1"], "command": "ls"}, "agents[0]"),
@@ -312,26 +406,33 @@ class BadInputTests(APITestBase):
                 _bad({"agents": "all", "command": "ls", "whatever": 1}, "whatever"),
             ],
             "/api/commands/<int:command_id>/cancel": [
-                _bad(b"not json", "body"), _bad(b"[]", "body"), _bad({"force": True}, "force"),
+                _bad(b"not json", "body"),
+                _bad(b"[]", "body"),
+                _bad({"force": True}, "force"),
             ],
         }
 
     async def test_bad_input_on_every_post_route(self) -> None:
         agent_id = await self.add_agent(20001)
-        rec = await self.store.create_command(agent_id=agent_id, kind="command", command="x",
-                                              args=[], timeout=None)
+        rec = await self.store.create_command(
+            agent_id=agent_id, kind="command", command="x", args=[], timeout=None
+        )
         cases = self.cases()
-        post_rules = {rule for rule, method in routes(AdminAPI._app.url_map)
-                      if method == "POST" and not rule.startswith("/api/servers")}
+        post_rules = {
+            rule
+            for rule, method in routes(AdminAPI._app.url_map)
+            if method == "POST" and not rule.startswith("/api/servers")
+        }
         self.assertEqual(set(cases), post_rules, "every POST route needs bad-input cases")
         for rule, rule_cases in cases.items():
             path = rule.replace("<int:agent_id>", str(agent_id)).replace(
-                "<int:command_id>", str(rec.id))
+                "<int:command_id>", str(rec.id)
+            )
             for payload, field in rule_cases:
                 if isinstance(payload, bytes):
                     response, body = await self.request(
-                        "POST", path, raw=payload,
-                        headers={b"Content-Type": [b"application/json"]})
+                        "POST", path, raw=payload, headers={b"Content-Type": [b"application/json"]}
+                    )
                 else:
                     response, body = await self.request("POST", path, body=payload)
                 self.assertEqual(response.code, 400, (rule, payload, body))
@@ -347,12 +448,16 @@ class BadInputTests(APITestBase):
     async def test_bad_query_arguments(self) -> None:
         agent_id = await self.add_agent(20002)
         for path, field in [
-            ("/api/agents?limit=0", "limit"), ("/api/agents?limit=abc", "limit"),
-            ("/api/agents?limit=1001", "limit"), ("/api/agents?offset=-1", "offset"),
-            ("/api/agents?status=bogus", "status"), ("/api/agents?sort=id", "sort"),
+            ("/api/agents?limit=0", "limit"),
+            ("/api/agents?limit=abc", "limit"),
+            ("/api/agents?limit=1001", "limit"),
+            ("/api/agents?offset=-1", "offset"),
+            ("/api/agents?status=bogus", "status"),
+            ("/api/agents?sort=id", "sort"),
             ("/api/agents?limit=1&limit=2", "limit"),
             (f"/api/agents/{agent_id}/commands?offset=x", "offset"),
-            ("/api/events?before_id=0", "before_id"), ("/api/events?limit=", "limit"),
+            ("/api/events?before_id=0", "before_id"),
+            ("/api/events?limit=", "limit"),
         ]:
             response, body = await self.request("GET", path)
             self.assertEqual(response.code, 400, path)
@@ -364,11 +469,13 @@ class NotFoundTests(APITestBase):
         agent_id = await self.add_agent(20003)
         cmd = {"command": "true"}
         for method, path, body in [
-            ("GET", "/api/agents/999", None), ("DELETE", "/api/agents/999", None),
+            ("GET", "/api/agents/999", None),
+            ("DELETE", "/api/agents/999", None),
             ("GET", "/api/agents/999/commands", None),
             ("POST", "/api/agents/999/commands", cmd),
             ("POST", "/api/agents/999/ansible", {"playbook": "ping.yml"}),
-            ("GET", "/api/commands/999", None), ("POST", "/api/commands/999/cancel", None),
+            ("GET", "/api/commands/999", None),
+            ("POST", "/api/commands/999/cancel", None),
             ("GET", "/api/commands/999/stream", None),
             ("GET", "/api/agents/99999999999999999999999", None),
             ("GET", "/api/commands/0", None),
@@ -377,7 +484,8 @@ class NotFoundTests(APITestBase):
             self.assertEqual(response.code, 404, (method, path, got))
             self.assertIsInstance(got["error"], str)
         response, got = await self.request(
-            "POST", "/api/commands", body={"agents": [agent_id, 998, 999], **cmd})
+            "POST", "/api/commands", body={"agents": [agent_id, 998, 999], **cmd}
+        )
         self.assertEqual(response.code, 404)
         self.assertEqual((got["field"], got["missing"]), ("agents", [998, 999]))
         self.assertEqual(self.queue.added, [])
@@ -385,19 +493,26 @@ class NotFoundTests(APITestBase):
 
 class AgentTests(APITestBase):
     async def test_adopt(self) -> None:
-        response, body = await self.request("POST", "/api/agents", body={
-            **ADOPT_OK, "cert_fingerprint": FP_COLONS, "rpc_path": "/abcdefghijklmnop/"})
+        response, body = await self.request(
+            "POST",
+            "/api/agents",
+            body={**ADOPT_OK, "cert_fingerprint": FP_COLONS, "rpc_path": "/abcdefghijklmnop/"},
+        )
         self.assertEqual(response.code, 201, body)
         self.assertEqual(len(self.rpc.calls), 1)
         ep, method, _params, kw = self.rpc.calls[0]
         self.assertIn(method, ("get_status", "health_check"))
         self.assertEqual(kw.get("retry"), False)
-        self.assertEqual((ep.host, ep.port, ep.path, ep.token, ep.fingerprint),
-                         ("127.0.0.1", 8123, "abcdefghijklmnop", "agent-token", FP))
+        self.assertEqual(
+            (ep.host, ep.port, ep.path, ep.token, ep.fingerprint),
+            ("127.0.0.1", 8123, "abcdefghijklmnop", "agent-token", FP),
+        )
         rec = await self.store.get_agent(body["id"])
         assert rec is not None
-        self.assertEqual((rec.cert_fingerprint, rec.status, rec.version, rec.rpc_path),
-                         (FP, "online", "0.1.0", "abcdefghijklmnop"))
+        self.assertEqual(
+            (rec.cert_fingerprint, rec.status, rec.version, rec.rpc_path),
+            (FP, "online", "0.1.0", "abcdefghijklmnop"),
+        )
         self.assertEqual(rec.token, "agent-token")
         self.assertTrue(rec.secret_key)
         self.assertEqual(body["status"], "online")
@@ -441,11 +556,19 @@ class AgentTests(APITestBase):
         self.assertEqual([a["id"] for a in body2["agents"] + body3["agents"]], ids[2:])
         _, off = await self.request("GET", "/api/agents?status=offline")
         self.assertEqual([a["id"] for a in off["agents"]], [ids[3]])
-        self.assertEqual((off["total"], off["agents"][0]["status_reason"]),
-                         (1, "unreachable"))
+        self.assertEqual((off["total"], off["agents"][0]["status_reason"]), (1, "unreachable"))
         # an agent that reported a NaN is still listed, with null in its place
-        await self.store.record_heartbeat_results([HeartbeatResult(
-            agent_id=ids[0], at=1.0, ok=True, version="9", details={"load_avg": [float("nan")]})])
+        await self.store.record_heartbeat_results(
+            [
+                HeartbeatResult(
+                    agent_id=ids[0],
+                    at=1.0,
+                    ok=True,
+                    version="9",
+                    details={"load_avg": [float("nan")]},
+                )
+            ]
+        )
         response, raw = await self.request("GET", f"/api/agents/{ids[0]}")
         self.assertEqual(response.code, 200)
         self.assertEqual((raw["id"], raw["details"]), (ids[0], {"load_avg": [None]}))
@@ -465,34 +588,52 @@ class CommandTests(APITestBase):
     async def test_create_and_read_output(self) -> None:
         agent_id = await self.add_agent(22000)
         response, body = await self.request(
-            "POST", f"/api/agents/{agent_id}/commands",
-            body={"command": "/bin/echo", "args": ["hi"], "timeout": 5, "env": {"SECRET": "s3"},
-                  "cwd": "/tmp"})
+            "POST",
+            f"/api/agents/{agent_id}/commands",
+            body={
+                "command": "/bin/echo",
+                "args": ["hi"],
+                "timeout": 5,
+                "env": {"SECRET": "s3"},
+                "cwd": "/tmp",
+            },
+        )
         self.assertEqual(response.code, 201, body)
         self.assertEqual(body["status"], "running")
         self.assertNotIn("s3", json.dumps(body))
         self.assertEqual(body["extra"]["env"], ["SECRET"])
-        self.assertEqual(self.queue.added[0], {
-            "agent_id": agent_id, "command": "/bin/echo", "args": ["hi"], "timeout": 5.0,
-            "env": {"SECRET": "s3"}, "cwd": "/tmp", "actor": "admin-api"})
+        self.assertEqual(
+            self.queue.added[0],
+            {
+                "agent_id": agent_id,
+                "command": "/bin/echo",
+                "args": ["hi"],
+                "timeout": 5.0,
+                "env": {"SECRET": "s3"},
+                "cwd": "/tmp",
+                "actor": "admin-api",
+            },
+        )
         cid = body["id"]
         await self.store.append_output(cid, 0, "stdout", b"hello\n")
         await self.store.append_output(cid, 6, "stderr", b"oops\n")
         _, got = await self.request("GET", f"/api/commands/{cid}")
-        self.assertEqual([(c["offset"], c["stream"], base64.b64decode(c["data"]))
-                          for c in got["output"]],
-                         [(0, "stdout", b"hello\n"), (6, "stderr", b"oops\n")])
+        self.assertEqual(
+            [(c["offset"], c["stream"], base64.b64decode(c["data"])) for c in got["output"]],
+            [(0, "stdout", b"hello\n"), (6, "stderr", b"oops\n")],
+        )
         self.assertEqual((got["next_offset"], got["complete"]), (11, False))
         _, got = await self.request("GET", f"/api/commands/{cid}?offset=3")
-        self.assertEqual([base64.b64decode(c["data"]) for c in got["output"]],
-                         [b"lo\n", b"oops\n"])
+        self.assertEqual([base64.b64decode(c["data"]) for c in got["output"]], [b"lo\n", b"oops\n"])
         _, got = await self.request("GET", f"/api/commands/{cid}?offset=3&max_bytes=2")
-        self.assertEqual(([base64.b64decode(c["data"]) for c in got["output"]],
-                          got["next_offset"]), ([b"lo"], 5))
+        self.assertEqual(
+            ([base64.b64decode(c["data"]) for c in got["output"]], got["next_offset"]), ([b"lo"], 5)
+        )
         response, got = await self.request("GET", f"/api/commands/{cid}?offset=12")
         self.assertEqual((response.code, got["field"]), (400, "offset"))
-        await self.store.update_command(cid, status="success", exit_code=0,
-                                        result={"success": True, "stdout": "aGVsbG8K"})
+        await self.store.update_command(
+            cid, status="success", exit_code=0, result={"success": True, "stdout": "aGVsbG8K"}
+        )
         _, got = await self.request("GET", f"/api/commands/{cid}?offset=11")
         self.assertEqual((got["output"], got["complete"], got["exit_code"]), ([], True, 0))
         self.assertNotIn("stdout", got["result"])
@@ -510,29 +651,33 @@ class CommandTests(APITestBase):
     async def test_ansible_and_cancel(self) -> None:
         agent_id = await self.add_agent(22001)
         response, body = await self.request(
-            "POST", f"/api/agents/{agent_id}/ansible",
-            body={"playbook": "ping.yml", "extra_vars": {"x": [1, 2]}, "timeout": 60})
+            "POST",
+            f"/api/agents/{agent_id}/ansible",
+            body={"playbook": "ping.yml", "extra_vars": {"x": [1, 2]}, "timeout": 60},
+        )
         self.assertEqual((response.code, body["kind"]), (201, "ansible"))
         self.assertEqual(self.queue.added[-1]["extra_vars"], {"x": [1, 2]})
         self.queue.fail_with = AgentRPCError("retryable", "connection refused", 3)
         response, err = await self.request("POST", f"/api/commands/{body['id']}/cancel")
-        self.assertEqual((response.code, err["reason"], err["kind"]),
-                         (502, "connection refused", "retryable"))
+        self.assertEqual(
+            (response.code, err["reason"], err["kind"]), (502, "connection refused", "retryable")
+        )
         self.queue.fail_with = None
         response, body = await self.request("POST", f"/api/commands/{body['id']}/cancel")
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.queue.cancelled), 1)
         await self.store.update_command(body["id"], status="failed", reason="cancelled")
-        response, body = await self.request("POST", f"/api/commands/{body['id']}/cancel",
-                                            body={})
+        response, body = await self.request("POST", f"/api/commands/{body['id']}/cancel", body={})
         self.assertEqual((response.code, body["status"]), (409, "failed"))
         self.assertEqual(len(self.queue.cancelled), 1)
 
     async def test_bulk(self) -> None:
         ids = [await self.add_agent(23000 + i) for i in range(3)]
         response, body = await self.request(
-            "POST", "/api/commands",
-            body={"agents": [ids[2], ids[0], ids[2]], "command": "hostname"})
+            "POST",
+            "/api/commands",
+            body={"agents": [ids[2], ids[0], ids[2]], "command": "hostname"},
+        )
         self.assertEqual(response.code, 201, body)
         self.assertEqual([c["agent_id"] for c in body["commands"]], [ids[2], ids[0]])
         for entry in body["commands"]:
@@ -540,36 +685,43 @@ class CommandTests(APITestBase):
             assert rec is not None
             self.assertEqual((rec.agent_id, rec.command), (entry["agent_id"], "hostname"))
         response, body = await self.request(
-            "POST", "/api/commands", body={"agents": "all", "command": "hostname",
-                                           "args": ["-f"], "timeout": 3})
+            "POST",
+            "/api/commands",
+            body={"agents": "all", "command": "hostname", "args": ["-f"], "timeout": 3},
+        )
         self.assertEqual(sorted(c["agent_id"] for c in body["commands"]), ids)
         self.assertEqual(len({c["id"] for c in body["commands"]}), 3)
 
     async def test_internal_error_is_json_without_traceback(self) -> None:
         agent_id = await self.add_agent(22002)
         self.queue.fail_with = RuntimeError("boom: secret detail")
-        response, body = await self.request("POST", f"/api/agents/{agent_id}/commands",
-                                            body={"command": "x"})
+        response, body = await self.request(
+            "POST", f"/api/agents/{agent_id}/commands", body={"command": "x"}
+        )
         self.assertEqual(response.code, 500)
         self.assertEqual(body["error"], "internal error")
-        self.assertEqual(body["request_id"],
-                         response.headers.getRawHeaders(b"x-request-id")[0].decode())
+        self.assertEqual(
+            body["request_id"], response.headers.getRawHeaders(b"x-request-id")[0].decode()
+        )
         self.assertNotIn("boom", json.dumps(body))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         # bulk: one failure is reported per agent, not as a 500
-        response, body = await self.request("POST", "/api/commands",
-                                            body={"agents": [agent_id], "command": "x"})
+        response, body = await self.request(
+            "POST", "/api/commands", body={"agents": [agent_id], "command": "x"}
+        )
         self.assertEqual(response.code, 201)
-        self.assertEqual(body["commands"], [{"agent_id": agent_id,
-                                             "error": "could not create the command"}])
+        self.assertEqual(
+            body["commands"], [{"agent_id": agent_id, "error": "could not create the command"}]
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class LiveOutputTests(APITestBase):
     async def _command(self) -> int:
         agent_id = await self.add_agent(24000)
-        rec = await self.store.create_command(agent_id=agent_id, kind="command", command="x",
-                                              args=[], timeout=None)
+        rec = await self.store.create_command(
+            agent_id=agent_id, kind="command", command="x", args=[], timeout=None
+        )
         return rec.id
 
     async def test_long_poll_wakes_on_output(self) -> None:
@@ -602,15 +754,16 @@ class LiveOutputTests(APITestBase):
         response, body = await self.request("GET", f"/api/commands/{cid}?wait=30")
         self.assertEqual((body["status"], body["complete"]), ("failed", True))
 
-    async def _open_stream(self, path: str, headers: dict[bytes, list[bytes]] | None = None
-                           ) -> tuple[Any, SSEReader]:
+    async def _open_stream(
+        self, path: str, headers: dict[bytes, list[bytes]] | None = None
+    ) -> tuple[Any, SSEReader]:
         hdrs = dict(AUTH)
         hdrs.update(headers or {})
-        response = await self.settle(self.stub.request("GET", "http://myxd" + path,
-                                                       headers=hdrs))
+        response = await self.settle(self.stub.request("GET", "http://myxd" + path, headers=hdrs))
         self.assertEqual(response.code, 200)
-        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(
-            b"text/event-stream"))
+        self.assertTrue(
+            response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/event-stream")
+        )
         reader = SSEReader()
         response.deliverBody(reader)
         return response, reader
@@ -632,25 +785,34 @@ class LiveOutputTests(APITestBase):
         await self.wait_events(reader, lambda ev: ev[-1].get("event") == "final")
         await self.settle(reader.done)
         events = reader.parser.events
-        output = [(e["id"], e["data"]["offset"], e["data"]["stream"],
-                   base64.b64decode(e["data"]["data"])) for e in events if e["event"] == "output"]
-        self.assertEqual(output, [("3", 0, "stdout", b"abc"), ("6", 3, "stderr", b"def"),
-                                  ("7", 6, "stderr", b"g")])
+        output = [
+            (e["id"], e["data"]["offset"], e["data"]["stream"], base64.b64decode(e["data"]["data"]))
+            for e in events
+            if e["event"] == "output"
+        ]
+        self.assertEqual(
+            output,
+            [("3", 0, "stdout", b"abc"), ("6", 3, "stderr", b"def"), ("7", 6, "stderr", b"g")],
+        )
         self.assertEqual(events[-1]["data"]["status"], "success")
         self.assertEqual(events[-1]["data"]["exit_code"], 0)
         self.assertEqual(reader.parser.retry, 1000)
         self.assertEqual(self.queue.live_subscriptions(), 0)
         # resume: Last-Event-ID wins over ?offset
-        _, again = await self._open_stream(f"/api/commands/{cid}/stream?offset=0",
-                                           {b"Last-Event-ID": [b"4"]})
+        _, again = await self._open_stream(
+            f"/api/commands/{cid}/stream?offset=0", {b"Last-Event-ID": [b"4"]}
+        )
         await self.settle(again.done)
-        self.assertEqual([(e["event"], e["data"].get("data")) for e in again.parser.events],
-                         [("output", base64.b64encode(b"efg").decode()), ("final", None)])
+        self.assertEqual(
+            [(e["event"], e["data"].get("data")) for e in again.parser.events],
+            [("output", base64.b64encode(b"efg").decode()), ("final", None)],
+        )
         _, again = await self._open_stream(f"/api/commands/{cid}/stream?offset=7")
         await self.settle(again.done)
         self.assertEqual([e["event"] for e in again.parser.events], ["final"])
-        response, body = await self.request("GET", f"/api/commands/{cid}/stream",
-                                            headers={b"Last-Event-ID": [b"x"]})
+        response, body = await self.request(
+            "GET", f"/api/commands/{cid}/stream", headers={b"Last-Event-ID": [b"x"]}
+        )
         self.assertEqual((response.code, body["field"]), (400, "Last-Event-ID"))
         response, body = await self.request("GET", f"/api/commands/{cid}/stream?offset=8")
         self.assertEqual((response.code, body["field"]), (400, "offset"))
@@ -695,13 +857,15 @@ class OpenAPITests(APITestBase):
         response, doc = await self.request("GET", "/api/openapi.json")
         self.assertEqual(response.code, 200)
         self.assertTrue(doc["openapi"].startswith("3.0"))
-        served = {(openapi_path(rule), method.lower())
-                  for rule, method in routes(AdminAPI._app.url_map)
-                  if not rule.startswith("/api/servers")
-                  # the web console's static files are not part of the API
-                  and rule != "/" and not rule.startswith("/console/")}
-        documented = {(path, method) for path, ops in doc["paths"].items()
-                      for method in ops}
+        served = {
+            (openapi_path(rule), method.lower())
+            for rule, method in routes(AdminAPI._app.url_map)
+            if not rule.startswith("/api/servers")
+            # the web console's static files are not part of the API
+            and rule != "/"
+            and not rule.startswith("/console/")
+        }
+        documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
         self.assertEqual(served, documented)
         for path, ops in doc["paths"].items():
             for method, op in ops.items():
@@ -717,6 +881,7 @@ class OpenAPITests(APITestBase):
 
 def _path_vars(path: str) -> list[str]:
     import re
+
     return re.findall(r"{([^}]+)}", path)
 
 
@@ -772,9 +937,16 @@ class ServersMountTests(APITestBase):
                 return False
 
         servers = ServersAPI(self.store, Installer(), reactor=reactor)
-        api = AdminAPI(self.store, self.queue, self.rpc,  # type: ignore[arg-type]
-                       Settings(), self.clock, metrics=self.metrics, admin_token=TOKEN,
-                       servers_api=servers)
+        api = AdminAPI(
+            self.store,
+            self.queue,  # type: ignore[arg-type]
+            self.rpc,  # type: ignore[arg-type]
+            Settings(),
+            self.clock,
+            metrics=self.metrics,
+            admin_token=TOKEN,
+            servers_api=servers,
+        )
         self.stub = StubTreq(api.resource())
         for path in ("/api/servers", "/api/servers/"):
             response, body = await self.request("GET", path)
@@ -799,8 +971,9 @@ class MetricsTests(APITestBase):
     async def test_scrape_parses_and_counts(self) -> None:
         a = await self.add_agent(25000)
         await self.add_agent(25001, status="offline")
-        await self.store.create_command(agent_id=a, kind="command", command="x", args=[],
-                                        timeout=None)
+        await self.store.create_command(
+            agent_id=a, kind="command", command="x", args=[], timeout=None
+        )
         for latency in (0.0004, 0.003, 0.003, 42.0):
             self.metrics.observe_heartbeat(latency)
         self.metrics.rpc_error("retryable")
@@ -809,15 +982,21 @@ class MetricsTests(APITestBase):
         self.metrics.poll_lag(0.02)
         response, text = await self.request("GET", "/metrics")
         self.assertEqual(response.code, 200)
-        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(
-            b"text/plain; version=0.0.4"))
+        self.assertTrue(
+            response.headers.getRawHeaders(b"content-type")[0].startswith(
+                b"text/plain; version=0.0.4"
+            )
+        )
         fams = parse_prometheus(text.decode())
         agents = {s[1]["status"]: s[2] for s in fams["myxd_agents"]["samples"]}
         self.assertEqual(agents, {"online": 1, "offline": 1, "installing": 0, "error": 0})
         commands = {s[1]["status"]: s[2] for s in fams["myxd_commands"]["samples"]}
         self.assertEqual(commands["running"], 1)
-        hb = {s[1].get("le"): s[2] for s in fams["myxd_heartbeat_latency_seconds"]["samples"]
-              if s[0].endswith("_bucket")}
+        hb = {
+            s[1].get("le"): s[2]
+            for s in fams["myxd_heartbeat_latency_seconds"]["samples"]
+            if s[0].endswith("_bucket")
+        }
         self.assertEqual((hb["0.001"], hb["0.005"], hb["30"], hb["+Inf"]), (1, 3, 3, 4))
         errors = {s[1]["kind"]: s[2] for s in fams["myxd_rpc_errors_total"]["samples"]}
         self.assertEqual(errors, {"retryable": 1, "auth": 1, "final": 0, "other": 1})
@@ -831,6 +1010,7 @@ class MetricsTests(APITestBase):
         import re
 
         import myxd
+
         root = os.path.dirname(myxd.__file__)
         names: set[str] = set()
         for dirpath, _dirs, files in os.walk(root):
@@ -846,9 +1026,13 @@ class MetricsTests(APITestBase):
 
     def test_parser_rejects_garbage(self) -> None:
         # the parser used above must be able to fail
-        for bad in ["foo 1\n", "# TYPE foo gauge\nfoo{a=b} 1\n", "# HELP foo x\n# TYPE foo"
-                    " gauge\nfoo one\n", "# HELP h x\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\n"
-                    "h_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n"]:
+        for bad in [
+            "foo 1\n",
+            "# TYPE foo gauge\nfoo{a=b} 1\n",
+            "# HELP foo x\n# TYPE foo gauge\nfoo one\n",
+            '# HELP h x\n# TYPE h histogram\nh_bucket{le="1"} 2\n'
+            'h_bucket{le="+Inf"} 1\nh_sum 1\nh_count 1\n',
+        ]:
             self.assertRaises(AssertionError, parse_prometheus, bad)
 
 
@@ -859,19 +1043,32 @@ class BoundedSiteTests(TestCase):
 
     async def test_too_large_body_over_loopback(self) -> None:
         from twisted.internet.endpoints import TCP4ServerEndpoint
-        api = AdminAPI(None, None, None, Settings(), reactor,  # type: ignore[arg-type]
-                       metrics=Metrics(), admin_token=TOKEN)
+
+        api = AdminAPI(
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            Settings(),
+            reactor,
+            metrics=Metrics(),
+            admin_token=TOKEN,
+        )
         site = api.site()
         self.assertIs(site.requestFactory, BoundedRequest)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
         from twisted.web.client import HTTPConnectionPool
+
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
         url = f"http://127.0.0.1:{port.getHost().port}/api/agents"
         big = b"x" * (3 * 1024 * 1024)
-        response = await treq.post(url, data=big, headers=dict(AUTH),  # type: ignore[arg-type]
-                                   pool=pool)
+        response = await treq.post(
+            url,
+            data=big,
+            headers=dict(AUTH),  # type: ignore[arg-type]
+            pool=pool,
+        )
         body = json.loads(await treq.content(response))
         self.assertEqual((response.code, body["field"]), (413, "body"))
         # unauthenticated: 401 (the token is checked before the size)
@@ -881,6 +1078,7 @@ class BoundedSiteTests(TestCase):
 
     def test_chunked_body_is_capped(self) -> None:
         from twisted.web.test.requesthelper import DummyChannel
+
         req = BoundedRequest(DummyChannel())
         req.gotLength(None)
         for _ in range(3):

@@ -17,16 +17,21 @@ from tests.support.agent_process import REPO_ROOT, free_port, start_agent
 class CLITest(DaemonTestCase):
     timeout = 300
 
-    async def myx(self, *argv: str, token: str | None = TOKEN,
-                  env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+    async def myx(
+        self, *argv: str, token: str | None = TOKEN, env: dict[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
         full_env = {k: v for k, v in os.environ.items() if k not in ("MYX_TOKEN", "MYX_API")}
         full_env["PYTHONPATH"] = REPO_ROOT
         if token is not None:
             full_env["MYX_TOKEN"] = token
         full_env.update(env or {})
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "myxd.cli", "--api", self.daemon.base, *argv],
-            env=full_env, path=self.temp_dir(), reactor=self.reactor)
+            sys.executable,
+            ["-m", "myxd.cli", "--api", self.daemon.base, *argv],
+            env=full_env,
+            path=self.temp_dir(),
+            reactor=self.reactor,
+        )
         return code, out, err
 
     async def adopted_agent(self) -> tuple[Any, int]:
@@ -40,8 +45,9 @@ class CLITest(DaemonTestCase):
         self.assertEqual(code, 0, err)
         lines = out.decode().splitlines()
         self.assertEqual(lines[0].split()[:4], ["ID", "HOST", "PORT", "STATUS"])
-        self.assertEqual(lines[1].split()[:4],
-                         [str(agent_id), "127.0.0.1", str(agent.port), "online"])
+        self.assertEqual(
+            lines[1].split()[:4], [str(agent_id), "127.0.0.1", str(agent.port), "online"]
+        )
 
         # stdout and stderr come back on their own streams; the exit code passes through.
         script = "printf 'out-1\\n'; printf 'err-1\\n' >&2; printf 'out-2\\n'; exit 3"
@@ -51,8 +57,9 @@ class CLITest(DaemonTestCase):
         self.assertIn(b"err-1\n", err)
         self.assertIn(b"failed (exit code 3)", err)
 
-        code, out, err = await self.myx("run", str(agent_id), "--no-follow", "--",
-                                        "/bin/echo", "hello")
+        code, out, err = await self.myx(
+            "run", str(agent_id), "--no-follow", "--", "/bin/echo", "hello"
+        )
         self.assertEqual(code, 0, err)
         command_id = int(out.strip())
         final = await self.wait_final(command_id)
@@ -88,9 +95,19 @@ class CLITest(DaemonTestCase):
         self.assertEqual(code, 2)
         self.assertIn(b"HTTP 404", err)
 
-        code, _, err = await self.myx("adopt", "--host", "127.0.0.1", "--rpc-port", "1",
-                                      "--rpc-path", "p" * 20, "--fingerprint", "zz",
-                                      "--agent-token", "t" * 20)
+        code, _, err = await self.myx(
+            "adopt",
+            "--host",
+            "127.0.0.1",
+            "--rpc-port",
+            "1",
+            "--rpc-path",
+            "p" * 20,
+            "--fingerprint",
+            "zz",
+            "--agent-token",
+            "t" * 20,
+        )
         self.assertEqual(code, 2)
         self.assertIn(b"field: cert_fingerprint", err)
 

@@ -15,10 +15,21 @@ from myxd.rpc import AgentEndpoint, RemoteError
 from myxd.store.records import CommandRecord
 from tests.daemon.fleet_fakes import FakeStore, ScriptedRPC, agent_record, settings, unreachable
 
-OK_RESULT = {"success": True, "return_code": 0, "stdout": "aGk=", "stderr": "",
-             "stdout_truncated": False, "stderr_truncated": False, "timed_out": False,
-             "cancelled": False, "interrupted": False, "error": None,
-             "started_at": 1.0, "finished_at": 2.5, "kind": "command"}
+OK_RESULT = {
+    "success": True,
+    "return_code": 0,
+    "stdout": "aGk=",
+    "stderr": "",
+    "stdout_truncated": False,
+    "stderr_truncated": False,
+    "timed_out": False,
+    "cancelled": False,
+    "interrupted": False,
+    "error": None,
+    "started_at": 1.0,
+    "finished_at": 2.5,
+    "kind": "command",
+}
 
 
 class FakeCommandLog:
@@ -48,7 +59,7 @@ class FakeCommandLog:
     def _wake(self) -> None:
         waiters, self.waiters = self.waiters, []
         for w in waiters:
-            if not w.called:        # a long-poll that timed out is already answered
+            if not w.called:  # a long-poll that timed out is already answered
                 w.callback(None)
 
     def read(self, params: dict[str, Any]) -> Any:
@@ -73,15 +84,24 @@ class FakeCommandLog:
             return d.addCallback(answer)
         for start, stream, data in self.segments:
             if start <= offset < start + len(data):
-                piece = data[offset - start:][:cap]
+                piece = data[offset - start :][:cap]
                 end = offset + len(piece)
                 final = self.result is not None and end == self.size
-                return {"log_data": base64.b64encode(piece).decode(), "log_type": stream,
-                        "new_offset": end, "is_final": final,
-                        "result": self.result if final else None}
+                return {
+                    "log_data": base64.b64encode(piece).decode(),
+                    "log_type": stream,
+                    "new_offset": end,
+                    "is_final": final,
+                    "result": self.result if final else None,
+                }
         final = self.result is not None
-        return {"log_data": "", "log_type": None, "new_offset": offset, "is_final": final,
-                "result": self.result if final else None}
+        return {
+            "log_data": "",
+            "log_type": None,
+            "new_offset": offset,
+            "is_final": final,
+            "result": self.result if final else None,
+        }
 
 
 class Metrics:
@@ -128,8 +148,13 @@ class QueueTestCase(TestCase):
         return self.logs[uid]
 
     def queue(self, **overrides: Any) -> CommandQueue:
-        q = CommandQueue(self.store, self.rpc, settings(**overrides), self.clock,  # type: ignore[arg-type]
-                         metrics=self.metrics)
+        q = CommandQueue(
+            self.store,  # type: ignore[arg-type]
+            self.rpc,  # type: ignore[arg-type]
+            settings(**overrides),
+            self.clock,
+            metrics=self.metrics,
+        )
         self.addCleanup(self.stop, q)
         return q
 
@@ -142,10 +167,19 @@ class QueueTestCase(TestCase):
         self.successResultOf(q.stopService())
         self.assertEqual([c for c in self.store.commands if q.is_polling(c)], [])
 
-    def add(self, q: CommandQueue, command: str = "echo", args: list[str] | None = None,
-            timeout: float | None = 10, **kw: Any) -> CommandRecord:
-        return self.successResultOf(Deferred.fromCoroutine(
-            q.add_command(1, command, args if args is not None else ["hi"], timeout, **kw)))
+    def add(
+        self,
+        q: CommandQueue,
+        command: str = "echo",
+        args: list[str] | None = None,
+        timeout: float | None = 10,
+        **kw: Any,
+    ) -> CommandRecord:
+        return self.successResultOf(
+            Deferred.fromCoroutine(
+                q.add_command(1, command, args if args is not None else ["hi"], timeout, **kw)
+            )
+        )
 
     def record(self, command_id: int) -> CommandRecord:
         return self.store.commands[command_id]
@@ -163,13 +197,28 @@ class StreamingTests(QueueTestCase):
         self.assertEqual(rec.status, "running")
         method, params = self.rpc.calls[0]
         self.assertEqual(method, "execute_command")
-        self.assertEqual(params, {"command": "echo", "args": ["hello"], "timeout": 10.0,
-                                  "command_id": rec.command_uid, "env": {"A": "1"},
-                                  "cwd": "/tmp"})
+        self.assertEqual(
+            params,
+            {
+                "command": "echo",
+                "args": ["hello"],
+                "timeout": 10.0,
+                "command_id": rec.command_uid,
+                "env": {"A": "1"},
+                "cwd": "/tmp",
+            },
+        )
         self.assertEqual(self.record(rec.id).attempts, 1)
         [poll] = self.log_calls()
-        self.assertEqual(poll, {"command_id": rec.command_uid, "offset": 0, "wait": 10.0,
-                                "max_bytes": LOG_CHUNK_BYTES})
+        self.assertEqual(
+            poll,
+            {
+                "command_id": rec.command_uid,
+                "offset": 0,
+                "wait": 10.0,
+                "max_bytes": LOG_CHUNK_BYTES,
+            },
+        )
         log = self.logs[rec.command_uid]
         log.write("stdout", b"hello\n")
         self.assertEqual(bytes(self.store.output[rec.id]), b"hello\n")
@@ -179,8 +228,10 @@ class StreamingTests(QueueTestCase):
         self.assertEqual(bytes(self.store.output[rec.id]), b"hello\noops\n")
         self.assertEqual([s for _, s, _ in self.store.streams[rec.id]], ["stdout", "stderr"])
         final = self.record(rec.id)
-        self.assertEqual((final.status, final.exit_code, final.reason, final.finished_at),
-                         ("success", 0, None, 2.5))
+        self.assertEqual(
+            (final.status, final.exit_code, final.reason, final.finished_at),
+            ("success", 0, None, 2.5),
+        )
         assert final.result is not None
         self.assertNotIn("stdout", final.result)
         self.assertEqual(final.result["kind"], "command")
@@ -195,13 +246,15 @@ class StreamingTests(QueueTestCase):
         q = self.queue()
         rec = self.add(q)
         log = self.logs[rec.command_uid]
-        big = bytes(range(256)) * 2500          # 640,000 bytes: three reads
+        big = bytes(range(256)) * 2500  # 640,000 bytes: three reads
         log.write("stdout", big)
         log.finish(OK_RESULT)
         self.assertEqual(bytes(self.store.output[rec.id]), big)
         # Three reads back to back, then one long-poll at the end that the final ends.
-        self.assertEqual([p["offset"] for p in self.log_calls()],
-                         [0, LOG_CHUNK_BYTES, 2 * LOG_CHUNK_BYTES, len(big)])
+        self.assertEqual(
+            [p["offset"] for p in self.log_calls()],
+            [0, LOG_CHUNK_BYTES, 2 * LOG_CHUNK_BYTES, len(big)],
+        )
         self.assertEqual(self.record(rec.id).status, "success")
 
     def test_quiet_command_with_long_poll_costs_one_request_per_wait(self) -> None:
@@ -221,7 +274,8 @@ class StreamingTests(QueueTestCase):
         q = self.queue(log_poll_wait=10, log_poll_interval=1)
         self.rpc.handlers["execute_command"] = lambda ep, p: (
             self.log_for(p["command_id"], long_poll=False),
-            {"status": "running", "command_id": p["command_id"]})[1]
+            {"status": "running", "command_id": p["command_id"]},
+        )[1]
         self.add(q)
         self.assertEqual(len(self.log_calls()), 1)
         self.clock.advance(0.75)
@@ -235,17 +289,32 @@ class StreamingTests(QueueTestCase):
 
     def test_ansible_goes_through_the_same_path(self) -> None:
         q = self.queue()
-        rec = self.successResultOf(Deferred.fromCoroutine(
-            q.add_ansible(1, "ping.yml", {"x": 1}, 60)))
+        rec = self.successResultOf(
+            Deferred.fromCoroutine(q.add_ansible(1, "ping.yml", {"x": 1}, 60))
+        )
         self.assertEqual((rec.kind, rec.command), ("ansible", "ping.yml"))
         method, params = self.rpc.calls[0]
-        self.assertEqual((method, params), ("execute_ansible", {
-            "playbook": "ping.yml", "extra_vars": {"x": 1}, "timeout": 60.0,
-            "command_id": rec.command_uid}))
+        self.assertEqual(
+            (method, params),
+            (
+                "execute_ansible",
+                {
+                    "playbook": "ping.yml",
+                    "extra_vars": {"x": 1},
+                    "timeout": 60.0,
+                    "command_id": rec.command_uid,
+                },
+            ),
+        )
         log = self.logs[rec.command_uid]
         log.write("stdout", b"PLAY [ping]\n")
-        log.finish({**OK_RESULT, "kind": "ansible",
-                    "ansible": {"status": "successful", "rc": 0, "stats": {}}})
+        log.finish(
+            {
+                **OK_RESULT,
+                "kind": "ansible",
+                "ansible": {"status": "successful", "rc": 0, "stats": {}},
+            }
+        )
         final = self.record(rec.id)
         self.assertEqual(final.status, "success")
         assert final.result is not None
@@ -257,8 +326,9 @@ class FailureTests(QueueTestCase):
     def test_agent_reported_timeout_fails_without_retry(self) -> None:
         q = self.queue()
         rec = self.add(q)
-        self.logs[rec.command_uid].finish({**OK_RESULT, "success": False,
-                                           "return_code": -15, "timed_out": True})
+        self.logs[rec.command_uid].finish(
+            {**OK_RESULT, "success": False, "return_code": -15, "timed_out": True}
+        )
         final = self.record(rec.id)
         self.assertEqual(final.status, "failed")
         self.assertEqual(final.exit_code, -15)
@@ -272,8 +342,9 @@ class FailureTests(QueueTestCase):
         rec = self.add(q)
         self.logs[rec.command_uid].finish({**OK_RESULT, "success": False, "return_code": 3})
         final = self.record(rec.id)
-        self.assertEqual((final.status, final.exit_code, final.reason),
-                         ("failed", 3, "exit code 3"))
+        self.assertEqual(
+            (final.status, final.exit_code, final.reason), ("failed", 3, "exit code 3")
+        )
 
     def test_unreachable_at_execute_fails_and_counts_towards_reinstall(self) -> None:
         self.rpc.handlers["execute_command"] = lambda ep, p: unreachable(3)
@@ -294,7 +365,7 @@ class FailureTests(QueueTestCase):
         q = self.queue()
         rec = self.add(q)
         self.rpc.handlers["get_command_log"] = lambda ep, p: unreachable(3)
-        self.clock.advance(10)      # the pending long-poll returns empty; next poll fails
+        self.clock.advance(10)  # the pending long-poll returns empty; next poll fails
         final = self.record(rec.id)
         self.assertEqual(final.status, "failed")
         self.assertIn("unreachable", final.reason or "")
@@ -321,7 +392,11 @@ class FailureTests(QueueTestCase):
     def test_garbled_log_response_fails_cleanly(self) -> None:
         q = self.queue()
         self.rpc.handlers["get_command_log"] = lambda ep, p: {
-            "log_data": "!!!", "log_type": "stdout", "new_offset": 3, "is_final": False}
+            "log_data": "!!!",
+            "log_type": "stdout",
+            "new_offset": 3,
+            "is_final": False,
+        }
         rec = self.add(q)
         self.assertEqual(self.record(rec.id).status, "failed")
         self.assertIn("base64", self.record(rec.id).reason or "")
@@ -390,8 +465,9 @@ class InputTests(QueueTestCase):
 
     def test_unknown_agent(self) -> None:
         q = self.queue()
-        self.failureResultOf(Deferred.fromCoroutine(q.add_command(99, "ls", [], None)),
-                             NotFoundError)
+        self.failureResultOf(
+            Deferred.fromCoroutine(q.add_command(99, "ls", [], None)), NotFoundError
+        )
         self.assertEqual(self.store.commands, {})
 
 
@@ -414,17 +490,31 @@ class BoundTests(QueueTestCase):
         q = self.queue(max_log_pollers=1, log_poll_wait=10)
         self.add(q, "a")
         self.add(q, "b")
-        self.clock.advance(10)      # first long-poll ends; the second poller gets the slot
+        self.clock.advance(10)  # first long-poll ends; the second poller gets the slot
         self.assertIn(10.0, self.metrics.lags)
 
 
 class ResumeTests(QueueTestCase):
     def running(self, *, offset: int, attempts: int, uid: str = "uid-r") -> CommandRecord:
         rec = CommandRecord(
-            id=50, agent_id=1, command_uid=uid, kind="command", command="seq", args=[],
-            timeout=None, extra=None, status="running", exit_code=None, reason=None,
-            result=None, attempts=attempts, output_offset=offset, created_at=0.0,
-            started_at=0.0, finished_at=None)
+            id=50,
+            agent_id=1,
+            command_uid=uid,
+            kind="command",
+            command="seq",
+            args=[],
+            timeout=None,
+            extra=None,
+            status="running",
+            exit_code=None,
+            reason=None,
+            result=None,
+            attempts=attempts,
+            output_offset=offset,
+            created_at=0.0,
+            started_at=0.0,
+            finished_at=None,
+        )
         return rec
 
     def test_resume_from_stored_offset(self) -> None:
@@ -487,8 +577,10 @@ class CancelTests(QueueTestCase):
         self.assertIn(("cancel_command", {"command_id": rec.command_uid}), self.rpc.calls)
         final = self.record(rec.id)
         self.assertEqual((final.status, final.reason), ("failed", "cancelled"))
-        self.assertIn(("command.cancel", "requested"),
-                      [(e["action"], e["outcome"]) for e in self.store.events])
+        self.assertIn(
+            ("command.cancel", "requested"),
+            [(e["action"], e["outcome"]) for e in self.store.events],
+        )
 
     def test_cancel_unknown_and_finished(self) -> None:
         q = self.queue()

@@ -49,9 +49,17 @@ class DefaultsTests(unittest.TestCase):
     def test_architecture_defaults(self) -> None:
         s = Settings()
         self.assertEqual(
-            (s.data_dir, s.api, s.admin_token, s.heartbeat_min_interval,
-             s.heartbeat_max_interval, s.rpc_retry_max_attempts, s.rpc_retry_base_delay,
-             s.rpc_timeout, s.log_poll_interval),
+            (
+                s.data_dir,
+                s.api,
+                s.admin_token,
+                s.heartbeat_min_interval,
+                s.heartbeat_max_interval,
+                s.rpc_retry_max_attempts,
+                s.rpc_retry_base_delay,
+                s.rpc_timeout,
+                s.log_poll_interval,
+            ),
             ("./myxd-data", "tcp:8470:interface=127.0.0.1", None, 20, 60, 3, 1, 30, 1),
         )
         self.assertLess(s.rpc_pool_idle_timeout, 180)
@@ -108,12 +116,16 @@ class OptionsTests(unittest.TestCase):
             (["--heartbeat-concurrency", "2.5"], "--heartbeat-concurrency: expected an integer"),
             (["--rpc-timeout", "0"], "--rpc-timeout: must be greater than 0"),
             (["--max-log-pollers", "-3"], "--max-log-pollers: must be greater than 0"),
-            (["--heartbeat-min-interval", "90"],
-             "--heartbeat-min-interval: heartbeat_min_interval (90) is greater than "
-             "heartbeat_max_interval (60)"),
-            (["--heartbeat-max-interval", "5"],
-             "--heartbeat-max-interval: heartbeat_min_interval (20) is greater than "
-             "heartbeat_max_interval (5)"),
+            (
+                ["--heartbeat-min-interval", "90"],
+                "--heartbeat-min-interval: heartbeat_min_interval (90) is greater than "
+                "heartbeat_max_interval (60)",
+            ),
+            (
+                ["--heartbeat-max-interval", "5"],
+                "--heartbeat-max-interval: heartbeat_min_interval (20) is greater than "
+                "heartbeat_max_interval (5)",
+            ),
             (["--rpc-pool-idle-timeout", "180"], "--rpc-pool-idle-timeout: must be below"),
             (["--log-poll-wait", "31"], "--log-poll-wait: must be at most 30"),
             (["--rpc-retry-max-attempts", "-1"], "--rpc-retry-max-attempts: must be at least 0"),
@@ -132,10 +144,14 @@ class OptionsTests(unittest.TestCase):
 
     def test_min_max_message_when_both_from_flags(self) -> None:
         with self.assertRaises(usage.UsageError) as e:
-            Options().parseOptions(["--heartbeat-min-interval", "5",
-                                    "--heartbeat-max-interval", "4"])
-        self.assertEqual(str(e.exception), "--heartbeat-max-interval: heartbeat_min_interval (5)"
-                         " is greater than heartbeat_max_interval (4)")
+            Options().parseOptions(
+                ["--heartbeat-min-interval", "5", "--heartbeat-max-interval", "4"]
+            )
+        self.assertEqual(
+            str(e.exception),
+            "--heartbeat-max-interval: heartbeat_min_interval (5)"
+            " is greater than heartbeat_max_interval (4)",
+        )
 
     def test_equal_min_max_allowed(self) -> None:
         s = self.parse("--heartbeat-min-interval", "0.5", "--heartbeat-max-interval", "0.5")
@@ -195,12 +211,17 @@ class TomlTests(unittest.TestCase):
         self.fails("rpc_timeout = true\n", "FILE: rpc_timeout: expected a number, got true")
         self.fails("rpc_timeout = nan\n", "FILE: rpc_timeout: expected a number")
         self.fails("rpc_timeout = inf\n", "FILE: rpc_timeout: expected a number")
-        self.fails("heartbeat_concurrency = 2.5\n",
-                   "FILE: heartbeat_concurrency: expected an integer, got 2.5")
-        self.fails("heartbeat_concurrency = false\n",
-                   "FILE: heartbeat_concurrency: expected an integer, got false")
-        self.fails('heartbeat_concurrency = "10"\n',
-                   "FILE: heartbeat_concurrency: expected an integer")
+        self.fails(
+            "heartbeat_concurrency = 2.5\n",
+            "FILE: heartbeat_concurrency: expected an integer, got 2.5",
+        )
+        self.fails(
+            "heartbeat_concurrency = false\n",
+            "FILE: heartbeat_concurrency: expected an integer, got false",
+        )
+        self.fails(
+            'heartbeat_concurrency = "10"\n', "FILE: heartbeat_concurrency: expected an integer"
+        )
         self.fails("data_dir = 5\n", "FILE: data_dir: expected a string, got 5")
         self.fails("api = [1, 2]\n", "FILE: api: expected a string, got an array")
         self.fails("admin_token = {a = 1}\n", "FILE: admin_token: expected a string, got a table")
@@ -211,19 +232,25 @@ class TomlTests(unittest.TestCase):
                 # Zero retries is a valid choice (fail on the first error), and
                 # a zero log_poll_wait is the architecture's plain polling.
                 zero_ok = name in ("rpc_retry_max_attempts", "log_poll_wait")
-                for bad in ((-1,) if zero_ok else (0, -1)):
+                for bad in (-1,) if zero_ok else (0, -1):
                     self.fails(f"{name} = {bad}\n", f"FILE: {name}: must be")
 
     def test_min_greater_than_max(self) -> None:
-        self.fails("heartbeat_min_interval = 10\nheartbeat_max_interval = 5\n",
-                   "FILE: heartbeat_min_interval (10) is greater than heartbeat_max_interval (5)")
-        self.fails("heartbeat_min_interval = 100\n",
-                   "FILE: heartbeat_min_interval (100) is greater than heartbeat_max_interval (60)")
+        self.fails(
+            "heartbeat_min_interval = 10\nheartbeat_max_interval = 5\n",
+            "FILE: heartbeat_min_interval (10) is greater than heartbeat_max_interval (5)",
+        )
+        self.fails(
+            "heartbeat_min_interval = 100\n",
+            "FILE: heartbeat_min_interval (100) is greater than heartbeat_max_interval (60)",
+        )
         # The flag that broke the relation is the one named.
-        self.fails("heartbeat_min_interval = 10\n",
-                   "--heartbeat-max-interval: heartbeat_min_interval (10) is greater than "
-                   "heartbeat_max_interval (5)",
-                   overrides={"heartbeat_max_interval": "5"})
+        self.fails(
+            "heartbeat_min_interval = 10\n",
+            "--heartbeat-max-interval: heartbeat_min_interval (10) is greater than "
+            "heartbeat_max_interval (5)",
+            overrides={"heartbeat_max_interval": "5"},
+        )
 
     def test_other_ranges(self) -> None:
         self.fails("rpc_pool_idle_timeout = 200\n", "FILE: rpc_pool_idle_timeout: must be below")
@@ -231,8 +258,10 @@ class TomlTests(unittest.TestCase):
         self.fails('admin_token = "tiny"\n', "FILE: admin_token: must be at least 16")
         self.fails('data_dir = ""\n', "FILE: data_dir: must not be empty")
         self.fails('api = ""\n', "FILE: api: must not be empty")
-        self.fails('install_dependency_mode = "magic"\n',
-                   "FILE: install_dependency_mode: must be one of wheelhouse, index")
+        self.fails(
+            'install_dependency_mode = "magic"\n',
+            "FILE: install_dependency_mode: must be one of wheelhouse, index",
+        )
 
     def test_not_toml(self) -> None:
         self.fails("rpc_timeout = = 5\n", "FILE: not valid TOML")
@@ -253,8 +282,9 @@ class TomlTests(unittest.TestCase):
         path = self.write("heartbeat_concurrency = 0\n")
         with self.assertRaises(usage.UsageError) as e:
             Options().parseOptions(["--config", path])
-        self.assertEqual(str(e.exception),
-                         f"{path}: heartbeat_concurrency: must be greater than 0, got 0")
+        self.assertEqual(
+            str(e.exception), f"{path}: heartbeat_concurrency: must be greater than 0, got 0"
+        )
 
     def test_settings_frozen(self) -> None:
         with self.assertRaises(dataclasses.FrozenInstanceError):

@@ -35,13 +35,23 @@ T = TypeVar("T")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 VIEWPORT: Any = {"width": 1280, "height": 800}
 UI_WAIT_MS = 90_000  # generous: other test runs share this 2-core machine
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "myxd", "api", "static")
+STATIC_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "myxd",
+    "api",
+    "static",
+)
 CSP = "default-src 'self'"
 
 
@@ -89,24 +99,37 @@ class ConsoleRouteTests(APITestBase):
             if name != "icon.svg":
                 self.assertEqual(body, read_bytes(os.path.join(STATIC_DIR, name)))
                 self.assertEqual(etag, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
-            again, body = await self.request("GET", f"/console/{name}", auth=False,
-                                             headers={b"If-None-Match": [etag.encode()]})
+            again, body = await self.request(
+                "GET", f"/console/{name}", auth=False, headers={b"If-None-Match": [etag.encode()]}
+            )
             self.assertEqual((again.code, body), (304, b""), name)
-            other, _ = await self.request("GET", f"/console/{name}", auth=False,
-                                          headers={b"If-None-Match": [b'"0000"']})
+            other, _ = await self.request(
+                "GET", f"/console/{name}", auth=False, headers={b"If-None-Match": [b'"0000"']}
+            )
             self.assertEqual(other.code, 200)
         response, body = await self.request("HEAD", "/console/app.js", auth=False)
         self.assertEqual((response.code, body), (200, b""))
 
     async def test_only_the_allowlist_is_public(self) -> None:
-        self.assertEqual(set(PUBLIC_PATHS), {b"/", b"/console/app.js", b"/console/app.css",
-                                             b"/console/icon.svg"})
-        for path in ("/console/", "/console/nope.js", "/console/index.html", "/console/a/b",
-                     "/console/..%2Fapp.py", "/index.html", "/api/agents", "/api/events",
-                     "/metrics", "/api/servers"):
+        self.assertEqual(
+            set(PUBLIC_PATHS), {b"/", b"/console/app.js", b"/console/app.css", b"/console/icon.svg"}
+        )
+        for path in (
+            "/console/",
+            "/console/nope.js",
+            "/console/index.html",
+            "/console/a/b",
+            "/console/..%2Fapp.py",
+            "/index.html",
+            "/api/agents",
+            "/api/events",
+            "/metrics",
+            "/api/servers",
+        ):
             response, body = await self.request("GET", path, auth=False)
-            self.assertEqual((response.code, body),
-                             (401, {"error": "missing or wrong admin token"}), path)
+            self.assertEqual(
+                (response.code, body), (401, {"error": "missing or wrong admin token"}), path
+            )
         # Public means GET/HEAD only.
         response, _ = await self.request("POST", "/", auth=False, body={})
         self.assertEqual(response.code, 401)
@@ -124,12 +147,19 @@ class ConsoleRouteTests(APITestBase):
         console = Console()
         self.assertEqual(set(console._assets), set(ASSETS))
         for name in ("index.html", "app.js", "app.css"):
-            self.assertEqual(console._assets[name].body,
-                             read_bytes(os.path.join(STATIC_DIR, name)))
+            self.assertEqual(console._assets[name].body, read_bytes(os.path.join(STATIC_DIR, name)))
         # The page must not keep the token anywhere but sessionStorage, nor in URLs.
         js = read_bytes(os.path.join(STATIC_DIR, "app.js")).decode("utf-8")
-        for banned in ("localStorage", "innerHTML", "outerHTML", "insertAdjacentHTML",
-                       "document.write", "EventSource", "eval(", "new Function"):
+        for banned in (
+            "localStorage",
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "EventSource",
+            "eval(",
+            "new Function",
+        ):
             self.assertFalse(banned in js, f"app.js uses {banned}")
 
     async def test_a_regular_pip_install_ships_the_files(self) -> None:
@@ -137,19 +167,31 @@ class ConsoleRouteTests(APITestBase):
 
         root = new_dir(self)
         python = await clean_install(root)
-        out, code = await run([python, "-c", (
-            "import hashlib, myxd.api.console as c\n"
-            "con = c.Console()\n"
-            "print(c.__file__)\n"
-            "for n in sorted(con._assets):\n"
-            "    print(n, hashlib.sha256(con._assets[n].body).hexdigest())\n")], root)
+        out, code = await run(
+            [
+                python,
+                "-c",
+                (
+                    "import hashlib, myxd.api.console as c\n"
+                    "con = c.Console()\n"
+                    "print(c.__file__)\n"
+                    "for n in sorted(con._assets):\n"
+                    "    print(n, hashlib.sha256(con._assets[n].body).hexdigest())\n"
+                ),
+            ],
+            root,
+        )
         self.assertEqual(code, 0, out)
         lines = out.strip().splitlines()
         self.assertTrue(lines[0].startswith(os.path.join(root, "venv")), out)
         shipped = dict(line.split(" ") for line in lines[1:])
         for name in ("index.html", "app.js", "app.css"):
-            self.assertEqual(shipped[name], hashlib.sha256(
-                read_bytes(os.path.join(STATIC_DIR, name))).hexdigest(), name)
+            self.assertEqual(
+                shipped[name],
+                hashlib.sha256(read_bytes(os.path.join(STATIC_DIR, name))).hexdigest(),
+                name,
+            )
+
     test_a_regular_pip_install_ships_the_files.timeout = 600  # type: ignore[attr-defined]
 
 
@@ -173,8 +215,12 @@ class BrowserSession:
         self._pw = sync_playwright().start()
         try:
             self.context = self._pw.chromium.launch_persistent_context(
-                self.user_data_dir, executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                headless=True, viewport=VIEWPORT)
+                self.user_data_dir,
+                executable_path=CHROMIUM,
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport=VIEWPORT,
+            )
         except BaseException:
             self._pw.stop()
             raise
@@ -203,8 +249,7 @@ class BrowserSession:
                 self.errors.append(f"console: {msg.text}")
 
         page.on("console", console)
-        page.on("request", lambda r: self.requests.append(
-            (r.url, r.headers.get("authorization"))))
+        page.on("request", lambda r: self.requests.append((r.url, r.headers.get("authorization"))))
 
     def page(self) -> Any:
         pages = self.context.pages
@@ -233,14 +278,18 @@ class ConsoleBrowserTests(DaemonTestCase):
     def setUp(self) -> None:
         super().setUp()
         if not os.access(CHROMIUM, os.X_OK):
-            self.fail(f"Chromium is not installed at {CHROMIUM}: the console tests need it. "
-                      "Install Debian's package: apt-get install -y chromium "
-                      "(.ci/run does this in CI).")
+            self.fail(
+                f"Chromium is not installed at {CHROMIUM}: the console tests need it. "
+                "Install Debian's package: apt-get install -y chromium "
+                "(.ci/run does this in CI)."
+            )
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            self.fail("Playwright is not installed: pip install '.[test]' (it is in the "
-                      "test extra; the browser itself is Debian's chromium).")
+            self.fail(
+                "Playwright is not installed: pip install '.[test]' (it is in the "
+                "test extra; the browser itself is Debian's chromium)."
+            )
         self.shots = os.path.abspath(self.mktemp())
         os.makedirs(self.shots)
 
@@ -303,16 +352,16 @@ class ConsoleBrowserTests(DaemonTestCase):
             expect(page.locator('#counts [data-status="online"] .n')).to_have_text("1")
             expect(page.locator('#counts [data-status="offline"] .n')).to_have_text("0")
             expect(page.locator('#counts [data-status="all"] .n')).to_have_text("1")
-            online_colour = row.locator(".status .badge").evaluate(
-                "e => getComputedStyle(e).color")
+            online_colour = row.locator(".status .badge").evaluate("e => getComputedStyle(e).color")
             # the table refreshes by itself (every 5 s)
-            with page.expect_request(lambda r: "/api/agents?limit=50" in r.url,
-                                     timeout=UI_WAIT_MS):
+            with page.expect_request(lambda r: "/api/agents?limit=50" in r.url, timeout=UI_WAIT_MS):
                 pass
             expect(row.locator(".status .badge")).to_have_text("online")
             fleet_png = b.shot(page, "fleet.png")
-            storage = page.evaluate("() => ({session: sessionStorage.getItem('myx.adminToken'),"
-                                    " local: localStorage.length})")
+            storage = page.evaluate(
+                "() => ({session: sessionStorage.getItem('myx.adminToken'),"
+                " local: localStorage.length})"
+            )
 
             # the daemon stops accepting the stored token: back to the prompt, with why
             page.evaluate("() => sessionStorage.setItem('myx.adminToken', 'stale-token')")
@@ -327,8 +376,13 @@ class ConsoleBrowserTests(DaemonTestCase):
             page.locator("#signout").click()
             expect(page.locator("#token")).to_be_visible()
             gone = page.evaluate("() => sessionStorage.getItem('myx.adminToken')")
-            return {"storage": storage, "gone": gone, "url": page.url,
-                    "online_colour": online_colour, "fleet_png": fleet_png}
+            return {
+                "storage": storage,
+                "gone": gone,
+                "url": page.url,
+                "online_colour": online_colour,
+                "fleet_png": fleet_png,
+            }
 
         seen = await self.browse(scenario)
         self.assertEqual(seen["storage"], {"session": TOKEN, "local": 0})
@@ -360,13 +414,15 @@ class ConsoleBrowserTests(DaemonTestCase):
             page.locator("#run-timeout").fill("-5")
             page.locator("#run-submit").click()
             expect(page.locator(".row:has(#run-timeout) .field-error")).to_contain_text(
-                "greater than 0")
+                "greater than 0"
+            )
             expect(command_error).to_have_count(0)
             page.locator("#run-timeout").fill("120")
             # Shell-like split, shown explicitly before running.
             page.locator("#run-args").fill("-c 'echo out; echo err >&2; exit 3'")
             expect(page.locator("#run-argv li")).to_have_text(
-                ["sh", "-c", "echo out; echo err >&2; exit 3"])
+                ["sh", "-c", "echo out; echo err >&2; exit 3"]
+            )
             page.locator("#run-submit").click()
             expect(page).to_have_url(re.compile(r"#/commands/\d+$"))
             command_id = int(page.url.rsplit("/", 1)[1])
@@ -382,8 +438,7 @@ class ConsoleBrowserTests(DaemonTestCase):
 
             # The command view by URL, on a fresh load: it reads from offset 0 again.
             page.goto(f"{b.base}/#/events")
-            with page.expect_request(
-                    lambda r: f"/api/commands/{command_id}?offset=0&" in r.url):
+            with page.expect_request(lambda r: f"/api/commands/{command_id}?offset=0&" in r.url):
                 page.goto(f"{b.base}/#/commands/{command_id}")
                 page.reload()
             expect(page.locator("#term-final")).to_contain_text("exit code 3")
@@ -397,8 +452,14 @@ class ConsoleBrowserTests(DaemonTestCase):
             tab.locator("#token").press("Enter")
             expect(tab.locator("#term-final")).to_contain_text("exit code 3")
             in_tab = self._term_streams(tab)
-            return {"id": command_id, "first": first, "again": again, "tab": in_tab,
-                    "colours": colours, "png": command_png}
+            return {
+                "id": command_id,
+                "first": first,
+                "again": again,
+                "tab": in_tab,
+                "colours": colours,
+                "png": command_png,
+            }
 
         seen = await self.browse(scenario)
         expected = {"stdout": "out\n", "stderr": "err\n"}
@@ -408,12 +469,12 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertNotEqual(seen["colours"]["out"], seen["colours"]["err"])
         self.assertGreater(file_size(seen["png"]), 10_000)
         final = await self.command(seen["id"])
-        self.assertEqual((final["status"], final["exit_code"], final["agent_id"]),
-                         ("failed", 3, agent_id))
+        self.assertEqual(
+            (final["status"], final["exit_code"], final["agent_id"]), ("failed", 3, agent_id)
+        )
         self.assertEqual(final["args"], ["-c", "echo out; echo err >&2; exit 3"])
         self.assertEqual(final["timeout"], 120)
-        self.assertEqual(sorted((await self.read_all(seen["id"])).splitlines()),
-                         [b"err", b"out"])
+        self.assertEqual(sorted((await self.read_all(seen["id"])).splitlines()), [b"err", b"out"])
 
     @staticmethod
     def _term_streams(page: Any) -> dict[str, str]:
@@ -462,8 +523,14 @@ class ConsoleBrowserTests(DaemonTestCase):
             expect(page.locator("#term-final")).to_be_visible()
             expect(cancel).to_be_hidden()
             expect(page.locator("#command-note")).to_contain_text("stopped")
-            return {"id": command_id, "early": early, "later": later, "running": running,
-                    "final_early": final_early, "text": self._term_streams(page)}
+            return {
+                "id": command_id,
+                "early": early,
+                "later": later,
+                "running": running,
+                "final_early": final_early,
+                "text": self._term_streams(page),
+            }
 
         seen = await self.browse(scenario)
         self.assertEqual(seen["running"], "running")
@@ -480,8 +547,10 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertEqual(lines, [f"line {i}" for i in range(len(lines))])
         self.assertGreaterEqual(len(lines), 7)
         code, events = await self.api("GET", "/api/events?limit=100")
-        self.assertIn(("command.cancel", f"command:{seen['id']}"),
-                      [(e["action"], e["target"]) for e in events["events"]])
+        self.assertIn(
+            ("command.cancel", f"command:{seen['id']}"),
+            [(e["action"], e["target"]) for e in events["events"]],
+        )
 
     async def test_run_on_several_agents_chosen_in_the_fleet(self) -> None:
         await self.daemon.start()
@@ -516,8 +585,9 @@ class ConsoleBrowserTests(DaemonTestCase):
         finals = [await self.command(c) for c in command_ids]
         self.assertEqual(sorted(f["agent_id"] for f in finals), sorted(ids))
         for f in finals:
-            self.assertEqual((f["status"], f["exit_code"], f["command"]), ("success", 0,
-                                                                          "hostname"))
+            self.assertEqual(
+                (f["status"], f["exit_code"], f["command"]), ("success", 0, "hostname")
+            )
             self.assertEqual(await self.read_all(f["id"]), socket.gethostname().encode() + b"\n")
 
     # -- agent detail, history, events (and escaping) ------------------------------------
@@ -525,8 +595,11 @@ class ConsoleBrowserTests(DaemonTestCase):
     async def test_agent_detail_history_and_events(self) -> None:
         agent_id = await self.started()
         markup = ["<img src=x onerror=window.__xss=1>", "<b>bold</b>"]
-        code, body = await self.api("POST", f"/api/agents/{agent_id}/commands",
-                                    {"command": "/bin/echo", "args": markup, "timeout": 60})
+        code, body = await self.api(
+            "POST",
+            f"/api/agents/{agent_id}/commands",
+            {"command": "/bin/echo", "args": markup, "timeout": 60},
+        )
         self.assertEqual(code, 201, body)
         command_id = body["id"]
         await self.wait_final(command_id)
@@ -534,8 +607,9 @@ class ConsoleBrowserTests(DaemonTestCase):
         assert self.daemon.root is not None
         store = self.daemon.root.getServiceNamed("store").store
         for i in range(60):
-            await store.add_event(actor="test", action="test.filler", target=f"n:{i}",
-                                  outcome="ok", details={"i": i})
+            await store.add_event(
+                actor="test", action="test.filler", target=f"n:{i}", outcome="ok", details={"i": i}
+            )
 
         def scenario(b: BrowserSession) -> dict[str, Any]:
             from playwright.sync_api import expect
@@ -546,15 +620,22 @@ class ConsoleBrowserTests(DaemonTestCase):
             expect(page).to_have_url(re.compile(rf"#/agents/{agent_id}$"))
             system = page.locator("#agent-system")
             expect(system).to_contain_text(socket.gethostname())
-            for label in ("OS", "Load average", "Memory", "Disk", "Deployment tool",
-                          "Running commands"):
+            for label in (
+                "OS",
+                "Load average",
+                "Memory",
+                "Disk",
+                "Deployment tool",
+                "Running commands",
+            ):
                 expect(system).to_contain_text(label)
             expect(system.locator("meter")).to_have_count(2)
             expect(page.locator("#agent-summary")).to_contain_text("online")
             history = page.locator("#history-body tr")
             expect(history).to_have_count(1)
             expect(history.first).to_contain_text(
-                "/bin/echo '<img src=x onerror=window.__xss=1>' '<b>bold</b>'")
+                "/bin/echo '<img src=x onerror=window.__xss=1>' '<b>bold</b>'"
+            )
             expect(history.first).to_contain_text("success")
             history.first.locator("a").click()
             expect(page).to_have_url(re.compile(rf"#/commands/{command_id}$"))
@@ -562,7 +643,8 @@ class ConsoleBrowserTests(DaemonTestCase):
             shown = self._term_streams(page)
             counts = page.evaluate(
                 "() => [document.querySelectorAll('#main img, #main b').length,"
-                " window.__xss === undefined]")
+                " window.__xss === undefined]"
+            )
             # the events page, from the navigation bar; newest first, 50 a page
             page.locator('nav a[data-nav="events"]').click()
             rows = page.locator("#events-body tr")
@@ -655,7 +737,8 @@ class ConsoleBrowserTests(DaemonTestCase):
             page.locator("#confirm-yes").click()
             expect(page.locator("#install strong")).to_contain_text("reinstall #")
             expect(page.locator('#install-steps tr[data-step="connect"]')).to_have_attribute(
-                "data-status", "failed")
+                "data-status", "failed"
+            )
             # The secrets left the form once the daemon had them.
             page.goto(f"{b.base}/#/servers")
             row = page.locator(f'#servers-body tr[data-server-id="{server_id}"]')

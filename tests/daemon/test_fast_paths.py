@@ -34,19 +34,23 @@ class ReadCommandOutputTests(StoreTestBase):
     def test_same_as_get_command_and_read_output(self) -> Deferred[Any]:
         async def go() -> None:
             agent_id = await self.agent(9100)
-            rec = await self.store.create_command(agent_id=agent_id, kind="command",
-                                                  command="echo", args=["x"], timeout=None)
+            rec = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="echo", args=["x"], timeout=None
+            )
             await self.store.append_output(rec.id, 0, "stdout", b"hello ")
             await self.store.append_output(rec.id, 6, "stderr", b"oops")
             for offset, max_bytes in ((0, 1 << 20), (3, 5), (10, 1), (7, 100)):
                 got_rec, got_chunks = await self.store.read_command_output(
-                    rec.id, offset, max_bytes)
+                    rec.id, offset, max_bytes
+                )
                 self.assertEqual(got_rec, await self.store.get_command(rec.id))
-                self.assertEqual(got_chunks,
-                                 await self.store.read_output(rec.id, offset, max_bytes))
+                self.assertEqual(
+                    got_chunks, await self.store.read_output(rec.id, offset, max_bytes)
+                )
             _, chunks = await self.store.read_command_output(rec.id, 3, 5)
-            self.assertEqual(chunks, [OutputChunk(3, "stdout", b"lo "),
-                                      OutputChunk(6, "stderr", b"oo")])
+            self.assertEqual(
+                chunks, [OutputChunk(3, "stdout", b"lo "), OutputChunk(6, "stderr", b"oo")]
+            )
 
         return d(go())
 
@@ -63,42 +67,47 @@ class ReadCommandOutputTests(StoreTestBase):
 
 class GroupCommitTests(StoreTestBase):
     def test_concurrent_appends_are_each_answered_and_a_bad_one_stops_no_other(
-            self) -> Deferred[Any]:
+        self,
+    ) -> Deferred[Any]:
         async def go() -> None:
             agent_id = await self.agent(9101)
-            a = await self.store.create_command(agent_id=agent_id, kind="command",
-                                                command="a", args=[], timeout=None)
-            b = await self.store.create_command(agent_id=agent_id, kind="command",
-                                                command="b", args=[], timeout=None)
+            a = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="a", args=[], timeout=None
+            )
+            b = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="b", args=[], timeout=None
+            )
             # Issued together: the first goes alone, the rest queue behind it and
             # are written in one later transaction, in the order issued.
-            ds = [self.store.append_output(a.id, 0, "stdout", b"12"),
-                  self.store.append_output(a.id, 2, "stdout", b"34"),
-                  self.store.append_output(b.id, 5, "stdout", b"gap"),   # gap
-                  self.store.append_output(a.id, 0, "stdout", b"1234"),  # replay
-                  self.store.append_output(b.id, 0, "stderr", b"xy"),
-                  self.store.append_output(999, 0, "stdout", b"z"),      # unknown
-                  self.store.append_output(b.id, 2, "bogus", b"z")]      # bad stream
+            ds = [
+                self.store.append_output(a.id, 0, "stdout", b"12"),
+                self.store.append_output(a.id, 2, "stdout", b"34"),
+                self.store.append_output(b.id, 5, "stdout", b"gap"),  # gap
+                self.store.append_output(a.id, 0, "stdout", b"1234"),  # replay
+                self.store.append_output(b.id, 0, "stderr", b"xy"),
+                self.store.append_output(999, 0, "stdout", b"z"),  # unknown
+                self.store.append_output(b.id, 2, "bogus", b"z"),
+            ]  # bad stream
             results = []
             for x in ds:
                 try:
                     results.append(await x)
                 except Exception as e:
                     results.append(type(e).__name__)
-            self.assertEqual(results, [2, 4, "OutputGapError", 4, 2, "NotFoundError",
-                                       "ValueError"])
-            self.assertEqual(await self.store.read_output(a.id),
-                             [OutputChunk(0, "stdout", b"1234")])
-            self.assertEqual(await self.store.read_output(b.id),
-                             [OutputChunk(0, "stderr", b"xy")])
+            self.assertEqual(results, [2, 4, "OutputGapError", 4, 2, "NotFoundError", "ValueError"])
+            self.assertEqual(
+                await self.store.read_output(a.id), [OutputChunk(0, "stdout", b"1234")]
+            )
+            self.assertEqual(await self.store.read_output(b.id), [OutputChunk(0, "stderr", b"xy")])
 
         return d(go())
 
     def test_stop_waits_for_queued_appends(self) -> Deferred[Any]:
         async def go() -> None:
             agent_id = await self.agent(9102)
-            rec = await self.store.create_command(agent_id=agent_id, kind="command",
-                                                  command="a", args=[], timeout=None)
+            rec = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="a", args=[], timeout=None
+            )
             ds = [self.store.append_output(rec.id, i, "stdout", b"x") for i in range(5)]
             await self.service.stopService()
             self.assertEqual([self.successResultOf(x) for x in ds], [1, 2, 3, 4, 5])
@@ -114,8 +123,9 @@ class SharedContextTests(unittest.TestCase):
         policy = PinnedTLSPolicy(PinRegistry())
         # set_mode(0) changes nothing and returns the mode in force.
         self.assertTrue(policy.context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
-        self.assertEqual(policy.context.get_verify_mode(),
-                         SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        self.assertEqual(
+            policy.context.get_verify_mode(), SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        )
 
 
 class EndpointFactoryTests(unittest.TestCase):

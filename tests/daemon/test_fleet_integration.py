@@ -30,10 +30,18 @@ WAIT = 120.0
 
 def fast_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = dict(
-        heartbeat_min_interval=0.2, heartbeat_max_interval=0.5, heartbeat_concurrency=16,
-        rpc_retry_max_attempts=3, rpc_retry_base_delay=0.05, rpc_timeout=20,
-        rpc_pool_idle_timeout=30, log_poll_interval=0.2, log_poll_wait=2,
-        max_log_pollers=50, reinstall_after_cycles=1000)
+        heartbeat_min_interval=0.2,
+        heartbeat_max_interval=0.5,
+        heartbeat_concurrency=16,
+        rpc_retry_max_attempts=3,
+        rpc_retry_base_delay=0.05,
+        rpc_timeout=20,
+        rpc_pool_idle_timeout=30,
+        log_poll_interval=0.2,
+        log_poll_wait=2,
+        max_log_pollers=50,
+        reinstall_after_cycles=1000,
+    )
     base.update(overrides)
     return Settings(**base)
 
@@ -57,8 +65,9 @@ def _touch(path: str) -> None:
 
 def request_lines(agent: RunningAgent) -> list[str]:
     """The agent logs one line per HTTP request that reached it (any outcome)."""
-    return [line for line in agent.log_text().splitlines()
-            if " rpc " in line and " ms from " in line]
+    return [
+        line for line in agent.log_text().splitlines() if " rpc " in line and " ms from " in line
+    ]
 
 
 class FleetTestCase(TestCase):
@@ -84,14 +93,23 @@ class FleetTestCase(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(rpc.close()))
         return rpc
 
-    async def enrol(self, store: Store, agent: RunningAgent, fingerprint: str | None = None
-                    ) -> int:
+    async def enrol(self, store: Store, agent: RunningAgent, fingerprint: str | None = None) -> int:
         return await store.add_agent(
-            host=agent.host, rpc_port=agent.port, rpc_path=agent.rpc_path, token=agent.token,
-            secret_key="unused-secret", cert_fingerprint=fingerprint or agent.fingerprint)
+            host=agent.host,
+            rpc_port=agent.port,
+            rpc_path=agent.rpc_path,
+            token=agent.token,
+            secret_key="unused-secret",
+            cert_fingerprint=fingerprint or agent.fingerprint,
+        )
 
-    async def until(self, probe: Callable[[], Awaitable[T]], check: Callable[[T], bool],
-                    what: str, timeout: float = WAIT) -> T:
+    async def until(
+        self,
+        probe: Callable[[], Awaitable[T]],
+        check: Callable[[T], bool],
+        what: str,
+        timeout: float = WAIT,
+    ) -> T:
         deadline = self.reactor.seconds() + timeout
         while True:
             value = await probe()
@@ -112,9 +130,11 @@ class FleetTestCase(TestCase):
         return rec
 
     async def wait_final(self, store: Store, command_id: int) -> CommandRecord:
-        return await self.until(lambda: self.command(store, command_id),
-                                lambda c: c.status in ("success", "failed"),
-                                f"command {command_id} to finish")
+        return await self.until(
+            lambda: self.command(store, command_id),
+            lambda c: c.status in ("success", "failed"),
+            f"command {command_id} to finish",
+        )
 
     async def stored_output(self, store: Store, command_id: int) -> tuple[bytes, bytes, bytes]:
         """(combined, stdout only, stderr only) as stored."""
@@ -173,8 +193,9 @@ class PinnedRPCTests(FleetTestCase):
         rec = await self.agent_rec(store, aid)
         with self.assertRaises(CertificateMismatch) as caught:
             await rpc.call(AgentEndpoint.from_record(rec), "heartbeat")
-        self.assertEqual((caught.exception.attempts, caught.exception.actual),
-                         (1, agent.fingerprint))
+        self.assertEqual(
+            (caught.exception.attempts, caught.exception.actual), (1, agent.fingerprint)
+        )
         # The heartbeat marks it offline at once: final, no retry.
         hb = HeartbeatService(store, rpc, settings, self.reactor)
         stats = await hb.run_cycle()
@@ -185,11 +206,13 @@ class PinnedRPCTests(FleetTestCase):
         self.assertEqual(counter.retries, 0)
         # Positive control: one correctly pinned call shows up in the agent's log,
         # and it is the only request the agent ever saw from this test.
-        good = AgentEndpoint(agent.host, agent.port, agent.rpc_path, agent.token,
-                             agent.fingerprint)
+        good = AgentEndpoint(agent.host, agent.port, agent.rpc_path, agent.token, agent.fingerprint)
         self.assertEqual(await rpc.call(good, "health_check"), {"status": "ok"})
-        lines = await self.until(lambda: deferLater(self.reactor, 0, request_lines, agent),
-                                 lambda lines: len(lines) > before, "the agent's log line")
+        lines = await self.until(
+            lambda: deferLater(self.reactor, 0, request_lines, agent),
+            lambda lines: len(lines) > before,
+            "the agent's log line",
+        )
         self.assertEqual(len(lines), before + 1, lines[before:])
         self.assertIn("health_check", lines[-1])
 
@@ -202,18 +225,21 @@ class PinnedRPCTests(FleetTestCase):
         hb = HeartbeatService(store, self.make_rpc(settings, counter), settings, self.reactor)
         hb.startService()
         self.addCleanup(hb.stopService)
-        await self.until(lambda: self.agent_rec(store, aid), lambda a: a.status == "online",
-                         "agent online")
+        await self.until(
+            lambda: self.agent_rec(store, aid), lambda a: a.status == "online", "agent online"
+        )
         await agent.stop("KILL")
-        rec = await self.until(lambda: self.agent_rec(store, aid),
-                               lambda a: a.status == "offline", "agent offline")
+        rec = await self.until(
+            lambda: self.agent_rec(store, aid), lambda a: a.status == "offline", "agent offline"
+        )
         self.assertEqual(rec.last_error_kind, "retryable")
         self.assertIn("refused", rec.status_reason or "")
         self.assertGreaterEqual(counter.retries, 2)
         self.assertIn("retryable", counter.errors)
         await start_agent(self, reuse=agent)
-        rec = await self.until(lambda: self.agent_rec(store, aid),
-                               lambda a: a.status == "online", "agent back online")
+        rec = await self.until(
+            lambda: self.agent_rec(store, aid), lambda a: a.status == "online", "agent back online"
+        )
         self.assertEqual(rec.failed_cycles, 0)
         self.assertIsNone(rec.status_reason)
 
@@ -230,8 +256,10 @@ class CommandTests(FleetTestCase):
         store = (await self.open_store()).store
         aid = await self.enrol(store, agent)
         queue = await self.start_queue(store, fast_settings())
-        script = ('i=0; while [ $i -lt 3000 ]; do echo "out line $i"; '
-                  'echo "err line $i" >&2; i=$((i+1)); done; printf "tail\\000\\377"')
+        script = (
+            'i=0; while [ $i -lt 3000 ]; do echo "out line $i"; '
+            'echo "err line $i" >&2; i=$((i+1)); done; printf "tail\\000\\377"'
+        )
         rec = await queue.add_command(aid, "/bin/sh", ["-c", script], 120)
         final = await self.wait_final(store, rec.id)
         self.assertEqual((final.status, final.exit_code), ("success", 0))
@@ -257,24 +285,32 @@ class CommandTests(FleetTestCase):
         go = os.path.join(self.data_dir, "go")
         # Prints continuously; the second half waits for `go`, so it is certain to
         # be printed while myxd is down (no reliance on timing).
-        script = ("import os, sys, time\n"
-                  "def out(i):\n"
-                  "    sys.stdout.write('%d\\n' % i); sys.stdout.flush(); time.sleep(0.002)\n"
-                  "for i in range(300): out(i)\n"
-                  "deadline = time.time() + 200\n"
-                  "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
-                  "    time.sleep(0.01)\n"
-                  "for i in range(300, 600): out(i)\n")
+        script = (
+            "import os, sys, time\n"
+            "def out(i):\n"
+            "    sys.stdout.write('%d\\n' % i); sys.stdout.flush(); time.sleep(0.002)\n"
+            "for i in range(300): out(i)\n"
+            "deadline = time.time() + 200\n"
+            "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            "for i in range(300, 600): out(i)\n"
+        )
         rec = await queue.add_command(aid, sys.executable, ["-u", "-c", script, go], 240)
-        await self.until(lambda: self.command(store_svc.store, rec.id),
-                         lambda c: c.output_offset > 0, "first output stored")
+        await self.until(
+            lambda: self.command(store_svc.store, rec.id),
+            lambda c: c.output_offset > 0,
+            "first output stored",
+        )
         # Stop "myxd" (the queue and the store) with the command still running.
         await queue.stopService()
         await store_svc.stopService()
         _touch(go)
         first_half = sum(len(b"%d\n" % i) for i in range(300))
-        await self.until(lambda: self.agent_log(agent, rec.command_uid),
-                         lambda log: len(log[0]) > first_half, "output while myxd is down")
+        await self.until(
+            lambda: self.agent_log(agent, rec.command_uid),
+            lambda log: len(log[0]) > first_half,
+            "output while myxd is down",
+        )
         store_svc2 = await self.open_store()
         stopped_at = (await self.command(store_svc2.store, rec.id)).output_offset
         self.assertGreater(stopped_at, 0)
@@ -308,8 +344,9 @@ class CommandTests(FleetTestCase):
         aid = await self.enrol(store, agent)
         queue = await self.start_queue(store, fast_settings())
         rec = await queue.add_command(aid, "/bin/sh", ["-c", "echo started; sleep 60"], None)
-        await self.until(lambda: self.command(store, rec.id), lambda c: c.output_offset > 0,
-                         "command started")
+        await self.until(
+            lambda: self.command(store, rec.id), lambda c: c.output_offset > 0, "command started"
+        )
         await queue.cancel(rec.id)
         final = await self.wait_final(store, rec.id)
         self.assertEqual((final.status, final.reason), ("failed", "cancelled"))
@@ -318,15 +355,21 @@ class CommandTests(FleetTestCase):
 
     async def test_ansible_playbook_through_the_queue(self) -> None:
         agent = await start_agent(self)
-        shutil.copytree(os.path.join(REPO_ROOT, "deployment-tool"), agent.deployment_tool_dir,
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            os.path.join(REPO_ROOT, "deployment-tool"),
+            agent.deployment_tool_dir,
+            dirs_exist_ok=True,
+        )
         store = (await self.open_store()).store
         aid = await self.enrol(store, agent)
         queue = await self.start_queue(store, fast_settings())
         rec = await queue.add_ansible(aid, "ping.yml", {"unused": "x"}, 240)
-        final = await self.until(lambda: self.command(store, rec.id),
-                                 lambda c: c.status in ("success", "failed"),
-                                 "playbook to finish", timeout=280)
+        final = await self.until(
+            lambda: self.command(store, rec.id),
+            lambda c: c.status in ("success", "failed"),
+            "playbook to finish",
+            timeout=280,
+        )
         combined, _, _ = await self.stored_output(store, rec.id)
         self.assertEqual(final.status, "success", combined.decode("utf-8", "replace"))
         self.assertIn(b"PLAY [Ping the agent host]", combined)

@@ -37,8 +37,14 @@ class BatchRPC:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def batch(self, ep: AgentEndpoint, calls: Any, *, retry: bool | None = None,
-                    timeout: float | None = None) -> list[Any]:
+    async def batch(
+        self,
+        ep: AgentEndpoint,
+        calls: Any,
+        *,
+        retry: bool | None = None,
+        timeout: float | None = None,
+    ) -> list[Any]:
         assert [m for m, _ in calls] == ["heartbeat", "get_status"]
         self.visits.append(ep.port)
         self.in_flight += 1
@@ -82,14 +88,19 @@ class HeartbeatTestCase(TestCase):
         self.metrics = Metrics()
         self.hooked: list[tuple[int, str]] = []
 
-    def service(self, *, hook: Any = "record", seed: int = 1, **overrides: Any
-                ) -> HeartbeatService:
+    def service(self, *, hook: Any = "record", seed: int = 1, **overrides: Any) -> HeartbeatService:
         def record(agent: AgentRecord, reason: str) -> None:
             self.hooked.append((agent.id, reason))
 
-        svc = HeartbeatService(self.store, self.rpc, settings(**overrides),  # type: ignore[arg-type]
-                               self.clock, reinstall_hook=record if hook == "record" else hook,
-                               rng=random.Random(seed), metrics=self.metrics)
+        svc = HeartbeatService(
+            self.store,  # type: ignore[arg-type]
+            self.rpc,  # type: ignore[arg-type]
+            settings(**overrides),
+            self.clock,
+            reinstall_hook=record if hook == "record" else hook,
+            rng=random.Random(seed),
+            metrics=self.metrics,
+        )
         self.addCleanup(lambda: svc.stopService() if svc.running else None)
         return svc
 
@@ -176,7 +187,6 @@ class ScheduleTests(HeartbeatTestCase):
         self.assertEqual(len(written), 1)
         self.assertTrue(written[0].ok)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
 
     def test_stop_waits_for_a_store_write_in_progress(self) -> None:
         self.add_agents(2)
@@ -287,7 +297,7 @@ class RealClientTests(HeartbeatTestCase):
         http = self.rpc_over(lambda req: FakeResponse(401, b"{}"))
         svc = self.service()
         d = Deferred.fromCoroutine(svc.run_cycle())
-        stats = self.successResultOf(d)   # no clock advance needed: nothing waits
+        stats = self.successResultOf(d)  # no clock advance needed: nothing waits
         self.assertEqual(len(http.requests), 1)
         self.assertEqual(stats.failed, 1)
         [[result]] = self.store.heartbeat_writes
@@ -395,8 +405,9 @@ class ReinstallTests(HeartbeatTestCase):
         self.assertEqual(svc.reinstall_requests, 2)
         self.assertEqual(self.metrics.reinstalls, 2)
         events = [e for e in self.store.events if e["action"] == "agent.reinstall_requested"]
-        self.assertEqual([(e["target"], e["outcome"]) for e in events],
-                         [("agent:2", "requested")] * 2)
+        self.assertEqual(
+            [(e["target"], e["outcome"]) for e in events], [("agent:2", "requested")] * 2
+        )
 
     def test_recovery_resets_the_count(self) -> None:
         self.add_agents(1)
@@ -419,15 +430,17 @@ class ReinstallTests(HeartbeatTestCase):
         self.assertEqual(stats.reinstall_requested, 1)
         self.assertEqual(svc.reinstall_requests, 1)
         [event] = self.store.events
-        self.assertEqual((event["action"], event["outcome"], event["details"]["failed_cycles"]),
-                         ("agent.reinstall_requested", "no_hook", 3))
+        self.assertEqual(
+            (event["action"], event["outcome"], event["details"]["failed_cycles"]),
+            ("agent.reinstall_requested", "no_hook", 3),
+        )
 
     def test_async_hook_is_not_awaited_by_the_cycle(self) -> None:
         self.add_agents(1, failed_cycles=9)
         self.rpc.behaviour[9001] = AgentRPCError("retryable", "down", 3)
         never: Deferred[None] = Deferred()
         svc = self.service(hook=lambda agent, reason: never)
-        self.cycle(svc)     # would not complete if the hook were awaited
+        self.cycle(svc)  # would not complete if the hook were awaited
         self.assertEqual(svc.reinstall_requests, 1)
         never.callback(None)
 

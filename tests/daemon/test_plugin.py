@@ -54,8 +54,7 @@ def copy_source(root: str) -> str:
     """A copy of the source tree (pip builds in place: keep build/ out of the checkout)."""
     src = os.path.join(root, "src")
     os.makedirs(src)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "*.egg-info",
-                                    "build")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "*.egg-info", "build")
     for item in SOURCE_ITEMS:
         path = os.path.join(REPO, item)
         if os.path.isdir(path):
@@ -83,13 +82,26 @@ async def clean_install(root: str) -> str:
     assert code == 0, out
     python = os.path.join(venv, "bin", "python")
     out, code = await run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root)
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root
+    )
     assert code == 0, out
     purelib = out.strip().splitlines()[-1]
     write_text(os.path.join(purelib, "_myx_test_deps.pth"), sysconfig.get_paths()["purelib"] + "\n")
     out, code = await run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-         "--no-build-isolation", "--ignore-installed", "--no-cache-dir", "--quiet", src],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--ignore-installed",
+            "--no-cache-dir",
+            "--quiet",
+            src,
+        ],
         root,
     )
     assert code == 0, out
@@ -146,8 +158,7 @@ class PluginTests(unittest.TestCase):
     def start(self, *args: str) -> Daemon:
         proto = Daemon()
         argv = [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd", *args]
-        transport = reactor.spawnProcess(proto, self.python, argv, env=clean_env(),
-                                         path=self.root)
+        transport = reactor.spawnProcess(proto, self.python, argv, env=clean_env(), path=self.root)
 
         async def cleanup() -> None:
             if proto.reason is None:
@@ -160,8 +171,14 @@ class PluginTests(unittest.TestCase):
     def test_help_lists_myxd(self) -> Deferred[Any]:
         async def go() -> None:
             out, code = await run(
-                [self.python, "-c", "import myxd.store.service, myxd.tap, myxd.rpc.client, "
-                 "myxd.fleet.heartbeat, myxd.api.app; print(myxd.__file__)"], self.root)
+                [
+                    self.python,
+                    "-c",
+                    "import myxd.store.service, myxd.tap, myxd.rpc.client, "
+                    "myxd.fleet.heartbeat, myxd.api.app; print(myxd.__file__)",
+                ],
+                self.root,
+            )
             self.assertEqual(code, 0, out)
             self.assertTrue(out.strip().startswith(os.path.join(self.root, "venv")), out)
             out, code = await run([self.python, "-c", TWISTD, "--help"], self.root)
@@ -172,9 +189,20 @@ class PluginTests(unittest.TestCase):
 
     def test_starts_serves_and_stops_on_sigterm(self) -> Deferred[Any]:
         data_dir = os.path.join(self.root, "data")
-        flags = ["--data-dir", data_dir, "--api", "tcp:0:interface=127.0.0.1",
-                 "--heartbeat-min-interval", "0.2", "--heartbeat-max-interval", "0.5",
-                 "--log-poll-interval", "0.2", "--rpc-timeout", "2"]
+        flags = [
+            "--data-dir",
+            data_dir,
+            "--api",
+            "tcp:0:interface=127.0.0.1",
+            "--heartbeat-min-interval",
+            "0.2",
+            "--heartbeat-max-interval",
+            "0.5",
+            "--log-poll-interval",
+            "0.2",
+            "--rpc-timeout",
+            "2",
+        ]
 
         async def go() -> None:
             first = self.start(*flags)
@@ -185,8 +213,9 @@ class PluginTests(unittest.TestCase):
             self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
             token_path = os.path.join(data_dir, "admin-token")
             self.assertEqual(stat.S_IMODE(os.stat(token_path).st_mode), 0o600)
-            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "secret.key"))
-                                          .st_mode), 0o600)
+            self.assertEqual(
+                stat.S_IMODE(os.stat(os.path.join(data_dir, "secret.key")).st_mode), 0o600
+            )
             token = read_text(token_path).strip()
             self.assertEqual(first.text.count(token), 1)  # logged once, on creation
 
@@ -197,8 +226,11 @@ class PluginTests(unittest.TestCase):
             r = await treq.get(f"{base}/api/agents", persistent=False)
             self.assertEqual(r.code, 401)
             await treq.content(r)
-            r = await treq.get(f"{base}/api/agents", persistent=False,
-                               headers=Headers({"Authorization": [f"Bearer {token}"]}))
+            r = await treq.get(
+                f"{base}/api/agents",
+                persistent=False,
+                headers=Headers({"Authorization": [f"Bearer {token}"]}),
+            )
             self.assertEqual(r.code, 200)
             await treq.content(r)
 
@@ -238,18 +270,41 @@ class PluginTests(unittest.TestCase):
 
         async def go() -> None:
             out, code = await run(
-                [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd",
-                 "--data-dir", os.path.join(self.root, "data"), "--config", config],
-                self.root)
+                [
+                    self.python,
+                    "-c",
+                    TWISTD,
+                    "--nodaemon",
+                    "--pidfile=",
+                    "myxd",
+                    "--data-dir",
+                    os.path.join(self.root, "data"),
+                    "--config",
+                    config,
+                ],
+                self.root,
+            )
             self.assertNotEqual(code, 0, out)
-            self.assertIn(f"{config}: heartbeat_min_interval (9) is greater than "
-                          "heartbeat_max_interval (3)", out)
+            self.assertIn(
+                f"{config}: heartbeat_min_interval (9) is greater than heartbeat_max_interval (3)",
+                out,
+            )
             self.assertNotIn("Traceback", out)
             self.assertNotIn("data", os.listdir(self.root))
 
             out, code = await run(
-                [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd",
-                 "--rpc-retry-max-attempts", "zero"], self.root)
+                [
+                    self.python,
+                    "-c",
+                    TWISTD,
+                    "--nodaemon",
+                    "--pidfile=",
+                    "myxd",
+                    "--rpc-retry-max-attempts",
+                    "zero",
+                ],
+                self.root,
+            )
             self.assertNotEqual(code, 0, out)
             self.assertIn("--rpc-retry-max-attempts: expected an integer, got 'zero'", out)
 
@@ -265,16 +320,31 @@ class ServiceTreeTests(unittest.TestCase):
 
         data_dir = os.path.abspath(self.mktemp())
         options = Options()
-        options.parseOptions(["--data-dir", data_dir, "--api", "tcp:0:interface=127.0.0.1",
-                              "--heartbeat-min-interval", "0.2",
-                              "--heartbeat-max-interval", "0.3",
-                              "--admin-token", "test-admin-token-0123456789"])
+        options.parseOptions(
+            [
+                "--data-dir",
+                data_dir,
+                "--api",
+                "tcp:0:interface=127.0.0.1",
+                "--heartbeat-min-interval",
+                "0.2",
+                "--heartbeat-max-interval",
+                "0.3",
+                "--admin-token",
+                "test-admin-token-0123456789",
+            ]
+        )
         root = makeService(options)
         names = [s.name for s in root]
         self.assertEqual(names[:2], ["store", "rpc"])
         self.assertEqual(names[-3:], ["heartbeat", "commands", "api"])
-        self.assertIn(names, (["store", "rpc", "heartbeat", "commands", "api"],
-                              ["store", "rpc", "installer", "heartbeat", "commands", "api"]))
+        self.assertIn(
+            names,
+            (
+                ["store", "rpc", "heartbeat", "commands", "api"],
+                ["store", "rpc", "installer", "heartbeat", "commands", "api"],
+            ),
+        )
         store_service = root.getServiceNamed("store")
         listener = root.getServiceNamed("api")
         assert isinstance(store_service, StoreService)

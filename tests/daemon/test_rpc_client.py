@@ -54,8 +54,7 @@ class ClientTestCase(TestCase):
 
     def client(self, handler: Any, **overrides: Any) -> tuple[AgentRPC, FakeHTTPAgent]:
         agent = FakeHTTPAgent(handler)
-        rpc = AgentRPC(self.clock, settings(**overrides), http_agent=agent,
-                       metrics=self.metrics)
+        rpc = AgentRPC(self.clock, settings(**overrides), http_agent=agent, metrics=self.metrics)
         return rpc, agent
 
     def call(self, rpc: AgentRPC, method: str, params: Any = None, **kw: Any) -> Deferred[Any]:
@@ -97,13 +96,22 @@ class WireFormatTests(ClientTestCase):
 
     def test_endpoint_from_record(self) -> None:
         ep = AgentEndpoint.from_record(agent_record(7))
-        self.assertEqual((ep.host, ep.port, ep.path, ep.token, ep.fingerprint),
-                         ("127.0.0.1", 9007, "path7", "token7", PIN))
+        self.assertEqual(
+            (ep.host, ep.port, ep.path, ep.token, ep.fingerprint),
+            ("127.0.0.1", 9007, "path7", "token7", PIN),
+        )
 
     def test_retry_safe_methods(self) -> None:
-        for method in ("health_check", "heartbeat", "get_status", "get_port",
-                       "get_command_log", "cancel_command", "execute_command",
-                       "execute_ansible"):
+        for method in (
+            "health_check",
+            "heartbeat",
+            "get_status",
+            "get_port",
+            "get_command_log",
+            "cancel_command",
+            "execute_command",
+            "execute_ansible",
+        ):
             self.assertTrue(retry_is_safe(method), method)
         self.assertFalse(retry_is_safe("sync_deployment_tool"))
 
@@ -112,15 +120,24 @@ class ErrorTests(ClientTestCase):
     def test_jsonrpc_error_is_final_remote_error(self) -> None:
         rpc, agent = self.client(lambda req: rpc_error(req, -32602, "invalid params: offset"))
         err = self.failureResultOf(self.call(rpc, "get_command_log", {}), RemoteError).value
-        self.assertEqual((err.code, err.message, err.kind, err.attempts),
-                         (-32602, "invalid params: offset", "final", 1))
+        self.assertEqual(
+            (err.code, err.message, err.kind, err.attempts),
+            (-32602, "invalid params: offset", "final", 1),
+        )
         self.assertEqual(len(agent.requests), 1)
         self.assertEqual(self.metrics.errors, ["final"])
 
     def test_401_is_auth_without_retry(self) -> None:
-        rpc, agent = self.client(lambda req: FakeResponse(
-            401, {"jsonrpc": "2.0", "error": {"code": -32001, "message": "unauthorized"},
-                  "id": None}))
+        rpc, agent = self.client(
+            lambda req: FakeResponse(
+                401,
+                {
+                    "jsonrpc": "2.0",
+                    "error": {"code": -32001, "message": "unauthorized"},
+                    "id": None,
+                },
+            )
+        )
         d = self.call(rpc, "heartbeat")
         self.clock.pump([1.0] * 10)
         err = self.failureResultOf(d, AgentRPCError).value
@@ -182,8 +199,7 @@ class ErrorTests(ClientTestCase):
         d = self.call(rpc, "execute_command", {"command": "true", "command_id": "c-9"})
         self.clock.pump([1.0] * 10)
         self.assertEqual(self.failureResultOf(d, AgentRPCError).value.attempts, 4)
-        self.assertEqual([r.json["params"]["command_id"] for r in agent.requests],
-                         ["c-9"] * 4)
+        self.assertEqual([r.json["params"]["command_id"] for r in agent.requests], ["c-9"] * 4)
 
     def test_explicit_retry_false(self) -> None:
         rpc, agent = self.client(lambda req: neterror.ConnectionLost())
@@ -200,7 +216,7 @@ class ErrorTests(ClientTestCase):
         self.clock.advance(0.5)
         self.assertEqual(agent.cancelled, 1)
         self.assertEqual(len(agent.requests), 1)
-        self.clock.advance(1)       # backoff 1 s
+        self.clock.advance(1)  # backoff 1 s
         self.assertEqual(len(agent.requests), 2)
         self.clock.pump([1.0] * 30)
         err = self.failureResultOf(d, AgentRPCError).value
@@ -214,8 +230,9 @@ class ErrorTests(ClientTestCase):
         self.clock.advance(14)
         self.assertNoResult(d)
         self.clock.advance(1)
-        self.assertEqual(self.failureResultOf(d, AgentRPCError).value.reason,
-                         "no response within 15s")
+        self.assertEqual(
+            self.failureResultOf(d, AgentRPCError).value.reason, "no response within 15s"
+        )
 
     def test_certificate_mismatch_is_distinct_and_never_retried(self) -> None:
         mismatch = ResponseNeverReceived([Failure(PinMismatchError(PIN, OTHER_PIN))])
@@ -223,14 +240,15 @@ class ErrorTests(ClientTestCase):
         d = self.call(rpc, "heartbeat")
         self.clock.pump([1.0] * 10)
         err = self.failureResultOf(d, CertificateMismatch).value
-        self.assertEqual((err.kind, err.attempts, err.expected, err.actual),
-                         ("final", 1, PIN, OTHER_PIN))
+        self.assertEqual(
+            (err.kind, err.attempts, err.expected, err.actual), ("final", 1, PIN, OTHER_PIN)
+        )
         self.assertEqual(len(agent.requests), 1)
 
     def test_malformed_responses_are_final(self) -> None:
         bodies: list[Any] = [
             b"not json",
-            {"jsonrpc": "2.0", "id": 999999, "result": 1},        # wrong id
+            {"jsonrpc": "2.0", "id": 999999, "result": 1},  # wrong id
             {"jsonrpc": "1.0", "id": 1, "result": 1},
             [1, 2],
         ]
@@ -275,8 +293,9 @@ class TwistedCancellationTests(ClientTestCase):
         d = self.call(rpc, "heartbeat")
         self.clock.pump([1.0] * 30)
         err = self.failureResultOf(d, AgentRPCError).value
-        self.assertEqual((err.kind, err.attempts, err.reason),
-                         ("retryable", 4, "no response within 5s"))
+        self.assertEqual(
+            (err.kind, err.attempts, err.reason), ("retryable", 4, "no response within 5s")
+        )
 
     def test_caller_cancellation_ends_the_call(self) -> None:
         rpc, agent = self.client(self.hanging)
@@ -340,16 +359,19 @@ class BatchTests(ClientTestCase):
         def handler(req: FakeRequest) -> FakeResponse:
             hb, st = req.json
             # Responses may come in any order; they are matched by id.
-            return FakeResponse(200, [
-                {"jsonrpc": "2.0", "id": st["id"], "result": {"version": "0.1.0", "x": 1}},
-                {"jsonrpc": "2.0", "id": hb["id"], "result": {"time": 1.0}},
-            ])
+            return FakeResponse(
+                200,
+                [
+                    {"jsonrpc": "2.0", "id": st["id"], "result": {"version": "0.1.0", "x": 1}},
+                    {"jsonrpc": "2.0", "id": hb["id"], "result": {"time": 1.0}},
+                ],
+            )
 
         rpc, agent = self.client(handler)
-        d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None),
-                                                          ("get_status", None)]))
-        self.assertEqual(self.successResultOf(d),
-                         [{"time": 1.0}, {"version": "0.1.0", "x": 1}])
+        d = Deferred.fromCoroutine(
+            rpc.batch(endpoint(), [("heartbeat", None), ("get_status", None)])
+        )
+        self.assertEqual(self.successResultOf(d), [{"time": 1.0}, {"version": "0.1.0", "x": 1}])
         [req] = agent.requests
         self.assertEqual([r["method"] for r in req.json], ["heartbeat", "get_status"])
         self.assertEqual(req.header(b"X-Agent-Token"), [b"tok-123"])
@@ -357,23 +379,32 @@ class BatchTests(ClientTestCase):
     def test_per_call_errors_are_returned(self) -> None:
         def handler(req: FakeRequest) -> FakeResponse:
             a, b = req.json
-            return FakeResponse(200, [
-                {"jsonrpc": "2.0", "id": a["id"], "result": "ok"},
-                {"jsonrpc": "2.0", "id": b["id"],
-                 "error": {"code": -32601, "message": "method not found"}},
-            ])
+            return FakeResponse(
+                200,
+                [
+                    {"jsonrpc": "2.0", "id": a["id"], "result": "ok"},
+                    {
+                        "jsonrpc": "2.0",
+                        "id": b["id"],
+                        "error": {"code": -32601, "message": "method not found"},
+                    },
+                ],
+            )
 
         rpc, _ = self.client(handler)
-        d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None),
-                                                          ("nope", None)]))
+        d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None), ("nope", None)]))
         ok, err = self.successResultOf(d)
         self.assertEqual(ok, "ok")
         self.assertIsInstance(err, RPCCallError)
         self.assertEqual(err.code, -32601)
 
     def test_whole_batch_rejected(self) -> None:
-        rpc, _ = self.client(lambda req: FakeResponse(200, {
-            "jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "too large"}}))
+        rpc, _ = self.client(
+            lambda req: FakeResponse(
+                200,
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "too large"}},
+            )
+        )
         d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None)]))
         self.assertEqual(self.failureResultOf(d, RemoteError).value.code, -32600)
 
@@ -384,23 +415,30 @@ class BatchTests(ClientTestCase):
             return outcomes.pop(0) if outcomes else rpc_result(req, 1)
 
         rpc, agent = self.client(handler)
-        d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None),
-                                                          ("get_status", None)]))
+        d = Deferred.fromCoroutine(
+            rpc.batch(endpoint(), [("heartbeat", None), ("get_status", None)])
+        )
         self.clock.advance(1)
         self.assertEqual(self.successResultOf(d), [1, 1])
         self.assertEqual(len(agent.requests), 2)
 
     def test_missing_response_is_final(self) -> None:
-        rpc, _ = self.client(lambda req: FakeResponse(200, [
-            {"jsonrpc": "2.0", "id": req.json[0]["id"], "result": 1}]))
-        d = Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None),
-                                                          ("get_status", None)]))
+        rpc, _ = self.client(
+            lambda req: FakeResponse(
+                200, [{"jsonrpc": "2.0", "id": req.json[0]["id"], "result": 1}]
+            )
+        )
+        d = Deferred.fromCoroutine(
+            rpc.batch(endpoint(), [("heartbeat", None), ("get_status", None)])
+        )
         self.assertEqual(self.failureResultOf(d, AgentRPCError).value.kind, "final")
 
     def test_limits(self) -> None:
         rpc, agent = self.client(lambda req: rpc_result(req, 1))
-        self.assertEqual(self.successResultOf(
-            Deferred.fromCoroutine(rpc.batch(endpoint(), []))), [])
-        self.failureResultOf(Deferred.fromCoroutine(
-            rpc.batch(endpoint(), [("heartbeat", None)] * 51)), ValueError)
+        self.assertEqual(
+            self.successResultOf(Deferred.fromCoroutine(rpc.batch(endpoint(), []))), []
+        )
+        self.failureResultOf(
+            Deferred.fromCoroutine(rpc.batch(endpoint(), [("heartbeat", None)] * 51)), ValueError
+        )
         self.assertEqual(agent.requests, [])

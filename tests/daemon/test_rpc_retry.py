@@ -100,9 +100,12 @@ class ClassifyTests(TestCase):
         self.assertEqual(describe(CallTimeout(2.5)), "no response within 2.5s")
         self.assertEqual(
             describe(ResponseNeverReceived([Failure(neterror.ConnectionLost())])),
-            "no response: connection lost")
-        self.assertIn("wrong version number",
-                      describe(SSL.Error([("SSL routines", "", "wrong version number")])))
+            "no response: connection lost",
+        )
+        self.assertIn(
+            "wrong version number",
+            describe(SSL.Error([("SSL routines", "", "wrong version number")])),
+        )
 
 
 @implementer(ILogObserver)
@@ -124,8 +127,9 @@ class RetryLoopTests(TestCase):
         self.events = Events()
         self.log = Logger(observer=self.events)
 
-    def run_loop(self, outcomes: list[Any], *, max_retries: int = 3, retry: bool = True,
-                 base: float = 1.0) -> Deferred[tuple[Any, int]]:
+    def run_loop(
+        self, outcomes: list[Any], *, max_retries: int = 3, retry: bool = True, base: float = 1.0
+    ) -> Deferred[tuple[Any, int]]:
         remaining = list(outcomes)
 
         async def attempt() -> Any:
@@ -135,9 +139,18 @@ class RetryLoopTests(TestCase):
                 raise outcome
             return outcome
 
-        return Deferred.fromCoroutine(retry_call(
-            attempt, clock=self.clock, max_retries=max_retries, base_delay=base,
-            retry=retry, method="heartbeat", target="127.0.0.1:1", log=self.log))
+        return Deferred.fromCoroutine(
+            retry_call(
+                attempt,
+                clock=self.clock,
+                max_retries=max_retries,
+                base_delay=base,
+                retry=retry,
+                method="heartbeat",
+                target="127.0.0.1:1",
+                log=self.log,
+            )
+        )
 
     def test_delays_are_exactly_one_two_four(self) -> None:
         d = self.run_loop([neterror.ConnectionRefusedError()], max_retries=3)
@@ -173,9 +186,12 @@ class RetryLoopTests(TestCase):
         self.assertEqual(self.successResultOf(d), ({"ok": 1}, 3))
 
     def test_auth_and_final_are_not_retried(self) -> None:
-        for exc, kind in ((HTTPStatusError(401), AUTH), (HTTPStatusError(400), FINAL),
-                          (RemoteError(-32602, "bad"), FINAL),
-                          (PinMismatchError(PIN_A, PIN_B), FINAL)):
+        for exc, kind in (
+            (HTTPStatusError(401), AUTH),
+            (HTTPStatusError(400), FINAL),
+            (RemoteError(-32602, "bad"), FINAL),
+            (PinMismatchError(PIN_A, PIN_B), FINAL),
+        ):
             self.times.clear()
             d = self.run_loop([exc])
             self.clock.pump([1.0] * 10)
@@ -194,13 +210,20 @@ class RetryLoopTests(TestCase):
         self.clock.pump([1.0] * 10)
         self.failureResultOf(d, AgentRPCError)
         retries = self.events.named("retrying in")
-        self.assertEqual([(e["attempt"], e["delay"], e["reason"]) for e in retries],
-                         [(1, 1.0, "connection refused"), (2, 2.0, "connection refused"),
-                          (3, 4.0, "connection refused")])
+        self.assertEqual(
+            [(e["attempt"], e["delay"], e["reason"]) for e in retries],
+            [
+                (1, 1.0, "connection refused"),
+                (2, 2.0, "connection refused"),
+                (3, 4.0, "connection refused"),
+            ],
+        )
         finals = self.events.named("failed after")
         self.assertEqual(len(finals), 1)
-        self.assertEqual((finals[0]["attempts"], finals[0]["reason"], finals[0]["kind"]),
-                         (4, "connection refused", RETRYABLE))
+        self.assertEqual(
+            (finals[0]["attempts"], finals[0]["reason"], finals[0]["kind"]),
+            (4, "connection refused", RETRYABLE),
+        )
 
     def test_cancellation_is_not_retried_or_wrapped(self) -> None:
         waiting: Deferred[None] = Deferred()
@@ -209,9 +232,18 @@ class RetryLoopTests(TestCase):
             self.times.append(self.clock.seconds())
             await waiting
 
-        d = Deferred.fromCoroutine(retry_call(
-            attempt, clock=self.clock, max_retries=3, base_delay=1, retry=True,
-            method="heartbeat", target="t", log=self.log))
+        d = Deferred.fromCoroutine(
+            retry_call(
+                attempt,
+                clock=self.clock,
+                max_retries=3,
+                base_delay=1,
+                retry=True,
+                method="heartbeat",
+                target="t",
+                log=self.log,
+            )
+        )
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.clock.pump([1.0] * 10)

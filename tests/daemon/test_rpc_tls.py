@@ -39,11 +39,16 @@ def make_cert() -> tuple[Any, x509.Certificate, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "myx-agent-test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
     return key, cert, hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
@@ -73,14 +78,16 @@ class RecordingHTTP(Protocol):
             self.factory.requests.append((head, body))
             request = json.loads(body)
             if isinstance(request, list):
-                reply: Any = [{"jsonrpc": "2.0", "id": r["id"], "result": r["method"]}
-                              for r in request]
+                reply: Any = [
+                    {"jsonrpc": "2.0", "id": r["id"], "result": r["method"]} for r in request
+                ]
             else:
                 reply = {"jsonrpc": "2.0", "id": request["id"], "result": "pong"}
             payload = json.dumps(reply).encode()
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+            )
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connections.remove(self)
@@ -113,10 +120,12 @@ class PinningTests(TestCase):
         _, _, self.other_pin = make_cert()
         options = ssl.CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(key),
-            certificate=crypto.X509.from_cryptography(cert))
+            certificate=crypto.X509.from_cryptography(cert),
+        )
         self.factory = RecordingFactory()
-        self.port = cast(Any, self.reactor).listenSSL(0, self.factory, options,
-                                                      interface="127.0.0.1")
+        self.port = cast(Any, self.reactor).listenSSL(
+            0, self.factory, options, interface="127.0.0.1"
+        )
         self.addCleanup(self._stop_server)
         self.rpc = AgentRPC(reactor, settings(rpc_timeout=20, rpc_retry_base_delay=0.05))
         self.addCleanup(lambda: Deferred.fromCoroutine(self.rpc.close()))
@@ -135,8 +144,9 @@ class PinningTests(TestCase):
             await deferLater(self.reactor, 0.01, lambda: None)
 
     def ep(self, pin: str) -> AgentEndpoint:
-        return AgentEndpoint(host="127.0.0.1", port=self.port.getHost().port, path=PATH,
-                             token=TOKEN, fingerprint=pin)
+        return AgentEndpoint(
+            host="127.0.0.1", port=self.port.getHost().port, path=PATH, token=TOKEN, fingerprint=pin
+        )
 
     async def test_pinned_call_works_and_sends_the_token(self) -> None:
         self.assertEqual(await self.rpc.call(self.ep(self.pin), "heartbeat"), "pong")
@@ -160,7 +170,7 @@ class PinningTests(TestCase):
     async def test_pooled_connection_is_not_reused_under_another_pin(self) -> None:
         await self.rpc.call(self.ep(self.pin), "heartbeat")
         await self.rpc.call(self.ep(self.pin), "heartbeat")
-        self.assertEqual(self.factory.accepted, 1)   # keep-alive pool reused it
+        self.assertEqual(self.factory.accepted, 1)  # keep-alive pool reused it
         received = len(self.factory.received)
         with self.assertRaises(CertificateMismatch):
             await self.rpc.call(self.ep(self.other_pin), "heartbeat")
@@ -169,8 +179,9 @@ class PinningTests(TestCase):
         self.assertEqual(await self.rpc.call(self.ep(self.pin), "heartbeat"), "pong")
 
     async def test_batch_over_tls_is_one_request(self) -> None:
-        results = await self.rpc.batch(self.ep(self.pin), [("heartbeat", None),
-                                                           ("get_status", None)])
+        results = await self.rpc.batch(
+            self.ep(self.pin), [("heartbeat", None), ("get_status", None)]
+        )
         self.assertEqual(results, ["heartbeat", "get_status"])
         self.assertEqual(len(self.factory.requests), 1)
 
@@ -180,8 +191,9 @@ class PinningTests(TestCase):
         with self.assertRaises(ResponseNeverReceived) as caught:
             await agent.request(b"GET", url)
         reasons = [r.value for r in caught.exception.reasons]
-        self.assertTrue(any(isinstance(r, PinMismatchError) and r.expected is None
-                            for r in reasons), reasons)
+        self.assertTrue(
+            any(isinstance(r, PinMismatchError) and r.expected is None for r in reasons), reasons
+        )
         await self.until(lambda: self.factory.closed == 1)
         self.assertEqual(self.factory.received, b"")
 
@@ -197,8 +209,10 @@ class PinningTests(TestCase):
         c = policy.creatorForNetloc(b"127.0.0.1", 3).clientConnectionForTLS(no_protocol)
         self.assertIs(a.get_context(), policy.context)
         self.assertIs(b.get_context(), policy.context)
-        self.assertEqual([getattr(x, "_myx_expected_pin", "unset") for x in (a, b, c)],
-                         [self.pin, self.other_pin, None])
+        self.assertEqual(
+            [getattr(x, "_myx_expected_pin", "unset") for x in (a, b, c)],
+            [self.pin, self.other_pin, None],
+        )
 
 
 class TransportFailureTests(TestCase):

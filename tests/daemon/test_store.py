@@ -87,9 +87,7 @@ class OpenTests(StoreTestBase):
         async def go() -> None:
             self.assertEqual(await self.sql("PRAGMA journal_mode"), [("wal",)])
             self.assertEqual(await self.sql("PRAGMA foreign_keys"), [(1,)])
-            self.assertEqual(
-                await self.sql("SELECT MAX(version) FROM schema_version"), [(1,)]
-            )
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(1,)])
             assert self.service.migration is not None
             self.assertEqual(self.service.migration.from_version, 0)
             for name in os.listdir(self.dir):
@@ -213,7 +211,10 @@ class AgentTests(StoreTestBase):
             with self.assertRaises(ValueError):
                 await self.store.set_agent_status(aid, "gone")
             await self.store.update_agent(
-                aid, host="10.0.0.1", cert_fingerprint="cd" * 32, status="error",
+                aid,
+                host="10.0.0.1",
+                cert_fingerprint="cd" * 32,
+                status="error",
                 status_reason="cert changed",
             )
             rec = await self.store.get_agent(aid)
@@ -224,8 +225,7 @@ class AgentTests(StoreTestBase):
             # Only what is passed changes; None sets NULL.
             await self.store.update_agent(aid, status_reason=None)
             rec = await self.store.get_agent(aid)
-            self.assertEqual((rec.host, rec.status, rec.status_reason),
-                             ("10.0.0.1", "error", None))
+            self.assertEqual((rec.host, rec.status, rec.status_reason), ("10.0.0.1", "error", None))
             with self.assertRaises(NotFoundError):
                 await self.store.update_agent(aid + 1, host="x")
             with self.assertRaises(ValueError):
@@ -303,8 +303,7 @@ class IdentityTests(StoreTestBase):
         self.assertTrue(identity.is_allowed_port(61000))
         rng = random.Random(4)
         for _ in range(2000):
-            self.assertNotIn(identity.new_rpc_port(lambda p: False, rng),
-                             identity.EPHEMERAL_PORTS)
+            self.assertNotIn(identity.new_rpc_port(lambda p: False, rng), identity.EPHEMERAL_PORTS)
 
     def test_rpc_path_lengths(self) -> None:
         rng = random.Random(4)
@@ -329,8 +328,9 @@ class HeartbeatTests(StoreTestBase):
             results = [
                 HeartbeatResult(a, 100.0, True, version="1.2", details={"load": i}, latency=0.01)
                 if i % 2 == 0
-                else HeartbeatResult(a, 100.0, False, reason="connection refused",
-                                     error_kind="retryable")
+                else HeartbeatResult(
+                    a, 100.0, False, reason="connection refused", error_kind="retryable"
+                )
                 for i, a in enumerate(ids)
             ]
             await self.store.record_heartbeat_results(results)
@@ -340,37 +340,56 @@ class HeartbeatTests(StoreTestBase):
             self.assertEqual((len(begins), len(commits)), (1, 1), statements[:5])
 
             counts = await self.store.agent_counts_by_status()
-            self.assertEqual(counts, {"online": n // 2, "offline": n // 2 - 1,
-                                      "installing": 1, "error": 0})
+            self.assertEqual(
+                counts, {"online": n // 2, "offline": n // 2 - 1, "installing": 1, "error": 0}
+            )
             good = await self.store.get_agent(ids[0])
-            self.assertEqual((good.status, good.version, good.details, good.last_latency),
-                             ("online", "1.2", {"load": 0}, 0.01))
-            self.assertEqual((good.last_heartbeat, good.rpc_last_success, good.rpc_last_check),
-                             (100.0, 100.0, 100.0))
+            self.assertEqual(
+                (good.status, good.version, good.details, good.last_latency),
+                ("online", "1.2", {"load": 0}, 0.01),
+            )
+            self.assertEqual(
+                (good.last_heartbeat, good.rpc_last_success, good.rpc_last_check),
+                (100.0, 100.0, 100.0),
+            )
             self.assertTrue(good.rpc_supported)
             bad = await self.store.get_agent(ids[1])
-            self.assertEqual((bad.status, bad.status_reason, bad.failed_cycles,
-                              bad.total_failures, bad.last_error_kind, bad.rpc_last_check),
-                             ("offline", "connection refused", 1, 1, "retryable", 100.0))
+            self.assertEqual(
+                (
+                    bad.status,
+                    bad.status_reason,
+                    bad.failed_cycles,
+                    bad.total_failures,
+                    bad.last_error_kind,
+                    bad.rpc_last_check,
+                ),
+                ("offline", "connection refused", 1, 1, "retryable", 100.0),
+            )
             self.assertIsNone(bad.last_heartbeat)
             inst = await self.store.get_agent(ids[-1])
-            self.assertEqual((inst.status, inst.status_reason, inst.failed_cycles),
-                             ("installing", "being installed", 1))
+            self.assertEqual(
+                (inst.status, inst.status_reason, inst.failed_cycles),
+                ("installing", "being installed", 1),
+            )
 
             # A second failure counts up; a success resets the streak, keeps the total,
             # and keeps version/details when the result has none.
             await self.store.record_heartbeat_results(
-                [HeartbeatResult(ids[1], 101.0, False, reason="timeout")])
+                [HeartbeatResult(ids[1], 101.0, False, reason="timeout")]
+            )
             self.assertEqual((await self.store.get_agent(ids[1])).failed_cycles, 2)
             await self.store.record_heartbeat_results(
-                [HeartbeatResult(ids[1], 102.0, True),
-                 HeartbeatResult(ids[0], 102.0, True)])
+                [HeartbeatResult(ids[1], 102.0, True), HeartbeatResult(ids[0], 102.0, True)]
+            )
             back = await self.store.get_agent(ids[1])
-            self.assertEqual((back.status, back.status_reason, back.failed_cycles,
-                              back.total_failures), ("online", None, 0, 2))
+            self.assertEqual(
+                (back.status, back.status_reason, back.failed_cycles, back.total_failures),
+                ("online", None, 0, 2),
+            )
             kept = await self.store.get_agent(ids[0])
-            self.assertEqual((kept.version, kept.details, kept.last_heartbeat),
-                             ("1.2", {"load": 0}, 102.0))
+            self.assertEqual(
+                (kept.version, kept.details, kept.last_heartbeat), ("1.2", {"load": 0}, 102.0)
+            )
 
         return d(go())
 
@@ -379,14 +398,17 @@ class HeartbeatTests(StoreTestBase):
             a = await self.agent(20001)
             b = await self.agent(20002)
             with self.assertRaises(ValueError):
-                await self.store.record_heartbeat_results([
-                    HeartbeatResult(a, 1.0, True, version="9"),
-                    HeartbeatResult(b, 1.0, False, reason="x", error_kind="weird"),
-                ])
+                await self.store.record_heartbeat_results(
+                    [
+                        HeartbeatResult(a, 1.0, True, version="9"),
+                        HeartbeatResult(b, 1.0, False, reason="x", error_kind="weird"),
+                    ]
+                )
             self.assertIsNone((await self.store.get_agent(a)).version)
             await self.store.record_heartbeat_results([])  # no-op
             await self.store.record_heartbeat_results(
-                [HeartbeatResult(a + 1000, 1.0, True)])  # deleted agent: ignored
+                [HeartbeatResult(a + 1000, 1.0, True)]
+            )  # deleted agent: ignored
 
         return d(go())
 
@@ -395,8 +417,9 @@ class CommandTests(StoreTestBase):
     async def command(self, aid: int | None = None, **kw: Any) -> Any:
         if aid is None:
             aid = await self.agent(20001)
-        args: dict[str, Any] = dict(agent_id=aid, kind="command", command="echo",
-                                    args=["a", "b"], timeout=5.0)
+        args: dict[str, Any] = dict(
+            agent_id=aid, kind="command", command="echo", args=["a", "b"], timeout=5.0
+        )
         args.update(kw)
         return await self.store.create_command(**args)
 
@@ -404,8 +427,10 @@ class CommandTests(StoreTestBase):
         async def go() -> None:
             cmd = await self.command(extra={"env": {"A": "1"}, "cwd": "/tmp"})
             self.assertRegex(cmd.command_uid, r"^[0-9a-f]{32}$")
-            self.assertEqual((cmd.kind, cmd.command, cmd.args, cmd.timeout, cmd.status),
-                             ("command", "echo", ["a", "b"], 5.0, "running"))
+            self.assertEqual(
+                (cmd.kind, cmd.command, cmd.args, cmd.timeout, cmd.status),
+                ("command", "echo", ["a", "b"], 5.0, "running"),
+            )
             self.assertEqual(cmd.extra, {"env": {"A": "1"}, "cwd": "/tmp"})
             self.assertEqual((cmd.attempts, cmd.output_offset), (0, 0))
             self.assertIsNotNone(cmd.started_at)
@@ -413,13 +438,18 @@ class CommandTests(StoreTestBase):
             self.assertEqual(await self.store.get_command(cmd.id), cmd)
             await self.store.update_command(cmd.id, attempts=2)
             await self.store.update_command(
-                cmd.id, status="failed", exit_code=3, reason="exit 3",
-                result={"success": False, "return_code": 3}, finished_at=50.0)
+                cmd.id,
+                status="failed",
+                exit_code=3,
+                reason="exit 3",
+                result={"success": False, "return_code": 3},
+                finished_at=50.0,
+            )
             got = await self.store.get_command(cmd.id)
             self.assertEqual(
-                (got.status, got.exit_code, got.reason, got.result, got.attempts,
-                 got.finished_at),
-                ("failed", 3, "exit 3", {"success": False, "return_code": 3}, 2, 50.0))
+                (got.status, got.exit_code, got.reason, got.result, got.attempts, got.finished_at),
+                ("failed", 3, "exit 3", {"success": False, "return_code": 3}, 2, 50.0),
+            )
             self.assertIsNone(await self.store.get_command(cmd.id + 1))
             with self.assertRaises(NotFoundError):
                 await self.store.update_command(cmd.id + 1, status="success")
@@ -437,8 +467,9 @@ class CommandTests(StoreTestBase):
                 await self.command(aid, kind="shell")
             with self.assertRaises(ValueError):
                 await self.command(aid, status="queued")
-            pending = await self.command(aid, kind="ansible", status="pending",
-                                         command="ping.yml", args=[])
+            pending = await self.command(
+                aid, kind="ansible", status="pending", command="ping.yml", args=[]
+            )
             self.assertIsNone(pending.started_at)
             self.assertEqual(pending.kind, "ansible")
 
@@ -452,17 +483,23 @@ class CommandTests(StoreTestBase):
             c2 = await self.command(b, status="pending")
             c3 = await self.command(a)
             await self.store.update_command(c3.id, status="success", exit_code=0)
-            self.assertEqual([c.id for c in await self.store.list_commands()],
-                             [c3.id, c2.id, c1.id])
-            self.assertEqual([c.id for c in await self.store.list_commands(agent_id=a)],
-                             [c3.id, c1.id])
+            self.assertEqual(
+                [c.id for c in await self.store.list_commands()], [c3.id, c2.id, c1.id]
+            )
+            self.assertEqual(
+                [c.id for c in await self.store.list_commands(agent_id=a)], [c3.id, c1.id]
+            )
             self.assertEqual(
                 [c.id for c in await self.store.list_commands(agent_id=a, limit=1, offset=1)],
-                [c1.id])
-            self.assertEqual([c.id for c in await self.store.list_unfinished_commands()],
-                             [c1.id, c2.id])
-            self.assertEqual(await self.store.command_counts_by_status(),
-                             {"pending": 1, "running": 1, "success": 1, "failed": 0})
+                [c1.id],
+            )
+            self.assertEqual(
+                [c.id for c in await self.store.list_unfinished_commands()], [c1.id, c2.id]
+            )
+            self.assertEqual(
+                await self.store.command_counts_by_status(),
+                {"pending": 1, "running": 1, "success": 1, "failed": 0},
+            )
 
         return d(go())
 
@@ -470,8 +507,9 @@ class CommandTests(StoreTestBase):
 class OutputTests(StoreTestBase):
     async def cmd_id(self) -> int:
         aid = await self.agent(20001)
-        cmd = await self.store.create_command(agent_id=aid, kind="command", command="x",
-                                              args=[], timeout=None)
+        cmd = await self.store.create_command(
+            agent_id=aid, kind="command", command="x", args=[], timeout=None
+        )
         return int(cmd.id)
 
     async def everything(self, cid: int) -> bytes:
@@ -491,10 +529,10 @@ class OutputTests(StoreTestBase):
             self.assertEqual(await s.append_output(cid, 0, "stdout", b"hello world"), 16)
             self.assertEqual(await self.everything(cid), b"hello worldoops\n")
             self.assertEqual((await s.get_command(cid)).output_offset, 16)
-            rows = await self.sql(
-                "SELECT offset, stream, data FROM command_output ORDER BY offset")
-            self.assertEqual(rows, [(0, "stdout", b"hello "), (6, "stdout", b"world"),
-                                    (11, "stderr", b"oops\n")])
+            rows = await self.sql("SELECT offset, stream, data FROM command_output ORDER BY offset")
+            self.assertEqual(
+                rows, [(0, "stdout", b"hello "), (6, "stdout", b"world"), (11, "stderr", b"oops\n")]
+            )
 
         return d(go())
 
@@ -536,7 +574,7 @@ class OutputTests(StoreTestBase):
             self.assertEqual(await self.everything(cid), stream)
             chunks = await self.store.read_output(cid, 0, 1 << 24)
             for c in chunks:
-                self.assertEqual(set(kinds[c.offset:c.offset + len(c.data)]), {c.stream})
+                self.assertEqual(set(kinds[c.offset : c.offset + len(c.data)]), {c.stream})
 
         return d(go())
 
@@ -548,20 +586,29 @@ class OutputTests(StoreTestBase):
             await s.append_output(cid, 4, "stdout", b"4567")
             await s.append_output(cid, 8, "stderr", b"89")
             await s.append_output(cid, 10, "stdout", b"ABCD")
-            self.assertEqual(await s.read_output(cid), [
-                OutputChunk(0, "stdout", b"01234567"),
-                OutputChunk(8, "stderr", b"89"),
-                OutputChunk(10, "stdout", b"ABCD"),
-            ])
-            self.assertEqual(await s.read_output(cid, 2), [
-                OutputChunk(2, "stdout", b"234567"),
-                OutputChunk(8, "stderr", b"89"),
-                OutputChunk(10, "stdout", b"ABCD"),
-            ])
-            self.assertEqual(await s.read_output(cid, 4, 5), [
-                OutputChunk(4, "stdout", b"4567"),
-                OutputChunk(8, "stderr", b"8"),
-            ])
+            self.assertEqual(
+                await s.read_output(cid),
+                [
+                    OutputChunk(0, "stdout", b"01234567"),
+                    OutputChunk(8, "stderr", b"89"),
+                    OutputChunk(10, "stdout", b"ABCD"),
+                ],
+            )
+            self.assertEqual(
+                await s.read_output(cid, 2),
+                [
+                    OutputChunk(2, "stdout", b"234567"),
+                    OutputChunk(8, "stderr", b"89"),
+                    OutputChunk(10, "stdout", b"ABCD"),
+                ],
+            )
+            self.assertEqual(
+                await s.read_output(cid, 4, 5),
+                [
+                    OutputChunk(4, "stdout", b"4567"),
+                    OutputChunk(8, "stderr", b"8"),
+                ],
+            )
             self.assertEqual(await s.read_output(cid, 9, 1), [OutputChunk(9, "stderr", b"9")])
             self.assertEqual(await s.read_output(cid, 13), [OutputChunk(13, "stdout", b"D")])
             self.assertEqual(await s.read_output(cid, 14), [])
@@ -579,15 +626,22 @@ class EventTests(StoreTestBase):
     def test_events_newest_first(self) -> Deferred[Any]:
         async def go() -> None:
             ids = [
-                await self.store.add_event(actor="api", action=f"a{i}", target=f"agent:{i}",
-                                           outcome="ok", details={"i": i} if i else None)
+                await self.store.add_event(
+                    actor="api",
+                    action=f"a{i}",
+                    target=f"agent:{i}",
+                    outcome="ok",
+                    details={"i": i} if i else None,
+                )
                 for i in range(5)
             ]
             events = await self.store.list_events()
             self.assertEqual([e.id for e in events], ids[::-1])
             first = events[-1]
-            self.assertEqual((first.actor, first.action, first.target, first.outcome,
-                              first.details), ("api", "a0", "agent:0", "ok", None))
+            self.assertEqual(
+                (first.actor, first.action, first.target, first.outcome, first.details),
+                ("api", "a0", "agent:0", "ok", None),
+            )
             self.assertEqual(events[0].details, {"i": 4})
             self.assertEqual(first.at, first.created_at)
             page = await self.store.list_events(limit=2, before_id=ids[3])
@@ -597,28 +651,42 @@ class EventTests(StoreTestBase):
         return d(go())
 
 
-AUTH = {"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nsecretkeymaterial",
-        "passphrase": "hunter2-passphrase"}
+AUTH = {
+    "private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nsecretkeymaterial",
+    "passphrase": "hunter2-passphrase",
+}
 SUDO = {"mode": "sudo", "password": "sudo-password-xyz"}
 
 
 class ServerTests(StoreTestBase):
     async def server(self, **kw: Any) -> int:
-        args: dict[str, Any] = dict(name="web-1", host="127.0.0.1", ssh_port=2222,
-                                    username="deploy", auth=AUTH, sudo=SUDO)
+        args: dict[str, Any] = dict(
+            name="web-1", host="127.0.0.1", ssh_port=2222, username="deploy", auth=AUTH, sudo=SUDO
+        )
         args.update(kw)
         return int(await self.store.add_server(**args))
 
     def test_add_get_list_update(self) -> Deferred[Any]:
         async def go() -> None:
             sid = await self.server(host_key_fingerprint="SHA256:abc")
-            other = await self.server(name="web-2", auth=None, sudo={"mode": "none",
-                                                                      "password": None})
+            other = await self.server(
+                name="web-2", auth=None, sudo={"mode": "none", "password": None}
+            )
             rec = await self.store.get_server(sid)
-            self.assertEqual((rec.name, rec.host, rec.ssh_port, rec.username, rec.auth,
-                              rec.sudo, rec.host_key_fingerprint, rec.host_key, rec.status),
-                             ("web-1", "127.0.0.1", 2222, "deploy", AUTH, SUDO, "SHA256:abc",
-                              None, "new"))
+            self.assertEqual(
+                (
+                    rec.name,
+                    rec.host,
+                    rec.ssh_port,
+                    rec.username,
+                    rec.auth,
+                    rec.sudo,
+                    rec.host_key_fingerprint,
+                    rec.host_key,
+                    rec.status,
+                ),
+                ("web-1", "127.0.0.1", 2222, "deploy", AUTH, SUDO, "SHA256:abc", None, "new"),
+            )
             self.assertNotIn("hunter2", repr(rec))
             self.assertNotIn("sudo-password", repr(rec))
             self.assertEqual([s.id for s in await self.store.list_servers()], [sid, other])
@@ -626,8 +694,10 @@ class ServerTests(StoreTestBase):
             await self.store.update_server(sid, host_key="ssh-ed25519 AAAA", status="installing")
             await self.store.update_server(sid, status_reason="step 2", auth=None)
             rec = await self.store.get_server(sid)
-            self.assertEqual((rec.host_key, rec.status, rec.status_reason, rec.auth),
-                             ("ssh-ed25519 AAAA", "installing", "step 2", None))
+            self.assertEqual(
+                (rec.host_key, rec.status, rec.status_reason, rec.auth),
+                ("ssh-ed25519 AAAA", "installing", "step 2", None),
+            )
             with self.assertRaises(ValueError):
                 await self.store.update_server(sid, status="happy")
             with self.assertRaises(NotFoundError):
@@ -669,15 +739,20 @@ class ServerTests(StoreTestBase):
             await s.record_install_step(iid, "upload", "failed", error="disk full")
             await s.record_install_step(iid, "sync_tool", "skipped")
             latest = await s.get_latest_install(sid)
-            self.assertEqual((latest["id"], latest["kind"], latest["status"], latest["error"]),
-                             (iid, "reinstall", "running", None))
+            self.assertEqual(
+                (latest["id"], latest["kind"], latest["status"], latest["error"]),
+                (iid, "reinstall", "running", None),
+            )
             self.assertIsNone(latest["finished_at"])
             steps = latest["steps"]
-            self.assertEqual([(x["step"], x["status"], x["log"], x["error"]) for x in steps], [
-                ("check_target", "ok", "python 3.11", None),
-                ("upload", "failed", "sending", "disk full"),
-                ("sync_tool", "skipped", None, None),
-            ])
+            self.assertEqual(
+                [(x["step"], x["status"], x["log"], x["error"]) for x in steps],
+                [
+                    ("check_target", "ok", "python 3.11", None),
+                    ("upload", "failed", "sending", "disk full"),
+                    ("sync_tool", "skipped", None, None),
+                ],
+            )
             for x in steps:
                 self.assertIsNotNone(x["started_at"])
                 self.assertIsNotNone(x["finished_at"])
@@ -713,15 +788,27 @@ class SecretsAtRestTests(StoreTestBase):
     def test_no_plaintext_in_sqlite_files(self) -> Deferred[Any]:
         async def go() -> None:
             ident = await self.store.new_agent_identity()
-            sid = await self.store.add_server(name="s", host="h", ssh_port=22, username="u",
-                                              auth=AUTH, sudo=SUDO)
-            await self.store.add_agent(host="h", rpc_port=ident.rpc_port,
-                                       rpc_path=ident.rpc_path, token=ident.token,
-                                       secret_key=ident.secret_key, cert_fingerprint=FP,
-                                       server_id=sid)
+            sid = await self.store.add_server(
+                name="s", host="h", ssh_port=22, username="u", auth=AUTH, sudo=SUDO
+            )
+            await self.store.add_agent(
+                host="h",
+                rpc_port=ident.rpc_port,
+                rpc_path=ident.rpc_path,
+                token=ident.token,
+                secret_key=ident.secret_key,
+                cert_fingerprint=FP,
+                server_id=sid,
+            )
             await self.store.update_server(sid, auth={"password": "pw-plaintext-123"})
-            secrets_ = [ident.token, ident.secret_key, "secretkeymaterial",
-                        "hunter2-passphrase", "sudo-password-xyz", "pw-plaintext-123"]
+            secrets_ = [
+                ident.token,
+                ident.secret_key,
+                "secretkeymaterial",
+                "hunter2-passphrase",
+                "sudo-password-xyz",
+                "pw-plaintext-123",
+            ]
             # While open (data in the WAL) and after a clean close (checkpointed).
             raw = self.raw_bytes()
             self.assertIn(b"SQLite format 3", raw)
@@ -735,8 +822,9 @@ class SecretsAtRestTests(StoreTestBase):
             await self.open()
             rec = await self.store.get_agent_for_server(sid)
             self.assertEqual((rec.token, rec.secret_key), (ident.token, ident.secret_key))
-            self.assertEqual((await self.store.get_server(sid)).auth,
-                             {"password": "pw-plaintext-123"})
+            self.assertEqual(
+                (await self.store.get_server(sid)).auth, {"password": "pw-plaintext-123"}
+            )
 
         return d(go())
 
@@ -800,20 +888,22 @@ class MigrationTests(StoreTestBase):
             assert report is not None
             self.assertEqual((report.from_version, report.to_version), (1, 2))
             assert report.backup_path is not None
-            self.assertRegex(os.path.basename(report.backup_path),
-                             r"^myxd\.sqlite\.bak-v1-\d{8}T\d{6}Z$")
+            self.assertRegex(
+                os.path.basename(report.backup_path), r"^myxd\.sqlite\.bak-v1-\d{8}T\d{6}Z$"
+            )
             self.assertEqual(stat.S_IMODE(os.stat(report.backup_path).st_mode), 0o600)
-            self.assertEqual(await self.sql("SELECT version FROM schema_version ORDER BY 1"),
-                             [(1,), (2,)])
+            self.assertEqual(
+                await self.sql("SELECT version FROM schema_version ORDER BY 1"), [(1,), (2,)]
+            )
             self.assertEqual(await self.sql("SELECT region FROM agents"), [("unknown",)])
             self.assertEqual((await self.store.get_agent(aid)).token, "token-20001-secret")
             # The backup is the v1 database as it was.
             bak = sqlite3.connect(report.backup_path)
             try:
-                self.assertEqual(bak.execute("SELECT MAX(version) FROM schema_version")
-                                 .fetchone(), (1,))
-                self.assertEqual(bak.execute("SELECT rpc_port FROM agents").fetchall(),
-                                 [(20001,)])
+                self.assertEqual(
+                    bak.execute("SELECT MAX(version) FROM schema_version").fetchone(), (1,)
+                )
+                self.assertEqual(bak.execute("SELECT rpc_port FROM agents").fetchall(), [(20001,)])
                 cols = [r[1] for r in bak.execute("PRAGMA table_info(agents)")]
                 self.assertNotIn("region", cols)
             finally:
@@ -826,7 +916,8 @@ class MigrationTests(StoreTestBase):
             await self.agent(20001)
             await self.service.stopService()
             broken = self.schema_dir(
-                ("002_broken.sql", "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;\n"))
+                ("002_broken.sql", "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;\n")
+            )
             svc = StoreService(self.path, reactor, schema_dir=broken)
             svc.startService()
             self.addCleanup(self.stop, svc)
@@ -837,8 +928,9 @@ class MigrationTests(StoreTestBase):
             await svc.stopService()
             conn = sqlite3.connect(self.path)
             try:
-                self.assertEqual(conn.execute("SELECT MAX(version) FROM schema_version")
-                                 .fetchone(), (1,))
+                self.assertEqual(
+                    conn.execute("SELECT MAX(version) FROM schema_version").fetchone(), (1,)
+                )
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
                 self.assertNotIn("half", tables)
             finally:

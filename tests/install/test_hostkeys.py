@@ -111,9 +111,7 @@ class PolicyTests(unittest.TestCase):
         self.assertNotIn(b"ssh-rsa", ALL_ALGORITHMS)
         self.assertNotIn(b"ssh-dss", ALL_ALGORITHMS)
         # A stored key: only its own algorithms, so the server shows that key.
-        self.assertEqual(
-            HostKeyPolicy(known_key=self.line).algorithm_groups(), [[b"ssh-ed25519"]]
-        )
+        self.assertEqual(HostKeyPolicy(known_key=self.line).algorithm_groups(), [[b"ssh-ed25519"]])
         ec_line = _key("ecdsa").public().toString("openssh").decode()
         self.assertEqual(
             HostKeyPolicy(known_key=ec_line).algorithm_groups(), [[b"ecdsa-sha2-nistp256"]]

@@ -57,12 +57,16 @@ class InstallRealTests(unittest.TestCase):
         self.rpc = AgentRPC(reactor, self.settings)
         self.addCleanup(self.rpc.close)
         self.installer = Installer(
-            self.store, self.rpc, self.settings, reactor,
-            wheelhouse_dir=WHEELHOUSE, agent_bind="127.0.0.1",
+            self.store,
+            self.rpc,
+            self.settings,
+            reactor,
+            wheelhouse_dir=WHEELHOUSE,
+            agent_bind="127.0.0.1",
             # The hosts share this machine's network: keep agent ports out of the
             # ephemeral range that every test's outgoing connections draw from.
             agent_port_range=(8000, 32767),
-        )  # fmt: skip
+        )
         self.installer.startService()
         self.addCleanup(self.installer.stopService)
 
@@ -72,13 +76,24 @@ class InstallRealTests(unittest.TestCase):
         await host.start()
         return host
 
-    async def add(self, host: TestHost, *, user: str = "root", auth: dict[str, Any] | None = None,
-                  sudo: dict[str, Any] | None = None, **kw: Any) -> int:  # fmt: skip
+    async def add(
+        self,
+        host: TestHost,
+        *,
+        user: str = "root",
+        auth: dict[str, Any] | None = None,
+        sudo: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> int:
         server_id, _agent_id = await self.installer.create_server(
-            name=host.name, host="127.0.0.1", ssh_port=host.port, username=user,
+            name=host.name,
+            host="127.0.0.1",
+            ssh_port=host.port,
+            username=user,
             auth=auth if auth is not None else {"private_key": host.private_key},
-            sudo=sudo or {"mode": "none"}, **kw,
-        )  # fmt: skip
+            sudo=sudo or {"mode": "none"},
+            **kw,
+        )
         return server_id
 
     async def server(self, server_id: int) -> Any:
@@ -152,8 +167,9 @@ class InstallRealTests(unittest.TestCase):
             "systemctl show -p Restart --value myx-agent; ls /opt/myx-agent/myx_agent"
         )
         lines = out.split("\n")
-        self.assertEqual(lines[:5], ["enabled", "active", "root:root 600", "root:root 700",
-                                     "always"])  # fmt: skip
+        self.assertEqual(
+            lines[:5], ["enabled", "active", "root:root 600", "root:root 700", "always"]
+        )
         self.assertIn("main.py", lines[5:])
 
         ep = AgentEndpoint.from_record(agent)
@@ -161,14 +177,16 @@ class InstallRealTests(unittest.TestCase):
         self.assertEqual(status["deployment_tool_version"], deployment_tool_version())
 
         # The synced tool runs through execute_ansible.
-        await self.rpc.call(ep, "execute_ansible", {"playbook": "ping.yml", "command_id": "ping-1",
-                                                    "timeout": 300})  # fmt: skip
+        await self.rpc.call(
+            ep, "execute_ansible", {"playbook": "ping.yml", "command_id": "ping-1", "timeout": 300}
+        )
         offset, log = 0, b""
         deadline = reactor.seconds() + 300
         final: Any = None
         while final is None and reactor.seconds() < deadline:
-            chunk = await self.rpc.call(ep, "get_command_log",
-                                        {"command_id": "ping-1", "offset": offset, "wait": 5})
+            chunk = await self.rpc.call(
+                ep, "get_command_log", {"command_id": "ping-1", "offset": offset, "wait": 5}
+            )
             log += base64.b64decode(chunk["log_data"])
             offset = chunk["new_offset"]
             if chunk["is_final"]:
@@ -178,8 +196,9 @@ class InstallRealTests(unittest.TestCase):
         self.assertIn(f"myx deployment tool {deployment_tool_version()}".encode(), log)
 
         events = await self.store.list_events(limit=200)
-        steps_seen = {e.details.get("step") for e in events
-                      if e.action == "install.step" and e.details}  # fmt: skip
+        steps_seen = {
+            e.details.get("step") for e in events if e.action == "install.step" and e.details
+        }
         self.assertEqual(steps_seen, set(INSTALL_STEPS))
         for e in events:
             self.assert_no_secrets(repr(e.details), agent)
@@ -195,9 +214,11 @@ class InstallRealTests(unittest.TestCase):
 
         host = await self.boot(prepare_hook=users)
         server_id = await self.add(
-            host, user="deploy", auth={"password": "deploy-pw-1"},
+            host,
+            user="deploy",
+            auth={"password": "deploy-pw-1"},
             sudo={"mode": "sudo", "password": "deploy-pw-1"},
-        )  # fmt: skip
+        )
         await self.assert_installed(server_id, await self.installer.install(server_id))
         latest = await self.latest(server_id)
         self.assertIn("as deploy (uid 1000)", latest["steps"][0]["log"])
@@ -230,8 +251,7 @@ class InstallRealTests(unittest.TestCase):
         after = await self.assert_installed(server_id, outcome)
         for attr in ("id", "rpc_port", "rpc_path", "token", "secret_key", "cert_fingerprint"):
             self.assertEqual(getattr(after, attr), getattr(before, attr), attr)
-        steps = {s["step"]: s["status"] for s in
-                 (await self.latest(server_id))["steps"]}  # fmt: skip
+        steps = {s["step"]: s["status"] for s in (await self.latest(server_id))["steps"]}
         self.assertEqual(steps["dependencies"], "skipped")
         self.assertEqual(steps["sync_tool"], "skipped")
         self.assertEqual(steps["service"], "ok")
@@ -265,8 +285,9 @@ class InstallRealTests(unittest.TestCase):
         self.assertIn("authentication failed for user 'root'", outcome.error)
         self.assertNotIn("definitely-wrong", outcome.error)
         latest = await self.latest(server_id)
-        self.assertEqual([(s["step"], s["status"]) for s in latest["steps"]],
-                         [("connect", "failed")])  # fmt: skip
+        self.assertEqual(
+            [(s["step"], s["status"]) for s in latest["steps"]], [("connect", "failed")]
+        )
 
     async def test_target_without_python3(self) -> None:
         host = await self.boot(with_python=False)
@@ -299,9 +320,14 @@ class InstallRealTests(unittest.TestCase):
         # 192.0.2.1 (TEST-NET-1) is on no interface: the agent's bind fails, so
         # it exits at once and systemd restarts it in a loop. Nothing is sent there.
         broken = Installer(
-            self.store, self.rpc, self.settings, reactor, wheelhouse_dir=WHEELHOUSE,
-            agent_bind="192.0.2.1", agent_port_range=(8000, 32767),
-        )  # fmt: skip
+            self.store,
+            self.rpc,
+            self.settings,
+            reactor,
+            wheelhouse_dir=WHEELHOUSE,
+            agent_bind="192.0.2.1",
+            agent_port_range=(8000, 32767),
+        )
         outcome = await broken.install(server_id)
         self.assertFalse(outcome.ok)
         self.assertEqual(outcome.failed_step, "wait")

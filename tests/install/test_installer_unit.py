@@ -41,10 +41,15 @@ class AutoReinstallTests(unittest.TestCase):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.installer = Installer(
-            self.store, None, Settings(data_dir=base), self.clock,
-            auto_backoff_base=100, auto_backoff_max=1000, auto_max_attempts=3,
+            self.store,
+            None,
+            Settings(data_dir=base),
+            self.clock,
+            auto_backoff_base=100,
+            auto_backoff_max=1000,
+            auto_max_attempts=3,
             auto_reset_after=10_000,
-        )  # fmt: skip
+        )
         self.started: list[tuple[int, str, str]] = []
 
         def start(server_id: int, kind: str, *, actor: str = "api") -> Deferred[int]:
@@ -55,15 +60,20 @@ class AutoReinstallTests(unittest.TestCase):
 
     async def server(self, *, auth: Any = None) -> tuple[int, Any]:
         sid, aid = await self.installer.create_server(
-            name="s", host="127.0.0.1", ssh_port=22, username="root",
-            auth=auth if auth is not None else {"password": "pw"}, sudo={"mode": "none"},
-        )  # fmt: skip
+            name="s",
+            host="127.0.0.1",
+            ssh_port=22,
+            username="root",
+            auth=auth if auth is not None else {"password": "pw"},
+            sudo={"mode": "none"},
+        )
         return sid, SimpleNamespace(id=aid, server_id=sid)
 
     async def actions(self) -> list[tuple[str, str]]:
         events = await self.store.list_events(limit=100)
-        return [(e.action, e.outcome) for e in reversed(events)
-                if e.action.endswith("auto_reinstall")]  # fmt: skip
+        return [
+            (e.action, e.outcome) for e in reversed(events) if e.action.endswith("auto_reinstall")
+        ]
 
     async def test_backoff_then_cap(self) -> None:
         sid, agent = await self.server()
@@ -162,8 +172,14 @@ class BundleAndScriptTests(unittest.TestCase):
 
         with tarfile.open(fileobj=io.BytesIO(a1), mode="r:gz") as tar:
             names = tar.getnames()
-        for needed in ("VERSION", "ansible.cfg", "inventory/localhost.ini", "playbooks/ping.yml",
-                       "scripts/check_service.py", "scripts/install_ansible.sh"):  # fmt: skip
+        for needed in (
+            "VERSION",
+            "ansible.cfg",
+            "inventory/localhost.ini",
+            "playbooks/ping.yml",
+            "scripts/check_service.py",
+            "scripts/install_ansible.sh",
+        ):
             self.assertIn(needed, names)
         self.assertFalse(any(n.startswith(("/", "..")) for n in names))
 
@@ -178,8 +194,15 @@ class BundleAndScriptTests(unittest.TestCase):
     def test_config_and_unit(self) -> None:
         import json
 
-        cfg = json.loads(remote.agent_config(token="t" * 20, secret_key="s" * 20, rpc_port=20000,
-                                             rpc_path="p" * 20, bind="127.0.0.1"))  # fmt: skip
+        cfg = json.loads(
+            remote.agent_config(
+                token="t" * 20,
+                secret_key="s" * 20,
+                rpc_port=20000,
+                rpc_path="p" * 20,
+                bind="127.0.0.1",
+            )
+        )
         self.assertEqual(cfg["rpc_port"], 20000)
         self.assertEqual(cfg["bind"], "127.0.0.1")
         unit = remote.unit_file()

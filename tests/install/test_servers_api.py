@@ -39,8 +39,11 @@ def _make_dir(path: str) -> str:
 
 
 def _keygen(path: str, passphrase: str = "") -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", path],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", path],
+        check=True,
+        capture_output=True,
+    )
     with open(path) as f:
         return f.read()
 
@@ -65,8 +68,16 @@ class ServersAPITests(unittest.TestCase):
         self.installer.startService()
         self.addCleanup(self.installer.stopService)
         servers = ServersAPI(self.store, self.installer, reactor=reactor)
-        api = AdminAPI(self.store, None, rpc, self.settings, reactor,  # type: ignore[arg-type]
-                       metrics=Metrics(), admin_token=TOKEN, servers_api=servers)  # fmt: skip
+        api = AdminAPI(
+            self.store,
+            None,  # type: ignore[arg-type]
+            rpc,
+            self.settings,
+            reactor,
+            metrics=Metrics(),
+            admin_token=TOKEN,
+            servers_api=servers,
+        )
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(api.site())
         self.addCleanup(port.stopListening)
         self.url = f"http://127.0.0.1:{port.getHost().port}/api/servers"
@@ -75,25 +86,35 @@ class ServersAPITests(unittest.TestCase):
         self.closed_port = free_port()
         self.bodies: list[bytes] = []
 
-    async def call(self, method: str, path: str = "", body: Any = None, *,
-                   auth: bool = True, raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
-                                            else None)  # fmt: skip
+    async def call(
+        self,
+        method: str,
+        path: str = "",
+        body: Any = None,
+        *,
+        auth: bool = True,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         headers: dict[bytes | str, list[bytes | str]] = dict(AUTH) if auth else {}
         if data is not None:
             headers[b"Content-Type"] = [b"application/json"]
-        resp = await treq.request(method, self.url + path, data=data, headers=headers,
-                                  pool=self.pool)  # fmt: skip
+        resp = await treq.request(
+            method, self.url + path, data=data, headers=headers, pool=self.pool
+        )
         content = await treq.content(resp)
         self.bodies.append(content)
         return resp.code, json.loads(content) if content else None
 
     def valid(self, **over: Any) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "name": "web-1", "host": "127.0.0.1", "ssh_port": self.closed_port,
-            "username": "root", "auth": {"password": PASSWORD},
+            "name": "web-1",
+            "host": "127.0.0.1",
+            "ssh_port": self.closed_port,
+            "username": "root",
+            "auth": {"password": PASSWORD},
             "sudo": {"mode": "sudo", "password": PASSWORD},
-        }  # fmt: skip
+        }
         doc.update(over)
         return {k: v for k, v in doc.items() if v is not None}
 
@@ -170,8 +191,9 @@ class ServersAPITests(unittest.TestCase):
 
         install = await self.wait_install_done(server["id"])
         self.assertEqual(install["status"], "failed")
-        self.assertEqual([(s["step"], s["status"]) for s in install["steps"]],
-                         [("connect", "failed")])  # fmt: skip
+        self.assertEqual(
+            [(s["step"], s["status"]) for s in install["steps"]], [("connect", "failed")]
+        )
         self.assertIn("connection refused", install["steps"][0]["error"])
         self.assertIn("connect:", install["error"])
 
@@ -190,11 +212,15 @@ class ServersAPITests(unittest.TestCase):
         self.assertEqual((install["kind"], install["status"]), ("reinstall", "failed"))
         again = await self.store.get_agent_for_server(server["id"])
         assert again is not None
-        self.assertEqual((again.id, again.rpc_port, again.token),
-                         (agent.id, agent.rpc_port, agent.token), "identity kept")  # fmt: skip
+        self.assertEqual(
+            (again.id, again.rpc_port, again.token),
+            (agent.id, agent.rpc_port, agent.token),
+            "identity kept",
+        )
 
-        code, body = await self.call("POST", f"/{server['id']}/reinstall",
-                                     {"forget_host_key": "yes"})  # fmt: skip
+        code, body = await self.call(
+            "POST", f"/{server['id']}/reinstall", {"forget_host_key": "yes"}
+        )
         self.assertEqual((code, body["field"]), (400, "forget_host_key"))
 
         code, _ = await self.call("DELETE", f"/{server['id']}")
@@ -213,9 +239,16 @@ class ServersAPITests(unittest.TestCase):
 
     async def test_create_without_start_and_with_key(self) -> None:
         key = _keygen(os.path.join(self.base, "k2"), "pp")
-        code, doc = await self.call("POST", "", self.valid(
-            auth={"private_key": key, "passphrase": "pp"}, start=False, sudo="none",
-            host_key_fingerprint="SHA256:" + "A" * 43))  # fmt: skip
+        code, doc = await self.call(
+            "POST",
+            "",
+            self.valid(
+                auth={"private_key": key, "passphrase": "pp"},
+                start=False,
+                sudo="none",
+                host_key_fingerprint="SHA256:" + "A" * 43,
+            ),
+        )
         self.assertEqual(code, 201, doc)
         self.assertIsNone(doc["install_id"])
         self.assertEqual(doc["server"]["auth_method"], "private_key")

@@ -80,8 +80,9 @@ class RealSSHDTests(unittest.TestCase):
         self.sshd.authorize("root", keygen(path, kind, passphrase=passphrase, bits=bits))
         return _read(path)
 
-    async def connect(self, creds: Credentials, policy: HostKeyPolicy | None = None,
-                      **kw: Any) -> SSHClient:  # fmt: skip
+    async def connect(
+        self, creds: Credentials, policy: HostKeyPolicy | None = None, **kw: Any
+    ) -> SSHClient:
         client = await connect(
             "127.0.0.1", self.sshd.port, creds, policy or HostKeyPolicy(), reactor=reactor, **kw
         )
@@ -109,9 +110,7 @@ class RealSSHDTests(unittest.TestCase):
 
     async def test_passphrase_protected_key(self) -> None:
         key = self.root_key("ed25519", passphrase="open sesame")
-        client = await self.connect(
-            Credentials("root", private_key=key, passphrase="open sesame")
-        )
+        client = await self.connect(Credentials("root", private_key=key, passphrase="open sesame"))
         self.assertEqual((await client.run("echo hi")).stdout, b"hi\n")
         e = await self.assertFailure_(
             self.connect(Credentials("root", private_key=key, passphrase="wrong")), KeyLoadError
@@ -164,9 +163,12 @@ class RealSSHDTests(unittest.TestCase):
         await kbd.start()
         self.addCleanup(kbd.stop)
         client = await connect(
-            "127.0.0.1", kbd.port, Credentials(TEST_USER, password=TEST_PASSWORD),
-            HostKeyPolicy(), reactor=reactor,
-        )  # fmt: skip
+            "127.0.0.1",
+            kbd.port,
+            Credentials(TEST_USER, password=TEST_PASSWORD),
+            HostKeyPolicy(),
+            reactor=reactor,
+        )
         self.clients.append(client)
         self.assertEqual((await client.run("whoami")).stdout_text().strip(), TEST_USER)
         await kbd.wait_log(f"Accepted keyboard-interactive/pam for {TEST_USER}")
@@ -281,9 +283,7 @@ class RealSSHDTests(unittest.TestCase):
         await client.upload(os.path.join(self.base, "empty"), b"")
         self.assertEqual(_read_bytes(os.path.join(self.base, "empty")), b"")
         # No temporary names are left behind.
-        self.assertEqual(
-            sorted(n for n in os.listdir(self.base) if ".tmp-" in n), []
-        )
+        self.assertEqual(sorted(n for n in os.listdir(self.base) if ".tmp-" in n), [])
 
     async def test_sftp_upload_error_is_clear(self) -> None:
         from myxd.install.ssh import SFTPError
@@ -297,10 +297,16 @@ class RealSSHDTests(unittest.TestCase):
     async def test_connection_refused(self) -> None:
         port = free_port()
         e = await self.assertFailure_(
-            connect("127.0.0.1", port, Credentials("root", password="x"), HostKeyPolicy(),
-                    reactor=reactor, timeout=10),
+            connect(
+                "127.0.0.1",
+                port,
+                Credentials("root", password="x"),
+                HostKeyPolicy(),
+                reactor=reactor,
+                timeout=10,
+            ),
             SSHConnectError,
-        )  # fmt: skip
+        )
         self.assertIn("connection refused", str(e))
 
 
@@ -331,9 +337,13 @@ class SudoTests(unittest.TestCase):
 
     async def login(self, user: str) -> SSHClient:
         client = await connect(
-            "127.0.0.1", self.host.port, Credentials(user, password=f"{user}-pw-1"),
-            HostKeyPolicy(known_key=self.host.host_key_line), reactor=reactor, timeout=60,
-        )  # fmt: skip
+            "127.0.0.1",
+            self.host.port,
+            Credentials(user, password=f"{user}-pw-1"),
+            HostKeyPolicy(known_key=self.host.host_key_line),
+            reactor=reactor,
+            timeout=60,
+        )
         self.clients.append(client)
         return client
 
@@ -365,8 +375,7 @@ class SudoTests(unittest.TestCase):
         err = await e(bob.run_privileged("true", Sudo("none")), SudoError)
         self.assertIn("not root and sudo is not enabled", str(err))
         carol = await self.login("carol")
-        err = await e(carol.run_privileged("true", Sudo("sudo", password="carol-pw-1")),
-                      SudoError)  # fmt: skip
+        err = await e(carol.run_privileged("true", Sudo("sudo", password="carol-pw-1")), SudoError)
         self.assertIn("may not use sudo", str(err))
 
     async def assertRaises_(self, coro: Any, exc: type[BaseException]) -> Any:

@@ -43,8 +43,9 @@ class _Recorder:
         self.auth: list[tuple[bytes, bytes, bytes]] = []  # (user, method, alg or b"")
 
 
-def _server_factory(host_key: keys.Key, rec: _Recorder, user_key: keys.Key | None,
-                    clock: Clock) -> Any:  # fmt: skip
+def _server_factory(
+    host_key: keys.Key, rec: _Recorder, user_key: keys.Key | None, clock: Clock
+) -> Any:
     class Transport(transport.SSHServerTransport):
         def ssh_SERVICE_REQUEST(self, packet: bytes) -> Any:
             rec.services.append(common.getNS(packet)[0])
@@ -100,9 +101,14 @@ class _MemoryEndpoint:
     def connect(self, factory: Any) -> Deferred[Any]:
         client = factory.buildProtocol(None)
         server = self.server_factory.buildProtocol(None)
-        pump = iosim.connect(server, iosim.makeFakeServer(server), client,
-                             iosim.makeFakeClient(client), greet=False,
-                             clock=self.clock)  # fmt: skip
+        pump = iosim.connect(
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
+            greet=False,
+            clock=self.clock,
+        )
         self.pumps.append(pump)
         return succeed(client)
 
@@ -126,10 +132,18 @@ class MemorySSHTests(unittest.TestCase):
         )
 
     def run_connect(self, creds: Credentials, policy: HostKeyPolicy, **kw: Any) -> Any:
-        d = Deferred.fromCoroutine(connect(
-            "mem", 22, creds, policy, reactor=self.clock, timeout=30,
-            endpoint_factory=lambda h, p, t: self.endpoint, **kw,
-        ))  # fmt: skip
+        d = Deferred.fromCoroutine(
+            connect(
+                "mem",
+                22,
+                creds,
+                policy,
+                reactor=self.clock,
+                timeout=30,
+                endpoint_factory=lambda h, p, t: self.endpoint,
+                **kw,
+            )
+        )
         for _ in range(200):
             if d.called:
                 break
@@ -151,13 +165,12 @@ class MemorySSHTests(unittest.TestCase):
     def test_wrong_password_sent_once(self) -> None:
         result = self.run_connect(Credentials("root", password="nope"), HostKeyPolicy())
         self.assertIsInstance(result.value, AuthenticationFailed)
-        self.assertEqual([a for a in self.rec.auth if a[1] == b"password"],
-                         [(b"root", b"password", b"")])  # fmt: skip
+        self.assertEqual(
+            [a for a in self.rec.auth if a[1] == b"password"], [(b"root", b"password", b"")]
+        )
 
     def test_rsa_key_signs_with_sha2(self) -> None:
-        client = self.run_connect(
-            Credentials("root"), HostKeyPolicy(), private_key=self.user_key
-        )
+        client = self.run_connect(Credentials("root"), HostKeyPolicy(), private_key=self.user_key)
         self.assertEqual(getattr(client, "username", None), "root", client)
         algs = {a[2] for a in self.rec.auth if a[1] == b"publickey"}
         self.assertEqual(algs, {b"rsa-sha2-512"})
@@ -174,8 +187,9 @@ class MemorySSHTests(unittest.TestCase):
 
     def test_host_key_mismatch_sends_no_credential(self) -> None:
         stored: list[str] = []
-        policy = HostKeyPolicy(pinned=format_fingerprint(_key("ed25519").public().blob()),
-                               on_first_use=stored.append)  # fmt: skip
+        policy = HostKeyPolicy(
+            pinned=format_fingerprint(_key("ed25519").public().blob()), on_first_use=stored.append
+        )
         result = self.run_connect(Credentials("root", password=PASSWORD.decode()), policy)
         self.assertIsInstance(result.value, HostKeyMismatch)
         self.assertEqual(self.rec.services, [], "user-auth was never even requested")
@@ -184,18 +198,22 @@ class MemorySSHTests(unittest.TestCase):
 
     def test_changed_known_key_refused(self) -> None:
         other = _key("ed25519").public().toString("openssh").decode()
-        result = self.run_connect(Credentials("root", password=PASSWORD.decode()),
-                                  HostKeyPolicy(known_key=other))  # fmt: skip
+        result = self.run_connect(
+            Credentials("root", password=PASSWORD.decode()), HostKeyPolicy(known_key=other)
+        )
         self.assertIsInstance(result.value, HostKeyMismatch)
         self.assertEqual(self.rec.auth, [])
 
     def test_first_use_stores_the_servers_key_once(self) -> None:
         stored: list[str] = []
-        self.run_connect(Credentials("root", password=PASSWORD.decode()),
-                         HostKeyPolicy(on_first_use=stored.append))  # fmt: skip
+        self.run_connect(
+            Credentials("root", password=PASSWORD.decode()),
+            HostKeyPolicy(on_first_use=stored.append),
+        )
         self.assertEqual(len(stored), 1)
-        self.assertEqual(stored[0].split()[1],
-                         self.host_key.public().toString("openssh").decode().split()[1])
+        self.assertEqual(
+            stored[0].split()[1], self.host_key.public().toString("openssh").decode().split()[1]
+        )
 
     def test_handshake_timeout(self) -> None:
         @implementer(IStreamClientEndpoint)
@@ -205,10 +223,17 @@ class MemorySSHTests(unittest.TestCase):
                 proto.makeConnection(iosim.makeFakeClient(proto))  # nobody answers
                 return succeed(proto)
 
-        d = Deferred.fromCoroutine(connect(
-            "mem", 22, Credentials("root", password="x"), HostKeyPolicy(), reactor=self.clock,
-            timeout=5, endpoint_factory=lambda h, p, t: Silent(),
-        ))  # fmt: skip
+        d = Deferred.fromCoroutine(
+            connect(
+                "mem",
+                22,
+                Credentials("root", password="x"),
+                HostKeyPolicy(),
+                reactor=self.clock,
+                timeout=5,
+                endpoint_factory=lambda h, p, t: Silent(),
+            )
+        )
         self.assertFalse(d.called)
         self.clock.advance(5)
         f = self.failureResultOf(d, SSHConnectError)

@@ -53,7 +53,9 @@ def ensure_test_user() -> str:
             capture_output=True,
         )
     subprocess.run(
-        ["chpasswd"], input=f"{TEST_USER}:{TEST_PASSWORD}\n".encode(), check=True,
+        ["chpasswd"],
+        input=f"{TEST_USER}:{TEST_PASSWORD}\n".encode(),
+        check=True,
         capture_output=True,
     )
     return TEST_USER

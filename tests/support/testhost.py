@@ -289,6 +289,7 @@ class TestHost:
 
     async def chroot(self, argv: list[str], *, stdin: str | None = None) -> str:
         """Run a command inside the (not yet booted) root filesystem."""
+
         def go() -> str:
             res = subprocess.run(
                 ["chroot", self.root, *argv],
@@ -319,10 +320,18 @@ class TestHost:
 
     async def _mount(self) -> None:
         assert self.lower is not None
-        await run(self.reactor, [
-            "/bin/mount", "-t", "overlay", "overlay", "-o",
-            f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}", self.root,
-        ])  # fmt: skip
+        await run(
+            self.reactor,
+            [
+                "/bin/mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={self.lower},upperdir={self.upper},workdir={self.work}",
+                self.root,
+            ],
+        )
         _LIVE.add(self)  # unmounted at exit if no cleanup ran
 
     async def _unmount(self) -> None:
@@ -504,8 +513,9 @@ class TestHost:
         if remove:
             paths = [p for p in (self.root, self.upper, self.work) if _exists(p)]
             if paths:
-                await run(self.reactor, ["/bin/rm", "-rf", "--one-file-system", *paths],
-                          check=False)  # fmt: skip
+                await run(
+                    self.reactor, ["/bin/rm", "-rf", "--one-file-system", *paths], check=False
+                )
 
     def stop_sync(self) -> None:
         """Blocking stop, for atexit (hosts shared across tests)."""
