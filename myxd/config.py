@@ -34,6 +34,7 @@ AGENT_KEEPALIVE = 180.0
 MAX_LOG_POLL_WAIT = 30.0
 MIN_ADMIN_TOKEN_LEN = 16
 DEPENDENCY_MODES = ("wheelhouse", "index")
+LOG_LEVELS = ("info", "debug")
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -58,6 +59,17 @@ class Settings:
             "admin API bearer token (default: generated into "
             "<data-dir>/admin-token; prefer the config file to a flag)"
         ),
+    )
+    deployment_tool_dir: str | None = dataclasses.field(
+        default=None,
+        metadata=_doc(
+            "deployment tool synced to agents: a directory with VERSION and "
+            "playbooks/ (default: the copy packaged with MyX)"
+        ),
+    )
+    log_level: str = dataclasses.field(
+        default="info",
+        metadata=_doc("lowest level logged: info or debug (debug includes SSH protocol details)"),
     )
     heartbeat_min_interval: float = dataclasses.field(
         default=20.0, metadata=_doc("shortest pause between heartbeat cycles, seconds")
@@ -238,6 +250,10 @@ def _validate(s: Settings, source: str) -> None:
             or any(c.isspace() for c in s.admin_token)
         ):
             raise bad("admin_token", "must be printable ASCII without spaces")
+    if s.deployment_tool_dir is not None and not s.deployment_tool_dir.strip():
+        raise bad("deployment_tool_dir", "must not be empty")
+    if s.log_level not in LOG_LEVELS:
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     if s.install_dependency_mode not in DEPENDENCY_MODES:
         raise bad(
             "install_dependency_mode",

@@ -8,7 +8,8 @@ after the other, so that the store closes only after everything that writes
 to it has stopped.
 
 This module is only imported by twistd through the plugin; it never starts
-the reactor, and it logs the admin token only on the start that creates it.
+the reactor, and it never logs the admin token (only the path of its file).
+A bad configuration stops twistd with one line and exit status ``EXIT_CONFIG``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+)
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -30,6 +39,9 @@ from myxd.errors import ConfigError
 
 DB_FILE_NAME = "myxd.sqlite"
 ADMIN_TOKEN_FILE_NAME = "admin-token"  # noqa: S105 - a file name, not a secret
+# EX_CONFIG of sysexits.h: a bad configuration (packaging/myxd.service does not
+# restart on it).
+EXIT_CONFIG = 78
 
 _OWN_FLAGS = ("data_dir", "api")
 
@@ -64,9 +76,70 @@ class Options(usage.Options):
         try:
             settings = load_settings(self["config"], overrides)
             _check_endpoint(settings.api, "--api" if self["api"] is not None else "api")
+            _check_deployment_tool(settings)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            config_failed(self, str(e))
         self["settings"] = settings
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("logger") is None:
+            # Under twistd: filter its usual log observer by our log level.
+            parent["logger"] = _filtered_observer_factory(parent, settings.log_level)
+
+
+def under_twistd(options: Any) -> bool:
+    """True when twistd parsed these options (as its ``myxd`` subcommand)."""
+    return getattr(options, "parent", None) is not None
+
+
+def config_failed(options: Any, message: str) -> NoReturn:
+    """Stop on a bad configuration.
+
+    Under twistd: the one-line reason on stderr (no usage text) and exit status
+    ``EXIT_CONFIG``, which the systemd unit lists in RestartPreventExitStatus=
+    so a broken config is not restarted forever. Elsewhere (tests, embedding):
+    a ``usage.UsageError``.
+    """
+    if under_twistd(options):
+        sys.stderr.write(f"myxd: error: {message}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIG)
+    raise usage.UsageError(message)
+
+
+def _check_deployment_tool(settings: Settings) -> None:
+    from myxd.install.bundle import BundleError, check_deployment_tool_dir, deployment_tool_dir
+
+    try:
+        if settings.deployment_tool_dir is not None:
+            check_deployment_tool_dir(settings.deployment_tool_dir)
+        else:
+            check_deployment_tool_dir(deployment_tool_dir())
+    except BundleError as e:
+        raise ConfigError(f"deployment_tool_dir: {e}") from None
+
+
+def _filtered_observer_factory(twistd_options: Any, level: str) -> Any:
+    """A ``--logger`` factory: twistd's own observer behind a level filter.
+
+    At info, conch's protocol chatter (debug lines, and "Disconnecting with
+    error, code 11" logged at info for every normal close) is kept out;
+    ``--log-level debug`` shows everything.
+    """
+
+    def factory() -> ILogObserver:
+        from twisted.scripts._twistd_unix import UnixAppLogger
+
+        observer = UnixAppLogger(twistd_options)._getLogObserver()
+        if not ILogObserver.providedBy(observer):
+            observer = LegacyLogObserverWrapper(observer)
+        predicate = LogLevelFilterPredicate(
+            defaultLogLevel=LogLevel.debug if level == "debug" else LogLevel.info
+        )
+        if level != "debug":
+            predicate.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
+        return FilteringLogObserver(observer, [predicate])
+
+    return factory
 
 
 def _check_endpoint(description: str, where: str) -> None:
@@ -87,10 +160,30 @@ def prepare_data_dir(path: str) -> str:
     return path
 
 
+def remove_stale_admin_token(data_dir: str, log: Logger | None = None) -> None:
+    """With ``admin_token`` in the settings, a generated token file no longer works: drop it."""
+    path = os.path.join(data_dir, ADMIN_TOKEN_FILE_NAME)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        (log or Logger(namespace="myxd")).warn(
+            "{path} is stale (admin_token is set in the config) but cannot be removed: {error}",
+            path=path,
+            error=e.strerror,
+        )
+        return
+    (log or Logger(namespace="myxd")).info(
+        "removed {path}: admin_token is set in the config, the generated token no longer works",
+        path=path,
+    )
+
+
 def ensure_admin_token(data_dir: str, log: Logger | None = None) -> str:
     """The token in ``<data_dir>/admin-token``, generated (mode 600) if absent.
 
-    The token is logged exactly once: on the start that creates the file.
+    The token itself is never logged; the start that creates it logs the path.
     """
     import secrets
 
@@ -105,10 +198,10 @@ def ensure_admin_token(data_dir: str, log: Logger | None = None) -> str:
             f.write(token + "\n")
             f.flush()
             os.fsync(f.fileno())
+        # Only the path: the journal is readable by more people than the file.
         (log or Logger(namespace="myxd")).info(
-            "admin API token created in {path} (shown only this once): {token}",
+            "admin API token created in {path} (mode 600); the myx CLI and the console need it",
             path=path,
-            token=token,
         )
         return token
     except (OSError, UnicodeDecodeError) as e:
@@ -252,8 +345,17 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
 
     settings: Settings = options["settings"]
     log = Logger(namespace="myxd")
-    data_dir = prepare_data_dir(settings.data_dir)
-    admin_token = settings.admin_token or ensure_admin_token(data_dir, log)
+    try:
+        data_dir = prepare_data_dir(settings.data_dir)
+        if settings.admin_token is not None:
+            remove_stale_admin_token(data_dir, log)
+            admin_token = settings.admin_token
+        else:
+            admin_token = ensure_admin_token(data_dir, log)
+    except OSError as e:
+        config_failed(options, f"data_dir {settings.data_dir}: {e.strerror or e}")
+    except ConfigError as e:
+        config_failed(options, str(e))
 
     root = MyxdService(settings)
     metrics = Metrics()

@@ -166,7 +166,14 @@ class HeartbeatService(Service):
         started = clock.seconds()
         self.cycles += 1
         number = self.cycles
-        agents = [a for a in await self._store.list_agents() if a.status != "installing"]
+        # An agent without a certificate pin has never finished an install: it is
+        # installing (or its install failed), not dead, so it is neither visited
+        # nor counted towards a reinstall.
+        agents = [
+            a
+            for a in await self._store.list_agents()
+            if a.status != "installing" and a.cert_fingerprint
+        ]
         self._rng.shuffle(agents)
         pending: list[HeartbeatResult] = []
         failed: list[tuple[AgentRecord, HeartbeatResult]] = []

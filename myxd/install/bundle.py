@@ -9,12 +9,15 @@
   with spawnProcess, never blocking the reactor) and cached in
   ``<data_dir>/wheelhouse/<cpXY>-<arch>-glibc<M.N>``, keyed by the requirements'
   hash; concurrent requests for one key share one download.
-- ``deployment_tool_archive()``: a deterministic tar.gz of ``deployment-tool/``
+- ``deployment_tool_archive()``: a deterministic tar.gz of the deployment tool
   (sorted members, fixed mtimes and owners), so its sha256 only changes when a
-  file does, and an unchanged tool is skipped on the agent.
+  file does, and an unchanged tool is skipped on the agent. The default tool is
+  the source tree's ``deployment-tool/``, installed as the package
+  ``myx_deployment_tool``; the ``deployment_tool_dir`` setting names another.
 
-Never imports myx_agent (it only reads its source) and never writes outside the
-wheelhouse cache dir.
+Everything is found in the INSTALLED packages (``importlib.util.find_spec``),
+never in a source checkout. Never imports myx_agent (it only reads its source)
+and never writes outside the wheelhouse cache dir.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
@@ -36,9 +40,9 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-import myxd
-
 AGENT_PACKAGE = "myx_agent"
+# deployment-tool/ of the source tree, shipped under an importable name.
+DEPLOYMENT_TOOL_PACKAGE = "myx_deployment_tool"
 ENTRY_MODULES = ("__init__", "__main__", "main")
 DEPLOYMENT_TOOL_MAX_BYTES = 700 * 1024  # base64 of it must fit the agent's 1 MiB body limit
 
@@ -47,17 +51,44 @@ class BundleError(Exception):
     """The agent bundle, wheelhouse or deployment tool cannot be built."""
 
 
-def repo_root() -> str:
-    """The source tree that holds myxd/, myx_agent/ and deployment-tool/."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(myxd.__file__)))
+def _package_dir(name: str) -> str:
+    """Directory of the installed package ``name``, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise BundleError(f"the package {name} is not installed: reinstall MyX")
+    # A namespace package (myx_deployment_tool has no __init__.py) may have
+    # several portions on sys.path; the first one is the one Python would use.
+    return os.path.abspath(locations[0])
 
 
 def agent_package_dir() -> str:
-    return os.path.join(repo_root(), AGENT_PACKAGE)
+    """The installed ``myx_agent`` package: its modules and requirements.txt."""
+    return _package_dir(AGENT_PACKAGE)
+
+
+def packaged_deployment_tool_dir() -> str:
+    """The deployment tool shipped in the package ``myx_deployment_tool``."""
+    return _package_dir(DEPLOYMENT_TOOL_PACKAGE)
 
 
 def deployment_tool_dir() -> str:
-    return os.path.join(repo_root(), "deployment-tool")
+    """The packaged deployment tool (the default of the ``deployment_tool_dir`` setting)."""
+    return packaged_deployment_tool_dir()
+
+
+def check_deployment_tool_dir(path: str) -> str:
+    """``path`` as an absolute dir that looks like a deployment tool, or a one-line error."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise BundleError(f"{path} is not a directory")
+    if not os.path.isdir(os.path.join(path, "playbooks")):
+        raise BundleError(f"{path} has no playbooks/ directory: not a deployment tool")
+    deployment_tool_version(path)
+    return path
 
 
 def _module_path(pkg_dir: str, module: str) -> str | None:

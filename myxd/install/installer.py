@@ -195,6 +195,8 @@ class Installer(Service):
         if mode not in DEPENDENCY_MODES:
             raise ValueError(f"dependency_mode must be one of {DEPENDENCY_MODES}, not {mode!r}")
         self.dependency_mode = mode
+        # None: the tool packaged with MyX (myx_deployment_tool).
+        self.deployment_tool_dir: str | None = getattr(settings, "deployment_tool_dir", None)
         self.agent_bind = agent_bind
         # Ports for NEW agents (reinstalls keep theirs). Keeping them below the
         # usual Linux ephemeral range (32768-60999) avoids clashing with the
@@ -381,6 +383,16 @@ class Installer(Service):
                 "skipped",
                 {**details, "why": "adopted agent without a server"},
                 target=f"agent:{agent.id}",
+            )
+            return
+        if not agent.cert_fingerprint:
+            # Never pinned: its install has not finished (or failed and is the
+            # operator's to retry), so it is not a dead agent to reinstall.
+            await self._event(
+                "server.auto_reinstall",
+                server_id,
+                "skipped",
+                {**details, "why": "the agent was never installed (no certificate pin)"},
             )
             return
         server = await self._store.get_server(server_id)
@@ -1041,7 +1053,7 @@ class Installer(Service):
 
         fingerprint = ctx.fingerprint
         assert fingerprint is not None
-        archive, digest, version = deployment_tool_archive()
+        archive, digest, version = deployment_tool_archive(self.deployment_tool_dir)
         result = await self._rpc.call(
             self._endpoint(ctx, fingerprint),
             "sync_deployment_tool",

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from myxd.config import Settings, field_names, flag_name, load_settings
 from myxd.errors import ConfigError
+from myxd.install.bundle import packaged_deployment_tool_dir
 from myxd.tap import ADMIN_TOKEN_FILE_NAME, Options, ensure_admin_token, prepare_data_dir
 
 # A valid non-default value for every field, to prove each has a flag and a key.
@@ -36,6 +37,9 @@ SAMPLE: dict[str, Any] = {
     "ssh_command_timeout": 60.0,
     "agent_start_timeout": 30.0,
     "install_dependency_mode": "index",
+    # Checked at start: it must be a real deployment tool (the packaged one is).
+    "deployment_tool_dir": packaged_deployment_tool_dir(),
+    "log_level": "debug",
 }
 
 
@@ -300,7 +304,7 @@ class DataDirTests(unittest.TestCase):
         prepare_data_dir(path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
 
-    def test_admin_token_created_once_and_logged_once(self) -> None:
+    def test_admin_token_created_once_path_logged_once(self) -> None:
         from twisted.logger import ILogObserver, Logger, formatEvent
 
         data_dir = prepare_data_dir(os.path.abspath(self.mktemp()))
@@ -313,7 +317,9 @@ class DataDirTests(unittest.TestCase):
             self.assertEqual(f.read().strip(), token)
         self.assertGreaterEqual(len(token), 32)
         self.assertEqual(len(events), 1)
-        self.assertIn(token, formatEvent(events[0]))
+        # The journal gets the path, never the token (docs/security.md).
+        self.assertNotIn(token, formatEvent(events[0]))
+        self.assertIn(path, formatEvent(events[0]))
         self.assertEqual(ensure_admin_token(data_dir, log), token)
         self.assertEqual(len(events), 1)  # not logged again
 

@@ -283,6 +283,19 @@ class ResultTests(HeartbeatTestCase):
         self.cycle(svc)
         self.assertEqual(self.rpc.visits, [9002])
 
+    def test_unpinned_agents_are_installing_not_dead(self) -> None:
+        # A failed first install leaves an agent with no certificate pin and a
+        # status other than "installing": it is never visited, never marked dead,
+        # never handed to the reinstall hook.
+        self.store.add(agent_record(1, status="error", fingerprint=""))
+        self.store.add(agent_record(2))
+        svc = self.service(reinstall_after_cycles=1)
+        for _ in range(3):
+            self.cycle(svc)
+        self.assertEqual(self.rpc.visits, [9002] * 3)
+        self.assertEqual(self.hooked, [])
+        self.assertEqual(svc.last_cycle.agents if svc.last_cycle else None, 1)
+
 
 class RealClientTests(HeartbeatTestCase):
     """The service with the real AgentRPC over a fake HTTP agent: retry decisions."""

@@ -67,7 +67,8 @@ class AutoReinstallTests(unittest.TestCase):
             auth=auth if auth is not None else {"password": "pw"},
             sudo={"mode": "none"},
         )
-        return sid, SimpleNamespace(id=aid, server_id=sid)
+        # As the heartbeat hands it over: an agent that was installed and pinned.
+        return sid, SimpleNamespace(id=aid, server_id=sid, cert_fingerprint="ab" * 32)
 
     async def actions(self) -> list[tuple[str, str]]:
         events = await self.store.list_events(limit=100)
@@ -122,7 +123,9 @@ class AutoReinstallTests(unittest.TestCase):
         self.assertIn(("server.auto_reinstall", "needs_attention"), await self.actions())
 
     async def test_adopted_agent_and_running_install_are_skipped(self) -> None:
-        await self.installer.auto_reinstall(SimpleNamespace(id=77, server_id=None), "x")
+        await self.installer.auto_reinstall(
+            SimpleNamespace(id=77, server_id=None, cert_fingerprint="ab" * 32), "x"
+        )
         sid, agent = await self.server()
         self.installer._running[sid] = object()  # type: ignore[assignment]
         await self.installer.auto_reinstall(agent, "x")
@@ -132,6 +135,22 @@ class AutoReinstallTests(unittest.TestCase):
             await self.actions(),
             [("agent.auto_reinstall", "skipped"), ("server.auto_reinstall", "skipped")],
         )
+
+    async def test_never_pinned_agent_is_not_reinstalled(self) -> None:
+        # An agent whose install never reached the pin step is installing (or
+        # failed), not dead: it must not feed automatic reinstalls.
+        sid, agent = await self.server()
+        stored = await self.store.get_agent_for_server(sid)
+        assert stored is not None
+        self.assertEqual(stored.cert_fingerprint, "")
+        for _ in range(5):
+            await self.installer.auto_reinstall(stored, "bad agent record")
+            self.clock.advance(10_000)
+        self.assertEqual(self.started, [])
+        server = await self.store.get_server(sid)
+        assert server is not None
+        self.assertNotEqual(server.status, "needs_attention")
+        self.assertEqual(await self.actions(), [("server.auto_reinstall", "skipped")] * 5)
 
 
 class BundleAndScriptTests(unittest.TestCase):
