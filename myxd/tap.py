@@ -80,10 +80,6 @@ class Options(usage.Options):
         except ConfigError as e:
             config_failed(self, str(e))
         self["settings"] = settings
-        parent = getattr(self, "parent", None)
-        if parent is not None and parent.get("logger") is None:
-            # Under twistd: filter its usual log observer by our log level.
-            parent["logger"] = _filtered_observer_factory(parent, settings.log_level)
 
 
 def under_twistd(options: Any) -> bool:
@@ -118,28 +114,24 @@ def _check_deployment_tool(settings: Settings) -> None:
         raise ConfigError(f"deployment_tool_dir: {e}") from None
 
 
-def _filtered_observer_factory(twistd_options: Any, level: str) -> Any:
-    """A ``--logger`` factory: twistd's own observer behind a level filter.
+def filtered_log_observer(twistd_options: Any, level: str) -> ILogObserver:
+    """twistd's own log observer (stdout, --logfile or --syslog) behind a level filter.
 
-    At info, conch's protocol chatter (debug lines, and "Disconnecting with
-    error, code 11" logged at info for every normal close) is kept out;
-    ``--log-level debug`` shows everything.
+    At info, conch's protocol chatter (its debug lines, and "Disconnecting with
+    error, code 11" logged at info for every normal close) stays out of the
+    journal; ``--log-level debug`` shows everything.
     """
+    from twisted.scripts._twistd_unix import UnixAppLogger
 
-    def factory() -> ILogObserver:
-        from twisted.scripts._twistd_unix import UnixAppLogger
-
-        observer = UnixAppLogger(twistd_options)._getLogObserver()
-        if not ILogObserver.providedBy(observer):
-            observer = LegacyLogObserverWrapper(observer)
-        predicate = LogLevelFilterPredicate(
-            defaultLogLevel=LogLevel.debug if level == "debug" else LogLevel.info
-        )
-        if level != "debug":
-            predicate.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
-        return FilteringLogObserver(observer, [predicate])
-
-    return factory
+    observer: Any = UnixAppLogger(twistd_options)._getLogObserver()
+    if not ILogObserver.providedBy(observer):
+        observer = LegacyLogObserverWrapper(observer)
+    predicate = LogLevelFilterPredicate(
+        defaultLogLevel=LogLevel.debug if level == "debug" else LogLevel.info
+    )
+    if level != "debug":
+        predicate.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
+    return FilteringLogObserver(observer, [predicate])
 
 
 def _check_endpoint(description: str, where: str) -> None:
@@ -299,9 +291,18 @@ class MyxdService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, log_observer: ILogObserver | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd makes the application after makeService and starts logging
+        # with the application's ILogObserver component, if it has one.
+        result = super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return result
 
     def startService(self) -> None:
         super().startService()
@@ -357,7 +358,10 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     except ConfigError as e:
         config_failed(options, str(e))
 
-    root = MyxdService(settings)
+    observer = None
+    if under_twistd(options):
+        observer = filtered_log_observer(options.parent, settings.log_level)  # type: ignore[union-attr]
+    root = MyxdService(settings, observer)
     metrics = Metrics()
 
     store_service = StoreService(

@@ -23,8 +23,8 @@ from twisted.trial.unittest import TestCase
 
 from myx_agent import __version__
 from myx_agent.rpc_server import NOT_FOUND_RESPONSE, TOO_LARGE_RESPONSE, UNAUTHORIZED_RESPONSE
+from tests.support import installed
 from tests.support.agent_process import (
-    REPO_ROOT,
     RunningAgent,
     free_port,
     run_agent_until_exit,
@@ -380,14 +380,15 @@ class LifecycleTests(TestCase):
         self.assertEqual(await agent.call("get_port"), agent.port)
 
     async def test_console_entry_point(self) -> None:
-        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-        code = "import sys; from myx_agent.main import main; sys.exit(main())"
+        # The console script of the installed wheel, run outside the checkout.
+        env, cwd = installed.env(), self.mktemp()
+        os.makedirs(cwd)
         out, err, status = await getProcessOutputAndValue(
-            sys.executable, ["-c", code, "--version"], env=env, path=REPO_ROOT
+            installed.script("myx-agent"), ["--version"], env=env, path=cwd
         )
         self.assertEqual((out, err, status), (f"myx-agent {__version__}\n".encode(), b"", 0))
         out, err, status = await getProcessOutputAndValue(
-            sys.executable, ["-m", "myx_agent", "--help"], env=env, path=REPO_ROOT
+            installed.python(), ["-m", "myx_agent", "--help"], env=env, path=cwd
         )
         self.assertEqual(status, 0)
         self.assertIn(b"--config PATH", out)
@@ -472,11 +473,9 @@ class StartErrorTests(TestCase):
     async def test_default_path(self) -> None:
         if default_config_exists():
             self.skipTest("this machine has a real /etc/myx-agent/config.json")
+        cwd = self.new_dir()
         out, err, status = await getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "myx_agent"],
-            env=dict(os.environ, PYTHONPATH=REPO_ROOT),
-            path=REPO_ROOT,
+            installed.python(), ["-m", "myx_agent"], env=installed.env(), path=cwd
         )
         self.assertEqual(status, 2)
         self.assertEqual(

@@ -3,15 +3,14 @@ run as its own process (it blocks on urllib, so it must never share the test's r
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase
-from tests.support.agent_process import REPO_ROOT, free_port, start_agent
+from tests.support import installed
+from tests.support.agent_process import free_port, start_agent
 
 
 class CLITest(DaemonTestCase):
@@ -20,14 +19,16 @@ class CLITest(DaemonTestCase):
     async def myx(
         self, *argv: str, token: str | None = TOKEN, env: dict[str, str] | None = None
     ) -> tuple[int, bytes, bytes]:
-        full_env = {k: v for k, v in os.environ.items() if k not in ("MYX_TOKEN", "MYX_API")}
-        full_env["PYTHONPATH"] = REPO_ROOT
+        # The installed console script, outside the checkout.
+        full_env = installed.env()
+        for name in ("MYX_TOKEN", "MYX_API"):
+            full_env.pop(name, None)
         if token is not None:
             full_env["MYX_TOKEN"] = token
         full_env.update(env or {})
         out, err, code = await getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "myxd.cli", "--api", self.daemon.base, *argv],
+            installed.script("myx"),
+            ["--api", self.daemon.base, *argv],
             env=full_env,
             path=self.temp_dir(),
             reactor=self.reactor,

@@ -163,10 +163,11 @@ class ConsoleRouteTests(APITestBase):
             self.assertFalse(banned in js, f"app.js uses {banned}")
 
     async def test_a_regular_pip_install_ships_the_files(self) -> None:
-        from tests.daemon.test_plugin import clean_install, run
+        from tests.daemon.test_plugin import run
+        from tests.support import installed
 
         root = new_dir(self)
-        python = await clean_install(root)
+        python = installed.python()  # the wheel, installed in a venv of its own
         out, code = await run(
             [
                 python,
@@ -183,7 +184,7 @@ class ConsoleRouteTests(APITestBase):
         )
         self.assertEqual(code, 0, out)
         lines = out.strip().splitlines()
-        self.assertTrue(lines[0].startswith(os.path.join(root, "venv")), out)
+        self.assertTrue(lines[0].startswith(installed.venv()), out)
         shipped = dict(line.split(" ") for line in lines[1:])
         for name in ("index.html", "app.js", "app.css"):
             self.assertEqual(

@@ -1,22 +1,16 @@
-"""``twistd myxd`` from a clean, regular ``pip install .``, and the service tree.
+"""``twistd myxd`` from the installed wheel, and the service tree.
 
-The clean install goes into a fresh venv in a temp dir. To stay fast and
-offline, the venv reaches the already-installed dependencies through one
-``.pth`` line pointing at this interpreter's site-packages (path entries
-added that way do not process their own ``.pth`` files, so the checkout's
-editable install stays invisible), and pip builds MyX from a copy of the
-source tree without build isolation.
+The daemon runs from the venv of tests/support/installed.py (the wheel built
+by ``pip wheel --no-deps .``), with its cwd in a temp dir and no PYTHONPATH,
+so it can only use what the wheel ships.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import stat
-import sys
-import sysconfig
 from typing import Any
 
 import treq
@@ -30,38 +24,17 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "myxd", "myx_agent", "twisted")
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from myxd.tap import EXIT_CONFIG
+from tests.support import installed
+
 WAIT = 120.0  # generous: other test runs share this machine
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PIP_NO_INPUT"] = "1"
-    return env
 
 
 async def run(argv: list[str], cwd: str) -> tuple[str, int]:
     out, err, code = await getProcessOutputAndValue(
-        argv[0], argv[1:], env=clean_env(), path=cwd, reactor=reactor
+        argv[0], argv[1:], env=installed.env(), path=cwd, reactor=reactor
     )
     return (out + err).decode("utf-8", "replace"), int(code)
-
-
-def copy_source(root: str) -> str:
-    """A copy of the source tree (pip builds in place: keep build/ out of the checkout)."""
-    src = os.path.join(root, "src")
-    os.makedirs(src)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "*.egg-info", "build")
-    for item in SOURCE_ITEMS:
-        path = os.path.join(REPO, item)
-        if os.path.isdir(path):
-            shutil.copytree(path, os.path.join(src, item), ignore=ignore)
-        else:
-            shutil.copy(path, src)
-    return src
 
 
 def write_text(path: str, text: str) -> None:
@@ -72,40 +45,6 @@ def write_text(path: str, text: str) -> None:
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-async def clean_install(root: str) -> str:
-    """A venv in ``root`` with MyX installed by a regular pip install; returns its python."""
-    src = copy_source(root)
-    venv = os.path.join(root, "venv")
-    out, code = await run([sys.executable, "-m", "venv", "--without-pip", venv], root)
-    assert code == 0, out
-    python = os.path.join(venv, "bin", "python")
-    out, code = await run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root
-    )
-    assert code == 0, out
-    purelib = out.strip().splitlines()[-1]
-    write_text(os.path.join(purelib, "_myx_test_deps.pth"), sysconfig.get_paths()["purelib"] + "\n")
-    out, code = await run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            python,
-            "install",
-            "--no-deps",
-            "--no-build-isolation",
-            "--ignore-installed",
-            "--no-cache-dir",
-            "--quiet",
-            src,
-        ],
-        root,
-    )
-    assert code == 0, out
-    return python
 
 
 class Daemon(ProcessProtocol):
@@ -146,19 +85,18 @@ class Daemon(ProcessProtocol):
 class PluginTests(unittest.TestCase):
     timeout = 600
 
-    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
+    def setUp(self) -> None:
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-
-        async def install() -> None:
-            self.python = await clean_install(self.root)
-
-        return ensureDeferred(install())
+        self.python = installed.python()
+        self.twistd = installed.script("twistd")
 
     def start(self, *args: str) -> Daemon:
         proto = Daemon()
-        argv = [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", "myxd", *args]
-        transport = reactor.spawnProcess(proto, self.python, argv, env=clean_env(), path=self.root)
+        argv = [self.twistd, "--nodaemon", "--pidfile=", "myxd", *args]
+        transport = reactor.spawnProcess(
+            proto, self.twistd, argv, env=installed.env(), path=self.root
+        )
 
         async def cleanup() -> None:
             if proto.reason is None:
@@ -180,8 +118,8 @@ class PluginTests(unittest.TestCase):
                 self.root,
             )
             self.assertEqual(code, 0, out)
-            self.assertTrue(out.strip().startswith(os.path.join(self.root, "venv")), out)
-            out, code = await run([self.python, "-c", TWISTD, "--help"], self.root)
+            self.assertTrue(out.strip().startswith(installed.venv()), out)
+            out, code = await run([self.twistd, "--help"], self.root)
             self.assertEqual(code, 0, out)
             self.assertRegex(out, r"(?m)^\s+myxd\s+MyX")
 
@@ -217,7 +155,9 @@ class PluginTests(unittest.TestCase):
                 stat.S_IMODE(os.stat(os.path.join(data_dir, "secret.key")).st_mode), 0o600
             )
             token = read_text(token_path).strip()
-            self.assertEqual(first.text.count(token), 1)  # logged once, on creation
+            # Never logged (docs/security.md): only where to find it.
+            self.assertNotIn(token, first.text)
+            self.assertIn(f"admin API token created in {token_path}", first.text)
 
             base = f"http://127.0.0.1:{port}"
             r = await treq.get(f"{base}/api/health", persistent=False)
@@ -271,9 +211,7 @@ class PluginTests(unittest.TestCase):
         async def go() -> None:
             out, code = await run(
                 [
-                    self.python,
-                    "-c",
-                    TWISTD,
+                    self.twistd,
                     "--nodaemon",
                     "--pidfile=",
                     "myxd",
@@ -284,19 +222,18 @@ class PluginTests(unittest.TestCase):
                 ],
                 self.root,
             )
-            self.assertNotEqual(code, 0, out)
-            self.assertIn(
-                f"{config}: heartbeat_min_interval (9) is greater than heartbeat_max_interval (3)",
+            # One line, no usage text, and the status the unit does not restart on.
+            self.assertEqual(code, EXIT_CONFIG, out)
+            self.assertEqual(
                 out,
+                f"myxd: error: {config}: heartbeat_min_interval (9) is greater than "
+                "heartbeat_max_interval (3)\n",
             )
-            self.assertNotIn("Traceback", out)
             self.assertNotIn("data", os.listdir(self.root))
 
             out, code = await run(
                 [
-                    self.python,
-                    "-c",
-                    TWISTD,
+                    self.twistd,
                     "--nodaemon",
                     "--pidfile=",
                     "myxd",
@@ -305,8 +242,24 @@ class PluginTests(unittest.TestCase):
                 ],
                 self.root,
             )
-            self.assertNotEqual(code, 0, out)
-            self.assertIn("--rpc-retry-max-attempts: expected an integer, got 'zero'", out)
+            self.assertEqual(code, EXIT_CONFIG, out)
+            self.assertEqual(
+                out, "myxd: error: --rpc-retry-max-attempts: expected an integer, got 'zero'\n"
+            )
+
+            # A deployment tool of the operator's own that is not one.
+            not_a_tool = os.path.join(self.root, "tool")
+            os.makedirs(not_a_tool)
+            out, code = await run(
+                [self.twistd, "-n", "--pidfile=", "myxd", "--deployment-tool-dir", not_a_tool],
+                self.root,
+            )
+            self.assertEqual(code, EXIT_CONFIG, out)
+            self.assertEqual(
+                out,
+                f"myxd: error: deployment_tool_dir: {not_a_tool} has no playbooks/ directory: "
+                "not a deployment tool\n",
+            )
 
         return ensureDeferred(go())
 

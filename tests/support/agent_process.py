@@ -2,7 +2,8 @@
 
 ``start_agent(testcase)`` writes a temporary config (random token, 24-char
 rpc_path, a free port, temp ssl/state/deployment-tool dirs, mode 600), starts
-``python -m myx_agent --config ...``, waits until a pinned ``health_check``
+``python -m myx_agent --config ...`` from the installed wheel (never the
+checkout; see tests/support/installed.py), waits until a pinned ``health_check``
 answers, and registers cleanup with the test case so the process never
 outlives the test. The pinned fingerprint is computed from the agent's
 certificate file, independently of what the agent logs.
@@ -18,7 +19,6 @@ import json
 import os
 import secrets
 import socket
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from tests.support import installed
 from tests.support.pinned_client import AgentClient
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -154,15 +155,14 @@ class AgentProcess:
         self.protocol = _AgentProtocol(
             os.path.join(log_dir, "agent.stdout"), os.path.join(log_dir, "agent.stderr")
         )
-        child_env = dict(os.environ)
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [REPO_ROOT] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else [])
-        )
-        child_env["PYTHONUNBUFFERED"] = "1"
+        # The installed package (tests/support/installed.py), never the checkout:
+        # no PYTHONPATH, and the cwd is the test's own directory.
+        child_env = installed.env(PYTHONUNBUFFERED="1")
         child_env.update(env or {})
-        argv = [sys.executable, "-m", "myx_agent", "--config", config_path]
+        python = installed.python()
+        argv = [python, "-m", "myx_agent", "--config", config_path]
         self.transport = self.reactor.spawnProcess(
-            self.protocol, sys.executable, argv, env=child_env, path=REPO_ROOT
+            self.protocol, python, argv, env=child_env, path=log_dir
         )
         self.pid: int = self.transport.pid
 
