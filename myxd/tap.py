@@ -130,7 +130,10 @@ def filtered_log_observer(twistd_options: Any, level: str) -> ILogObserver:
         defaultLogLevel=LogLevel.debug if level == "debug" else LogLevel.info
     )
     if level != "debug":
-        predicate.setLogLevelForNamespace("twisted.conch", LogLevel.warn)
+        # Conch's classes log per channel and per SFTP packet at info; ours in
+        # myxd.install.ssh subclass them, so their events carry our namespace.
+        for namespace in ("twisted.conch", "myxd.install.ssh"):
+            predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(observer, [predicate])
 
 

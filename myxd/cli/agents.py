@@ -1,0 +1,216 @@
+"""`myx` commands for agents and commands: agents, agent, adopt, remove, run, logs, show,
+cancel, ansible, events. Thin wrappers over the admin API; they never touch the store."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+from typing import Any, BinaryIO
+
+from myxd.cli.client import FOLLOW_WAIT, Client, CLIError, _ago, _dump, _table
+
+
+def cmd_agents(client: Client, args: argparse.Namespace) -> int:
+    rows = [["ID", "HOST", "PORT", "STATUS", "VERSION", "HEARTBEAT", "REASON"]]
+    offset = 0
+    while True:
+        page = client.request(
+            "GET", "/api/agents", query={"limit": 1000, "offset": offset, "status": args.status}
+        )
+        for a in page["agents"]:
+            rows.append(
+                [
+                    str(a["id"]),
+                    a["host"],
+                    str(a["rpc_port"]),
+                    a["status"],
+                    a.get("version") or "-",
+                    _ago(a.get("last_heartbeat")),
+                    a.get("status_reason") or "",
+                ]
+            )
+        offset += len(page["agents"])
+        if not page["agents"] or offset >= page.get("total", 0):
+            break
+    if args.json:
+        _dump(rows[1:])
+    else:
+        _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_agent(client: Client, args: argparse.Namespace) -> int:
+    _dump(client.request("GET", f"/api/agents/{args.id}"))
+    return 0
+
+
+def cmd_adopt(client: Client, args: argparse.Namespace) -> int:
+    token = args.agent_token
+    if args.agent_token_file:
+        with open(args.agent_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    if not token:
+        raise CLIError("give the agent's token with --agent-token or --agent-token-file")
+    rec = client.request(
+        "POST",
+        "/api/agents",
+        {
+            "host": args.host,
+            "rpc_port": args.rpc_port,
+            "rpc_path": args.rpc_path,
+            "token": token,
+            "cert_fingerprint": args.fingerprint,
+        },
+    )
+    print(f"agent {rec['id']} adopted at {rec['host']}:{rec['rpc_port']} ({rec['status']})")
+    return 0
+
+
+def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    client.request("DELETE", f"/api/agents/{args.id}")
+    print(f"agent {args.id} removed")
+    return 0
+
+
+def _follow(
+    client: Client, command_id: int, offset: int, out: BinaryIO, err: BinaryIO
+) -> dict[str, Any]:
+    """Stream a command's output until it is final; returns the last command JSON."""
+    while True:
+        rec = client.request(
+            "GET", f"/api/commands/{command_id}", query={"offset": offset, "wait": FOLLOW_WAIT}
+        )
+        for chunk in rec.get("output", []):
+            target = err if chunk["stream"] == "stderr" else out
+            target.write(base64.b64decode(chunk["data"]))
+            target.flush()
+        offset = rec["next_offset"]
+        if rec.get("complete"):
+            return dict(rec)
+
+
+def _finish(rec: dict[str, Any]) -> int:
+    if rec["status"] == "success":
+        return 0
+    reason = rec.get("reason") or (rec.get("result") or {}).get("error")
+    code = rec.get("exit_code")
+    detail = f"exit code {code}" if code is not None else "no exit code"
+    sys.stderr.write(
+        f"myx: command {rec['id']} {rec['status']} ({detail})"
+        + (f": {reason}" if reason else "")
+        + "\n"
+    )
+    return code if isinstance(code, int) and 0 < code < 126 else 1
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    if not args.argv:
+        raise CLIError("nothing to run: give the command after --")
+    body: dict[str, Any] = {"command": args.argv[0], "args": args.argv[1:], "timeout": args.timeout}
+    if args.cwd:
+        body["cwd"] = args.cwd
+    targets = args.agent
+    if len(targets) == 1 and targets[0] != "all":
+        rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands", body)
+        if args.no_follow:
+            print(rec["id"])
+            return 0
+        return _finish(_follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer))
+    body["agents"] = "all" if targets == ["all"] else [_int(t, "agent") for t in targets]
+    created = client.request("POST", "/api/commands", body)["commands"]
+    if args.no_follow:
+        for c in created:
+            print(f"{c['agent_id']}\t{c.get('id', c.get('error'))}")
+        return 0
+    worst = 0
+    for c in created:
+        if "id" not in c:
+            sys.stderr.write(f"agent {c['agent_id']}: {c.get('error')}\n")
+            worst = max(worst, 1)
+            continue
+        # The commands already run side by side on the agents; reading them one
+        # after another only orders the printout.
+        buf = io.BytesIO()
+        rec = _follow(client, c["id"], 0, buf, buf)
+        text = buf.getvalue().decode("utf-8", "replace")
+        sys.stdout.write(
+            f"--- agent {c['agent_id']} (command {c['id']}, {rec['status']}, "
+            f"exit {rec.get('exit_code')})\n{text}"
+        )
+        if text and not text.endswith("\n"):
+            sys.stdout.write("\n")
+        worst = max(worst, 0 if rec["status"] == "success" else 1)
+    return worst
+
+
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    if args.follow:
+        return _finish(_follow(client, args.id, args.offset, sys.stdout.buffer, sys.stderr.buffer))
+    offset = args.offset
+    while True:
+        rec = client.request("GET", f"/api/commands/{args.id}", query={"offset": offset})
+        for chunk in rec["output"]:
+            target = sys.stderr.buffer if chunk["stream"] == "stderr" else sys.stdout.buffer
+            target.write(base64.b64decode(chunk["data"]))
+        if rec["next_offset"] == offset:
+            break
+        offset = rec["next_offset"]
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    rec = client.request("GET", f"/api/commands/{args.id}", query={"max_bytes": 1})
+    rec.pop("output", None)
+    _dump(rec)
+    return 0
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    rec = client.request("POST", f"/api/commands/{args.id}/cancel")
+    print(f"command {rec['id']}: cancel sent ({rec['status']})")
+    return 0
+
+
+def cmd_ansible(client: Client, args: argparse.Namespace) -> int:
+    try:
+        extra = json.loads(args.extra_vars)
+    except ValueError as e:
+        raise CLIError(f"--extra-vars is not JSON: {e}") from None
+    rec = client.request(
+        "POST",
+        f"/api/agents/{args.agent}/ansible",
+        {"playbook": args.playbook, "extra_vars": extra, "timeout": args.timeout},
+    )
+    if args.no_follow:
+        print(rec["id"])
+        return 0
+    return _finish(_follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer))
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    page = client.request("GET", "/api/events", query={"limit": args.limit})
+    rows = [["ID", "WHEN", "ACTOR", "ACTION", "TARGET", "OUTCOME"]]
+    for e in page["events"]:
+        rows.append(
+            [
+                str(e["id"]),
+                _ago(e["at"]),
+                e["actor"],
+                e["action"],
+                e.get("target") or "-",
+                e["outcome"],
+            ]
+        )
+    _table(rows, sys.stdout)
+    return 0
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CLIError(f"{what} must be a number or 'all', not {value!r}") from None
