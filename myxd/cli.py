@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -29,6 +30,10 @@ DEFAULT_API = "http://127.0.0.1:8470"
 DEFAULT_TOKEN_FILE = os.path.join("myxd-data", "admin-token")
 # Each follow request waits this long on the daemon for new output (long-poll).
 FOLLOW_WAIT = 10.0
+# What `myx run --sh` runs the script with.
+SHELL = "/bin/sh"
+# -v: also print raw error texts (JSON-RPC codes) next to the operator's words.
+VERBOSE = False
 
 
 class CLIError(Exception):
@@ -78,6 +83,37 @@ class Client:
             ) from None
 
 
+# JSON-RPC error codes of the agent (docs/protocol.md) in an operator's words.
+_RPC_WORDS = {
+    -32700: "the agent could not read the daemon's request",
+    -32600: "the agent refused a malformed request",
+    -32601: "the agent does not support this (upgrade the agent)",
+    -32602: "the agent refused the request",
+    -32603: "the agent failed internally",
+    -32000: "the agent is busy (too many commands running); nothing was started",
+    -32001: "the agent rejected the daemon's token",
+    -32004: "the agent does not know this command",
+    -32005: "the agent already has a different command with this id",
+    -32010: "the agent rejected the deployment tool archive",
+}
+_RPC_ERROR = re.compile(r"JSON-RPC error (-?\d+): (?:invalid params: )?([^\n]*)")
+
+
+def operator_words(reason: str) -> str:
+    """A reason with any "JSON-RPC error -32602: invalid params: x" said as words.
+
+    The raw text (with the code) stays in the API's records: `myx show`, and the
+    CLI's --json and -v output print it unchanged.
+    """
+
+    def words(m: re.Match[str]) -> str:
+        what = _RPC_WORDS.get(int(m.group(1)), f"the agent answered with error {m.group(1)}")
+        detail = m.group(2).strip()
+        return f"{what}: {detail}" if detail else what
+
+    return _RPC_ERROR.sub(words, reason)
+
+
 def _api_error(status: int, raw: bytes) -> str:
     try:
         body = json.loads(raw)
@@ -93,25 +129,37 @@ def _api_error(status: int, raw: bytes) -> str:
         message = raw.decode("utf-8", "replace").strip()[:200] or "no details"
     if status == 401:
         message += " — check --token / --token-file / MYX_TOKEN"
-    return f"myxd refused the request (HTTP {status}): {message}"
+    words = operator_words(message)
+    if VERBOSE and words != message:
+        words += f" [raw: {message}]"
+    return f"myxd refused the request (HTTP {status}): {words}"
 
 
-def _read_token(args: argparse.Namespace) -> str | None:
+def _read_token(args: argparse.Namespace) -> str:
+    """The admin token from --token, MYX_TOKEN or the token file; none is an error
+    that says where it looked, before any request is sent."""
     if args.token:
         return str(args.token)
     env = os.environ.get("MYX_TOKEN")
-    if env:
+    if env and env.strip():
         return env.strip()
     path = args.token_file or DEFAULT_TOKEN_FILE
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
+            token = f.read().strip()
     except FileNotFoundError:
         if args.token_file:
             raise CLIError(f"token file {path} does not exist") from None
-        return None
+        token = ""
     except OSError as e:
         raise CLIError(f"cannot read token file {path}: {e.strerror}") from None
+    if not token:
+        raise CLIError(
+            "no admin token found: looked at --token, the MYX_TOKEN environment variable "
+            f"and the file {os.path.abspath(path)} (set with --token-file); myxd writes "
+            "it to <data-dir>/admin-token on its first start"
+        )
+    return token
 
 
 # -- output helpers --------------------------------------------------------------
@@ -222,12 +270,47 @@ def _follow(
             return dict(rec)
 
 
+def _reason(rec: dict[str, Any]) -> str:
+    """Why a command ended, in operator words ("" for a plain exit code)."""
+    raw = str(rec.get("reason") or (rec.get("result") or {}).get("error") or "")
+    if raw == f"exit code {rec.get('exit_code')}":
+        return ""  # said already by the exit code
+    words = operator_words(raw)
+    if VERBOSE and words != raw:
+        words += f" [raw: {raw}]"
+    return words
+
+
+def _agent_names(client: Client) -> dict[int, str]:
+    """agent id -> name: the server's name, else the host name the agent reported.
+    (The API has no agent name field yet; see docs/operations.md.)"""
+    names: dict[int, str] = {}
+    page = client.request("GET", "/api/agents", query={"limit": 1000})
+    for a in page.get("agents", []):
+        details = a.get("details")
+        if isinstance(details, dict) and isinstance(details.get("hostname"), str):
+            names[a["id"]] = details["hostname"]
+    try:
+        servers = client.request("GET", "/api/servers")
+    except CLIError:
+        servers = None  # server management not enabled (404): host names only
+    for srv in (servers or {}).get("servers", []):
+        if srv.get("agent_id"):
+            names[srv["agent_id"]] = srv["name"]
+    return names
+
+
+def _label(agent_id: int, names: dict[int, str]) -> str:
+    name = names.get(agent_id)
+    return f"{name} (agent {agent_id})" if name else f"agent {agent_id}"
+
+
 def _finish(rec: dict[str, Any]) -> int:
     if rec["status"] == "success":
         return 0
-    reason = rec.get("reason") or (rec.get("result") or {}).get("error")
     code = rec.get("exit_code")
     detail = f"exit code {code}" if code is not None else "no exit code"
+    reason = _reason(rec)
     sys.stderr.write(
         f"myx: command {rec['id']} {rec['status']} ({detail})"
         + (f": {reason}" if reason else "")
@@ -237,13 +320,21 @@ def _finish(rec: dict[str, Any]) -> int:
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    if not args.argv:
-        raise CLIError("nothing to run: give the command after --")
-    body: dict[str, Any] = {"command": args.argv[0], "args": args.argv[1:], "timeout": args.timeout}
+    if args.sh is not None:
+        if args.argv:
+            raise CLIError("give either --sh SCRIPT or a command after --, not both")
+        if not args.sh.strip():
+            raise CLIError("--sh needs the shell command to run")
+        argv = [SHELL, "-c", args.sh]
+    elif args.argv:
+        argv = list(args.argv)
+    else:
+        raise CLIError("nothing to run: give --sh 'SCRIPT' or the command after --")
+    body: dict[str, Any] = {"command": argv[0], "args": argv[1:], "timeout": args.timeout}
     if args.cwd:
         body["cwd"] = args.cwd
     targets = args.agent
-    if len(targets) == 1 and targets[0] != "all":
+    if len(targets) == 1 and targets[0] != "all" and not args.json:
         rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands", body)
         if args.no_follow:
             print(rec["id"])
@@ -255,24 +346,41 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         for c in created:
             print(f"{c['agent_id']}\t{c.get('id', c.get('error'))}")
         return 0
+    names = _agent_names(client)
     worst = 0
+    finals: list[dict[str, Any]] = []
     for c in created:
+        label = _label(c["agent_id"], names)
         if "id" not in c:
-            sys.stderr.write(f"agent {c['agent_id']}: {c.get('error')}\n")
+            finals.append(dict(c))
+            if not args.json:
+                sys.stderr.write(
+                    f"--- {label}: not started: {operator_words(str(c.get('error')))}\n"
+                )
             worst = max(worst, 1)
             continue
         # The commands already run side by side on the agents; reading them one
         # after another only orders the printout.
         buf = io.BytesIO()
         rec = _follow(client, c["id"], 0, buf, buf)
+        worst = max(worst, 0 if rec["status"] == "success" else 1)
+        if args.json:
+            rec.pop("output", None)
+            finals.append({**rec, "agent_name": names.get(c["agent_id"])})
+            continue
         text = buf.getvalue().decode("utf-8", "replace")
+        code = rec.get("exit_code")
+        reason = _reason(rec)
         sys.stdout.write(
-            f"--- agent {c['agent_id']} (command {c['id']}, {rec['status']}, "
-            f"exit {rec.get('exit_code')})\n{text}"
+            f"--- {label}: command {c['id']} {rec['status']}, "
+            + (f"exit code {code}" if code is not None else "no exit code")
+            + (f": {reason}" if reason else "")
+            + f"\n{text}"
         )
         if text and not text.endswith("\n"):
             sys.stdout.write("\n")
-        worst = max(worst, 0 if rec["status"] == "success" else 1)
+    if args.json:
+        _dump(finals)
     return worst
 
 
@@ -355,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token", help="admin token (prefer MYX_TOKEN or --token-file)")
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print raw error texts (JSON-RPC codes) after the operator's words",
+    )
+    p.add_argument(
         "--token-file", help=f"file holding the admin token (default {DEFAULT_TOKEN_FILE})"
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -384,9 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "run",
         help="run a command on agents and stream its output",
-        usage="myx run AGENT [AGENT ...] [--timeout S] -- COMMAND [ARG ...]",
+        usage=("myx run AGENT [AGENT ...] [--timeout S] (--sh 'SCRIPT' | -- COMMAND [ARG ...])"),
     )
     s.add_argument("agent", nargs="+", help="agent ids, or 'all'")
+    s.add_argument(
+        "--sh",
+        metavar="SCRIPT",
+        help=f"run SCRIPT with {SHELL} -c (pipes, redirections), instead of -- COMMAND",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final command records as JSON (raw reasons, with error codes)",
+    )
     s.add_argument("--timeout", type=float)
     s.add_argument("--cwd")
     s.add_argument("--no-follow", action="store_true", help="print command ids and return")
@@ -433,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd != "run":
             parser.error("'--' is only used by 'myx run'")
         args.argv = rest
+    global VERBOSE
+    VERBOSE = bool(args.verbose)
     try:
         client = Client(args.api, _read_token(args))
         code = int(args.func(client, args))
