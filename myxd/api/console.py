@@ -44,18 +44,23 @@ MODULES: tuple[str, ...] = (
     "format.js",
     "forms.js",
     "login.js",
+    "names.js",
     "router.js",
     "routes.js",
+    "term.js",
     "view.js",
     "views/agent.js",
     "views/command.js",
     "views/commands.js",
     "views/events.js",
     "views/fleet.js",
+    "views/run-results.js",
     "views/run.js",
     "views/server-form.js",
     "views/server.js",
     "views/servers.js",
+    # Third-party, unmodified, licence beside it (see vendor/README.md).
+    "vendor/ansi_up.js",
 )
 
 #: name under /console/ -> content type

@@ -142,7 +142,9 @@ class CLITest(DaemonTestCase):
         code, out, err = await self.myx("-v", "ansible", str(agent_id), "nope.yml")
         self.assertEqual(code, 1, err)
         self.assertIn("the agent refused the request", err.decode())
-        self.assertRegex(err.decode(), r"\[raw: .*JSON-RPC error -32602: invalid params: playbook not found")
+        self.assertRegex(
+            err.decode(), r"\[raw: .*JSON-RPC error -32602: invalid params: playbook not found"
+        )
         # --json prints the records as the API has them: the raw reason, code included.
         code, out, err = await self.myx(
             "run", str(agent_id), "--json", "--", "/nonexistent/program"

@@ -181,6 +181,15 @@ class ConsoleRouteTests(APITestBase):
         ):
             self.assertFalse(banned in js, f"the console uses {banned}")
 
+    def test_vendored_code_is_unmodified_with_its_licence(self) -> None:
+        readme = read_bytes(os.path.join(STATIC_DIR, "vendor", "README.md")).decode()
+        for name in [m for m in MODULES if m.startswith("vendor/")]:
+            base = os.path.basename(name)
+            digest = hashlib.sha256(read_bytes(os.path.join(STATIC_DIR, name))).hexdigest()
+            self.assertIn(f"`{base}` sha256: `{digest}`", readme, name)
+            licence = os.path.join(STATIC_DIR, "vendor", base.replace(".js", ".LICENSE"))
+            self.assertIn(b"Permission is hereby granted", read_bytes(licence))
+
     def test_modules_are_all_listed_and_import_no_cycle(self) -> None:
         """Every .js file under static/ is served, every import names a served module,
         and the import graph has no cycle (the architecture reads top-down)."""
@@ -333,7 +342,10 @@ class BrowserSession:
         expect(page.locator("#nav")).to_be_visible(timeout=UI_WAIT_MS)
 
 
-class ConsoleBrowserTests(DaemonTestCase):
+class BrowserTestBase(DaemonTestCase):
+    """A real daemon plus a fresh headless Chromium per scenario (no tests of its own;
+    test_console_*.py modules build on it)."""
+
     timeout = 400
 
     def setUp(self) -> None:
@@ -381,6 +393,19 @@ class ConsoleBrowserTests(DaemonTestCase):
         agent = await start_agent(self)
         return await self.adopt(agent)
 
+    @staticmethod
+    def _term_streams(page: Any) -> dict[str, str]:
+        """The terminal's text per stream, as the page shows it."""
+        pairs = page.evaluate("""() => Array.from(
+            document.querySelectorAll('#term span.stdout, #term span.stderr'),
+            s => [s.classList.contains('stderr') ? 'stderr' : 'stdout', s.textContent])""")
+        out: dict[str, str] = {}
+        for stream, text in pairs:
+            out[stream] = out.get(stream, "") + text
+        return out
+
+
+class ConsoleBrowserTests(BrowserTestBase):
     # -- sign-in and the fleet ---------------------------------------------------------
 
     async def test_sign_in_fleet_and_401(self) -> None:
@@ -466,6 +491,8 @@ class ConsoleBrowserTests(DaemonTestCase):
             page = b.page()
             b.sign_in(page, f"#/run?agents={agent_id}")
             expect(page.locator(f"#pick-{agent_id}")).to_be_checked()
+            # Program + arguments mode (the shell mode is the default).
+            page.locator("#runmode-program").check()
             # The API's 400 names the field: the message shows next to that field.
             page.locator("#run-submit").click()
             command_error = page.locator(".row:has(#run-command) .field-error")
@@ -537,17 +564,6 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertEqual(final["timeout"], 120)
         self.assertEqual(sorted((await self.read_all(seen["id"])).splitlines()), [b"err", b"out"])
 
-    @staticmethod
-    def _term_streams(page: Any) -> dict[str, str]:
-        """The terminal's text per stream, as the page shows it."""
-        pairs = page.evaluate("""() => Array.from(
-            document.querySelectorAll('#term span.stdout, #term span.stderr'),
-            s => [s.classList.contains('stderr') ? 'stderr' : 'stdout', s.textContent])""")
-        out: dict[str, str] = {}
-        for stream, text in pairs:
-            out[stream] = out.get(stream, "") + text
-        return out
-
     async def test_long_command_streams_incrementally_and_cancel_stops_it(self) -> None:
         agent_id = await self.started()
         script = 'i=0; while :; do echo "line $i"; i=$((i+1)); sleep 0.2; done'
@@ -558,6 +574,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             page = b.page()
             b.sign_in(page, f"#/run?agents={agent_id}")
             # One argument per line this time: the script keeps its spaces and quotes.
+            page.locator("#runmode-program").check()
             page.locator("#argmode-lines").check()
             page.locator("#run-command").fill("/bin/sh")
             page.locator("#run-args").fill(f"-c\n{script}\n")
@@ -631,6 +648,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             expect(page).to_have_url(re.compile(r"#/run\?agents=\d+,\d+$"))
             for agent_id in ids:
                 expect(page.locator(f"#pick-{agent_id}")).to_be_checked()
+            page.locator("#runmode-program").check()
             page.locator("#run-command").fill("hostname")
             page.locator("#run-submit").click()
             rows = page.locator("#bulk-body tr")

@@ -4,9 +4,10 @@
  *
  * Where things live: dom.js (building the page), format.js (pure formatting),
  * api.js (the token and fetch), view.js (a page's lifetime), forms.js (field
- * errors), term.js (command output with ANSI colours), router.js + routes.js (pages),
- * login.js (sign-in), views/*.js (one module per page), vendor/ (third-party code,
- * unmodified, with its licence).
+ * errors), names.js (agent names), term.js (command output with ANSI colours),
+ * router.js + routes.js (pages), login.js (sign-in), views/*.js (one module per
+ * page; views/run-results.js is the multi-agent results part of the Run page),
+ * vendor/ (third-party code, unmodified, with its licence).
  *
  * Rules every module keeps:
  * - Data from the API is only ever put into the page as text (textContent, text

@@ -59,3 +59,19 @@ export function focusFirstError(form) {
     if (focusable) focusable.focus();
   }
 }
+
+/**
+ * An API message in the form's words: "ssh_port must be at most 65535" becomes
+ * "SSH port must be at most 65535" when `labels` maps ssh_port to "SSH port".
+ */
+export function operatorWords(field, message, labels) {
+  const label = field && labels[field];
+  if (!label) return message;
+  let text = String(message);
+  text = text.replace(/ must be a non-empty string$/, " is required");
+  if (text.startsWith(`${field} `)) text = `${label} ${text.slice(field.length + 1)}`;
+  else if (text.startsWith(`unknown field ${field}`)) text = `${label} is not expected here`;
+  // Elsewhere in the text, only API-looking names ("ssh_port", "auth.password") are
+  // replaced: a plain word like "host" may just be English.
+  return /[._]/.test(field) ? text.replaceAll(field, label) : text;
+}

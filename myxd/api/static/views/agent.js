@@ -4,6 +4,7 @@
 import { $, badge, confirmDialog, h, page, swap, timeAgo } from "../dom.js";
 import { commandLine, dash, fmtBytes, fmtDuration } from "../format.js";
 import { REFRESH_MS, report } from "../view.js";
+import { agentLabel, agentName, serverNamesByAgent } from "../names.js";
 
 export function agentView(main, view, agentId) {
   const head = h("div");
@@ -59,16 +60,20 @@ export function agentView(main, view, agentId) {
 
   function disk(d) {
     if (!d || typeof d.total !== "number") return dash;
+    // The bar shows used space, so the words do too (free space follows).
     const used = d.total - (d.free || 0);
-    return [`${d.path || "/"}: ${fmtBytes(d.free)} free of ${fmtBytes(d.total)} `,
-      h("meter", { min: "0", max: String(d.total), value: String(used),
+    return [h("span", { id: "disk-text" },
+      `${d.path || "/"}: ${fmtBytes(used)} used of ${fmtBytes(d.total)} ` +
+      `(${Math.round((used / d.total) * 100)}%, ${fmtBytes(d.free)} free) `),
+    h("meter", { id: "disk-meter", min: "0", max: String(d.total), value: String(used),
         high: String(d.total * 0.9), "aria-label": "disk used" })];
   }
 
   async function refresh() {
-    const [agent, cmds] = await Promise.all([
+    const [agent, cmds, servers] = await Promise.all([
       view.api("GET", `api/agents/${agentId}`),
       view.api("GET", `api/agents/${agentId}/commands?limit=20&offset=${offset}`),
+      serverNamesByAgent(view),
     ]);
     error.textContent = "";
     kv(summary, [
@@ -81,14 +86,16 @@ export function agentView(main, view, agentId) {
       ["Failed cycles", String(agent.failed_cycles ?? 0)],
       ["Certificate", h("code", { class: "small" }, agent.cert_fingerprint || dash)],
       ["Server", agent.server_id ? h("a", { href: `#/servers/${Number(agent.server_id)}` },
-        `server ${agent.server_id}`) : "adopted (no server record)"],
+        servers.get(agentId) || `server ${agent.server_id}`) : "adopted (no server record)"],
       ["Added", timeAgo(agent.created_at)],
     ]);
     const d = agent.details;
     const title = $("#page-title", head);
-    const name = d && typeof d === "object" && d.hostname ? ` \u00B7 ${d.hostname}` : "";
-    if (title && title.textContent !== `Agent ${agentId}${name}`) {
-      title.textContent = `Agent ${agentId}${name}`;
+    const label = agentLabel(agentId, agentName(agent, servers));
+    const text = label === `agent ${agentId}` ? `Agent ${agentId}` : label;
+    if (title && title.textContent !== text) {
+      title.textContent = text;
+      document.title = `${text} \u00B7 MyX console`;
     }
     if (d && typeof d === "object") {
       const load = Array.isArray(d.load_avg)

@@ -1,13 +1,13 @@
 /**
- * One command: its facts and its output followed live, with cancel.
+ * One command: its facts and its output followed live (ANSI colours rendered by
+ * term.js), with cancel. An unknown id says so and stops waiting.
  */
 import { badge, h, page, swap, timeAgo } from "../dom.js";
 import { commandLine, dash, decodeBase64, fmtDuration, fmtTime } from "../format.js";
 import { ApiError, isAbort } from "../api.js";
 import { FINAL, report } from "../view.js";
-
-const TERM_MAX_CHARS = 2000000;   // keep the page responsive on huge outputs
-const TERM_KEEP_CHARS = 1500000;
+import { agentLabel, loadAgentNames } from "../names.js";
+import { Terminal } from "../term.js";
 
 export function commandView(main, view, commandId) {
   const error = h("p", { class: "alert", role: "alert", id: "command-error" });
@@ -44,8 +44,8 @@ export function commandView(main, view, commandId) {
   });
 
   const decoders = { stdout: new TextDecoder("utf-8"), stderr: new TextDecoder("utf-8") };
-  let shownChars = 0;
-  let trimmedNote = null;
+  const terminal = new Terminal(term);
+  let agentNames = null;
   let last = null;
   let finalShown = false;
   let cancelRequested = false;
@@ -53,37 +53,7 @@ export function commandView(main, view, commandId) {
   function write(stream, text) {
     if (!text) return;
     if (waiting.isConnected) waiting.remove();
-    const cls = stream === "stderr" ? "stderr" : "stdout";
-    let span = term.lastElementChild;
-    if (!span || !span.classList.contains(cls) || span.classList.contains("final")) {
-      span = h("span", { class: cls, title: cls === "stderr" ? "stderr" : null });
-      term.append(span);
-    }
-    span.append(text);
-    shownChars += text.length;
-    if (shownChars > TERM_MAX_CHARS) trim();
-  }
-
-  function trim() {
-    // Drop whole spans from the top; the daemon keeps the full output.
-    let dropped = 0;
-    while (shownChars > TERM_KEEP_CHARS) {
-      const first = [...term.children].find((c) => c.classList.contains("stdout") ||
-        c.classList.contains("stderr"));
-      if (!first) break;
-      const n = first.textContent.length;
-      first.remove();
-      shownChars -= n;
-      dropped += n;
-    }
-    if (!trimmedNote) {
-      trimmedNote = h("span", { class: "trimmed" });
-      term.prepend(trimmedNote);
-    }
-    const before = Number(trimmedNote.dataset.chars || "0") + dropped;
-    trimmedNote.dataset.chars = String(before);
-    trimmedNote.textContent = `[${before} earlier characters are not shown here; the ` +
-      "daemon keeps the whole output]\n";
+    terminal.write(stream, text);
   }
 
   function scrollEnd() {
@@ -102,10 +72,18 @@ export function commandView(main, view, commandId) {
     statusSlot.replaceChildren(badge(c.status, { id: "command-badge" }),
       c.exit_code === null || c.exit_code === undefined ? ""
         : h("span", { class: "exit", id: "command-exit" }, ` exit code ${c.exit_code}`));
+    const name = agentNames && agentNames.get(c.agent_id);
+    const title = name ? `Command ${commandId} on ${name}` : `Command ${commandId}`;
+    const heading = document.getElementById("page-title");
+    if (heading && heading.textContent !== title) {
+      heading.textContent = title;
+      document.title = `${title} \u00B7 MyX console`;
+    }
     cmdline.textContent = c.kind === "ansible"
       ? `ansible-playbook ${c.command}` : commandLine(c);
     const rows = [
-      ["Agent", h("a", { href: `#/agents/${Number(c.agent_id)}` }, `agent ${c.agent_id}`)],
+      ["Agent", h("a", { href: `#/agents/${Number(c.agent_id)}`, id: "command-agent" },
+        agentLabel(c.agent_id, agentNames && agentNames.get(c.agent_id)))],
       ["Status", [badge(c.status), reasonOf(c) ? ` ${reasonOf(c)}` : ""]],
       ["Exit code", c.exit_code === null || c.exit_code === undefined ? dash
         : String(c.exit_code)],
@@ -131,6 +109,7 @@ export function commandView(main, view, commandId) {
       note.hidden = false;
     }
     for (const stream of ["stdout", "stderr"]) write(stream, decoders[stream].decode());
+    terminal.end();
     if (waiting.isConnected) waiting.textContent = "(no output)";
     const ok = c.status === "success";
     const code = c.exit_code === null || c.exit_code === undefined ? "no exit code"
@@ -178,6 +157,10 @@ export function commandView(main, view, commandId) {
           error.textContent = e.status === 404 ? `There is no command ${commandId}.`
             : e.message;
           statusSlot.replaceChildren(badge("unknown"));
+          // Nothing will ever arrive: no "waiting for output" under the error.
+          waiting.remove();
+          term.hidden = true;
+          term.previousElementSibling.hidden = true;
           return;
         }
         error.textContent = `${e.message} Retrying in ${Math.round(backoff / 1000)} s\u2026`;
@@ -203,5 +186,10 @@ export function commandView(main, view, commandId) {
       if (!data.output.length) await view.sleep(250);
     }
   }
+  // Names are for display only: the output does not wait for them.
+  loadAgentNames(view).then((names) => {
+    agentNames = names;
+    if (last) showMeta(last);
+  }).catch((e) => report(error, e));
   followOutput();
 }

@@ -1,14 +1,27 @@
 /**
- * The Events page: the audit trail, newest first, paged.
+ * The Events page: the audit trail, newest first, paged; details as key/value pairs.
  */
 import { badge, h, page, swap, timeAgo } from "../dom.js";
 import { dash, fmtTime } from "../format.js";
 import { PAGE, REFRESH_MS, report } from "../view.js";
+import { loadAgentNames } from "../names.js";
 
-export function targetLink(target) {
+/** A value of an event's details as one line of text (nested values as JSON). */
+function scalar(v) {
+  if (v === null || v === undefined) return "\u2014";
+  if (typeof v === "string") return v.length > 500 ? `${v.slice(0, 500)}\u2026` : v;
+  if (typeof v === "number" || typeof v === "boolean") return String(v);
+  const text = JSON.stringify(v);
+  return text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
+}
+
+/** "agent:3" as a link, with the agent's name when it is known. */
+export function targetLink(target, names) {
   const m = /^(agent|command|server):([0-9]{1,18})$/.exec(String(target || ""));
   if (!m) return target || dash;
-  return h("a", { href: `#/${m[1]}s/${Number(m[2])}` }, target);
+  const link = h("a", { href: `#/${m[1]}s/${Number(m[2])}` }, target);
+  const name = m[1] === "agent" && names ? names.get(Number(m[2])) : null;
+  return name ? [link, " ", h("span", { class: "muted small target-name" }, name)] : link;
 }
 
 export function eventsView(main, view, params) {
@@ -25,17 +38,22 @@ export function eventsView(main, view, params) {
     h("thead", {}, h("tr", {}, ["ID", "When", "Actor", "Action", "Target", "Outcome",
       "Details"].map((t) => h("th", { scope: "col" }, t)))), body)), pager);
   void params;
+  let names = null;   // agent id -> name, loaded once per visit
 
   function details(d) {
     if (d === null || d === undefined) return "";
-    const text = JSON.stringify(d);
-    const short = text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
-    return h("code", { class: "small", title: text.length > 240 ? text : null }, short);
+    if (typeof d !== "object" || Array.isArray(d)) return h("code", { class: "small" }, scalar(d));
+    const keys = Object.keys(d);
+    if (!keys.length) return "";
+    return h("dl", { class: "details" }, keys.flatMap((k) => [h("dt", {}, k),
+      h("dd", {}, scalar(d[k]))]));
   }
 
   async function load() {
     const q = before === null ? "" : `&before_id=${before}`;
-    const data = await view.api("GET", `api/events?limit=${PAGE}${q}`);
+    const [data, fresh] = await Promise.all([view.api("GET", `api/events?limit=${PAGE}${q}`),
+      names ? Promise.resolve(names) : loadAgentNames(view)]);
+    names = fresh;
     error.textContent = "";
     swap(body, data.events.length ? data.events.map((e) => h("tr", {
       dataset: { action: String(e.action), eventId: String(e.id) },
@@ -45,7 +63,7 @@ export function eventsView(main, view, params) {
       timeAgo(e.at))),
     h("td", {}, e.actor),
     h("td", { class: "action" }, h("code", {}, e.action)),
-    h("td", { class: "target" }, targetLink(e.target)),
+    h("td", { class: "target" }, targetLink(e.target, names)),
     h("td", { class: "outcome" }, badge(e.outcome)),
     h("td", { class: "details" }, details(e.details)))) : [h("tr", {}, h("td", {
       class: "empty", colspan: "7" }, "No events."))]);

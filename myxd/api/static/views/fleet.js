@@ -1,8 +1,9 @@
 /**
- * The Fleet page: agents with status counts, paging and selection for a run.
+ * The Fleet page: agents (with their names) by status, paged, selectable for a run.
  */
 import { badge, h, page, safeClass, swap, timeAgo } from "../dom.js";
 import { dash } from "../format.js";
+import { agentLabel, agentName, serverNamesByAgent } from "../names.js";
 import { PAGE, REFRESH_MS, report } from "../view.js";
 
 const AGENT_STATUSES = ["online", "offline", "installing", "error"];
@@ -29,12 +30,13 @@ export function fleetView(main, view, params) {
     h("caption", { class: "visually-hidden" }, "Agents"),
     h("thead", {}, h("tr", {},
       h("th", { class: "sel", scope: "col" }, selectAll),
-      ["ID", "Host", "Port", "Status", "Version", "Last heartbeat", "Reason"].map(
+      ["ID", "Name", "Host", "Port", "Status", "Version", "Last heartbeat", "Reason"].map(
         (t) => h("th", { scope: "col", class: t === "ID" || t === "Port" ? "num" : null }, t)))),
     tbody);
   const pager = h("div", { class: "pager" });
   main.append(counts, error, h("div", { class: "table-wrap" }, table), pager);
   let rows = [];
+  let serverNames = new Map();
 
   function syncSelection() {
     runSelected.disabled = selected.size === 0;
@@ -66,7 +68,8 @@ export function fleetView(main, view, params) {
 
   function row(agent) {
     const box = h("input", {
-      type: "checkbox", "aria-label": `Select agent ${agent.id}`, checked: selected.has(agent.id),
+      type: "checkbox", "aria-label": `Select agent ${agent.id}`,
+      title: `Select ${agentLabel(agent.id, agentName(agent, serverNames))}`, checked: selected.has(agent.id),
       dataset: { focusKey: `sel-${agent.id}` },
     });
     box.addEventListener("change", () => {
@@ -78,6 +81,7 @@ export function fleetView(main, view, params) {
       h("td", { class: "num" }, h("a", {
         href: `#/agents/${Number(agent.id)}`, dataset: { focusKey: `a-${agent.id}` },
       }, String(agent.id))),
+      h("td", { class: "name" }, agentName(agent, serverNames) || dash),
       h("td", { class: "host" }, agent.host),
       h("td", { class: "num" }, String(agent.rpc_port)),
       h("td", { class: "status" }, badge(agent.status)),
@@ -88,11 +92,13 @@ export function fleetView(main, view, params) {
 
   async function refresh() {
     const filter = status ? `&status=${status}` : "";
-    const [list, ...perStatus] = await Promise.all([
+    const [list, servers, ...perStatus] = await Promise.all([
       view.api("GET", `api/agents?limit=${PAGE}&offset=${offset}${filter}`),
+      serverNamesByAgent(view),
       ...AGENT_STATUSES.map((s) => view.api("GET", `api/agents?limit=1&status=${s}`)),
     ]);
     error.textContent = "";
+    serverNames = servers;
     if (list.agents.length === 0 && offset > 0 && list.total > 0) {
       offset = Math.max(0, Math.floor((list.total - 1) / PAGE) * PAGE);
       return refresh();
@@ -102,7 +108,7 @@ export function fleetView(main, view, params) {
       ...AGENT_STATUSES.map((s, i) => countLink(s, s, perStatus[i].total))]);
     rows = list.agents;
     swap(tbody, rows.length ? rows.map(row) : [h("tr", {}, h("td", {
-      class: "empty", colspan: "8",
+      class: "empty", colspan: "9",
     }, status ? `No ${status} agents.` : "No agents yet. Adopt one with POST /api/agents, " +
       "or add a server on the Servers page."))]);
     syncSelection();

@@ -1,11 +1,18 @@
 /**
- * The Run page: choose agents, the command and its arguments (with a preview), start it.
+ * The Run page: choose agents, then either a shell command (run as /bin/sh -c) or a
+ * program and its arguments, see exactly what will run (the preview), start it.
+ * One agent opens the command's page; several show views/run-results.js.
  */
 import { $, badge, h, page, swap } from "../dom.js";
-import { dash, linesSplit, shellSplit } from "../format.js";
+import { linesSplit, shellSplit } from "../format.js";
 import { ApiError } from "../api.js";
-import { FINAL, report } from "../view.js";
+import { report } from "../view.js";
 import { clearFieldErrors, fieldError, focusFirstError, showFieldError } from "../forms.js";
+import { agentLabel, agentName, serverNamesByAgent } from "../names.js";
+import { showRunResults } from "./run-results.js";
+
+/** What shell mode runs: the script is one argument, exactly as typed. */
+const SHELL = "/bin/sh";
 
 export function runView(main, view, params) {
   const wanted = params.get("agents") || "";
@@ -17,7 +24,7 @@ export function runView(main, view, params) {
     checked: wanted === "all" });
   const modeSome = h("input", { type: "radio", name: "target", value: "some", id: "target-some",
     checked: wanted !== "all" });
-  const filter = h("input", { type: "search", id: "agent-filter", placeholder: "Filter by id or host",
+  const filter = h("input", { type: "search", id: "agent-filter", placeholder: "Filter by id, name or host",
     "aria-label": "Filter agents" });
   const pick = h("div", { class: "agent-pick", id: "agent-pick", role: "group",
     "aria-label": "Agents" }, h("p", { class: "muted" }, "Loading agents\u2026"));
@@ -29,9 +36,28 @@ export function runView(main, view, params) {
         "All agents (every agent the daemon knows when you press Run)")),
     h("div", { id: "pick-wrap" }, filter, pick));
 
+  const runShell = h("input", { type: "radio", name: "runmode", value: "shell",
+    id: "runmode-shell", checked: true });
+  const runProgram = h("input", { type: "radio", name: "runmode", value: "program",
+    id: "runmode-program" });
+  const runMode = h("fieldset", { id: "run-mode" },
+    h("legend", {}, "How to run it"),
+    h("div", { class: "inline-choices" },
+      h("label", { class: "choice", for: "runmode-shell" }, runShell,
+        "Shell (sh -c): pipes, redirections, variables"),
+      h("label", { class: "choice", for: "runmode-program" }, runProgram,
+        "Program + arguments (no shell)")));
+  const script = h("textarea", { id: "run-script", rows: "3", spellcheck: "false",
+    dataset: { field: "script" }, placeholder: "e.g. uname -a; df -h / | tail -1",
+    "aria-describedby": "run-script-hint run-argv" });
+  const shellRow = h("div", { class: "row", id: "shell-row" },
+    h("label", { for: "run-script" }, "Shell command"), script,
+    h("p", { class: "hint", id: "run-script-hint" },
+      `Run by ${SHELL} -c on each agent, exactly as typed: quotes, pipes, ` +
+      "redirections, variables and globs work as in a terminal."));
   const command = h("input", { type: "text", id: "run-command", autocomplete: "off",
     spellcheck: "false", dataset: { field: "command" },
-    placeholder: "e.g. /bin/sh, hostname, systemctl", "aria-describedby": "run-command-hint" });
+    placeholder: "e.g. hostname, systemctl, /usr/bin/env", "aria-describedby": "run-command-hint" });
   const argMode = h("fieldset", { class: "plain" },
     h("legend", {}, "Read the arguments box:"),
     h("div", { class: "inline-choices" },
@@ -48,28 +74,30 @@ export function runView(main, view, params) {
   const submit = h("button", { type: "submit", class: "btn btn-primary", id: "run-submit" }, "Run");
   const results = h("div", { id: "run-results" });
 
-  const form = h("form", { id: "run-form", novalidate: true, class: "card" },
-    general, targets,
-    h("div", { class: "form-grid" },
-      h("div", { class: "row" },
-        h("label", { for: "run-command" }, "Command"), command,
-        h("p", { class: "hint", id: "run-command-hint" },
-          "An executable name or path, run without a shell: for pipes or redirections " +
-          "use /bin/sh with the arguments -c and your script.")),
-      h("div", { class: "row" },
-        h("label", { for: "run-timeout" }, "Timeout (seconds)"), timeout,
-        h("p", { class: "hint", id: "run-timeout-hint" }, "Empty for no timeout."))),
+  const programRows = h("div", { id: "program-rows", hidden: true },
+    h("div", { class: "row" },
+      h("label", { for: "run-command" }, "Program"), command,
+      h("p", { class: "hint", id: "run-command-hint" },
+        "An executable name or path, run without a shell.")),
     h("div", { class: "row" },
       h("label", { for: "run-args" }, "Arguments"), argMode, args,
       h("p", { class: "hint", id: "run-args-hint" },
-        "Shell mode: words are split on spaces; '...' and \"...\" keep spaces; no " +
+        "Shell-like split: words are split on spaces; '...' and \"...\" keep spaces; no " +
         "variables, globs or pipes are expanded. Line mode: each line is one argument, " +
-        "exactly as typed."),
-      h("div", { class: "hint" }, "Will run: ", argv)),
+        "exactly as typed.")));
+
+  const form = h("form", { id: "run-form", novalidate: true, class: "card" },
+    general, targets, runMode, shellRow, programRows,
+    h("div", { class: "form-grid" },
+      h("div", { class: "row" },
+        h("label", { for: "run-timeout" }, "Timeout (seconds)"), timeout,
+        h("p", { class: "hint", id: "run-timeout-hint" }, "Empty for no timeout."))),
+    h("div", { class: "hint" }, "Will run: ", argv),
     h("div", { class: "form-actions" }, submit));
   main.append(form, results);
 
   let agents = [];
+  let names = new Map();
   const chosen = new Set(preselect);
 
   function mode() { return form.querySelector("input[name=argmode]:checked").value; }
@@ -78,18 +106,33 @@ export function runView(main, view, params) {
     return mode() === "lines" ? linesSplit(args.value) : shellSplit(args.value);
   }
 
+  /** [program, ...args] as the agent will run it. */
+  function argvNow() {
+    if (runShell.checked) return [SHELL, "-c", script.value];
+    return [command.value, ...parsedArgs()];
+  }
+
+  function syncRunMode() {
+    shellRow.hidden = !runShell.checked;
+    programRows.hidden = runShell.checked;
+    preview();
+  }
+  runShell.addEventListener("change", syncRunMode);
+  runProgram.addEventListener("change", syncRunMode);
+
   function preview() {
     let list;
     try {
-      list = parsedArgs();
+      list = argvNow();
     } catch (e) {
       swap(argv, [h("li", { class: "field-error" }, e.message)]);
       return;
     }
-    swap(argv, [h("li", { class: "cmd" }, h("code", {}, command.value || "(command)")),
-      ...list.map((a) => h("li", {}, h("code", {}, a === "" ? "\u2036\u2033" : a)))]);
+    const [program, ...rest] = list;
+    swap(argv, [h("li", { class: "cmd" }, h("code", {}, program || "(program)")),
+      ...rest.map((a) => h("li", {}, h("code", {}, a === "" ? "\u2036\u2033" : a)))]);
   }
-  for (const el of [command, args]) el.addEventListener("input", preview);
+  for (const el of [command, args, script]) el.addEventListener("input", preview);
   for (const el of form.querySelectorAll("input[name=argmode]")) {
     el.addEventListener("change", preview);
   }
@@ -105,7 +148,8 @@ export function runView(main, view, params) {
   function renderPick() {
     const q = filter.value.trim().toLowerCase();
     const shown = agents.filter((a) => !q || String(a.id) === q ||
-      String(a.host).toLowerCase().includes(q));
+      String(a.host).toLowerCase().includes(q) ||
+      String(names.get(a.id) || "").toLowerCase().includes(q));
     swap(pick, shown.length ? shown.map((a) => {
       const box = h("input", { type: "checkbox", value: String(a.id), id: `pick-${a.id}`,
         checked: chosen.has(a.id), dataset: { focusKey: `pick-${a.id}` } });
@@ -113,29 +157,37 @@ export function runView(main, view, params) {
         if (box.checked) chosen.add(a.id); else chosen.delete(a.id);
       });
       return h("label", { class: "choice", for: `pick-${a.id}` }, box,
-        h("span", {}, `#${a.id} ${a.host}:${a.rpc_port}`), badge(a.status));
+        h("span", {}, `${agentLabel(a.id, names.get(a.id))} \u00B7 ${a.host}:${a.rpc_port}`),
+        badge(a.status));
     }) : [h("p", { class: "muted" }, agents.length ? "No agent matches." : "No agents yet.")]);
   }
   filter.addEventListener("input", renderPick);
 
-  view.api("GET", "api/agents?limit=1000").then((list) => {
-    agents = list.agents;
-    renderPick();
-  }).catch((e) => report(general, e));
+  Promise.all([view.api("GET", "api/agents?limit=1000"), serverNamesByAgent(view)])
+    .then(([list, servers]) => {
+      agents = list.agents;
+      names = new Map(agents.map((a) => [a.id, agentName(a, servers)]));
+      renderPick();
+    }).catch((e) => report(general, e));
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearFieldErrors(form);
     general.textContent = "";
-    let argList;
+    let list;
     try {
-      argList = parsedArgs();
+      list = argvNow();
     } catch (e) {
       fieldError(args, `The arguments cannot be split: ${e.message}.`);
       args.focus();
       return;
     }
-    const spec = { command: command.value.trim(), args: argList, timeout: null };
+    if (runShell.checked && !script.value.trim()) {
+      fieldError(script, "Type the shell command to run.");
+      script.focus();
+      return;
+    }
+    const spec = { command: list[0].trim(), args: list.slice(1), timeout: null };
     const t = timeout.value.trim();
     if (t !== "") {
       const n = Number(t);
@@ -159,9 +211,7 @@ export function runView(main, view, params) {
         location.hash = `#/commands/${Number(cmd.id)}`;
         return;
       }
-      const body = { agents: modeAll.checked ? "all" : ids, ...spec };
-      const reply = await view.api("POST", "api/commands", body);
-      showBulk(reply.commands);
+      await runOn(modeAll.checked ? "all" : ids, spec);
     } catch (e) {
       if (e instanceof ApiError && e.status === 400) {
         showFieldError(form, e.field, e.message, general);
@@ -177,35 +227,12 @@ export function runView(main, view, params) {
     }
   });
 
-  function showBulk(commands) {
-    const state = new Map();
-    const body = h("tbody", { id: "bulk-body" });
-    swap(results, [h("section", { class: "card", "aria-labelledby": "bulk-h" },
-      h("h2", { id: "bulk-h" }, `Started on ${commands.length} agent` +
-        (commands.length === 1 ? "" : "s")),
-      h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, ["Agent", "Command", "Status", "Exit"].map(
-          (x) => h("th", { scope: "col" }, x)))), body)))]);
-    for (const c of commands) state.set(c.agent_id, c);
-    const render = () => swap(body, [...state.values()].map((c) => h("tr", {},
-      h("td", {}, h("a", { href: `#/agents/${Number(c.agent_id)}` }, `agent ${c.agent_id}`)),
-      h("td", {}, c.id ? h("a", { href: `#/commands/${Number(c.id)}` }, `command ${c.id}`)
-        : h("span", { class: "field-error" }, c.error || "not started")),
-      h("td", {}, c.id ? badge(c.status) : dash),
-      h("td", { class: "num" }, c.exit_code === null || c.exit_code === undefined ? dash
-        : String(c.exit_code)))));
-    render();
-    const pending = () => [...state.values()].filter((c) => c.id && !FINAL.has(c.status));
-    view.every(2000, async () => {
-      const open = pending();
-      if (!open.length) return;
-      const fresh = await Promise.all(open.map(
-        (c) => view.api("GET", `api/commands/${c.id}?max_bytes=1`)));
-      for (const f of fresh) {
-        state.set(f.agent_id, { ...state.get(f.agent_id), status: f.status,
-          exit_code: f.exit_code });
-      }
-      render();
-    }, (e) => report(general, e));
+  /** Start `spec` on several agents and show the results (again for a re-run). */
+  async function runOn(targetIds, spec) {
+    const reply = await view.api("POST", "api/commands", { agents: targetIds, ...spec });
+    showRunResults(results, view, reply.commands, names, (failed) => {
+      general.textContent = "";
+      runOn(failed, spec).catch((e) => report(general, e));
+    });
   }
 }

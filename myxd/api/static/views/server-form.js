@@ -1,10 +1,30 @@
 /**
- * The add-server form: fields, client-side checks, and the API's field errors in place.
+ * The add-server form: every field checked at once before sending (all the errors
+ * shown together), and the API's remaining field errors in place, in the form's words.
  */
 import { h } from "../dom.js";
 import { ApiError } from "../api.js";
 import { report } from "../view.js";
-import { clearFieldErrors, fieldError, focusFirstError, showFieldError } from "../forms.js";
+import {
+  clearFieldErrors, fieldError, focusFirstError, operatorWords, showFieldError,
+} from "../forms.js";
+
+/** API field name -> the form's label, for the API's messages. */
+const LABELS = {
+  name: "Name",
+  host: "Host",
+  ssh_port: "SSH port",
+  username: "SSH user",
+  auth: "SSH authentication",
+  "auth.password": "SSH password",
+  "auth.private_key": "Private key",
+  "auth.passphrase": "Key passphrase",
+  sudo: "Privileges",
+  "sudo.mode": "Privileges",
+  "sudo.password": "sudo password",
+  host_key_fingerprint: "Host key fingerprint",
+  start: "Start the install now",
+};
 
 export function addServerForm(view) {
   const general = h("p", { class: "alert", role: "alert", id: "server-form-error" });
@@ -85,14 +105,37 @@ export function addServerForm(view) {
       name: name.value.trim(), host: host.value.trim(), username: user.value.trim(),
       start: start.checked,
     };
+    // Check every field first, so the operator sees all that is wrong at once.
+    const problems = [];
+    if (!body.name) problems.push([name, "Give the server a name."]);
+    if (!body.host) problems.push([host, "Give the host's IP address or name."]);
+    else if (/[\s/@]/.test(body.host)) {
+      problems.push([host, "The host is an IP address or a host name (no spaces, / or @)."]);
+    }
     const portText = port.value.trim();
     if (portText !== "") {
-      if (!/^[0-9]{1,5}$/.test(portText)) {
-        fieldError(port, "The SSH port must be a number from 1 to 65535.");
-        port.focus();
-        return;
+      if (!/^[0-9]{1,5}$/.test(portText) || Number(portText) < 1 ||
+          Number(portText) > 65535) {
+        problems.push([port, "The SSH port must be a number from 1 to 65535."]);
+      } else {
+        body.ssh_port = Number(portText);
       }
-      body.ssh_port = Number(portText);
+    }
+    if (!body.username) problems.push([user, "Give the SSH user (for example root)."]);
+    else if (/[\s:]/.test(body.username)) {
+      problems.push([user, "The SSH user cannot contain spaces or ':'."]);
+    }
+    if (authPw.checked && !password.value) problems.push([password, "Enter the SSH password."]);
+    if (!authPw.checked && !key.value.trim()) problems.push([key, "Paste the private key."]);
+    if (sudo.value === "sudo-password" && !sudoPw.value) {
+      problems.push([sudoPw, "Enter the sudo password."]);
+    }
+    if (problems.length) {
+      for (const [target, message] of problems) fieldError(target, message);
+      general.textContent = problems.length === 1 ? "One field needs attention."
+        : `${problems.length} fields need attention.`;
+      focusFirstError(form);
+      return;
     }
     body.auth = authPw.checked ? { password: password.value }
       : { private_key: key.value, ...(passphrase.value ? { passphrase: passphrase.value } : {}) };
@@ -109,7 +152,7 @@ export function addServerForm(view) {
       location.hash = `#/servers/${Number(reply.server.id)}`;
     } catch (e) {
       if (e instanceof ApiError && e.status === 400) {
-        showFieldError(form, e.field, e.message, general);
+        showFieldError(form, e.field, operatorWords(e.field, e.message, LABELS), general);
         focusFirstError(form);
       } else {
         report(general, e);

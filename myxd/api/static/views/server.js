@@ -1,14 +1,36 @@
 /**
- * One server: its record, its latest install's steps live, reinstall/uninstall/delete.
+ * One server: its record, its latest install's steps live (readable labels, the
+ * step identifier kept beside them), reinstall/uninstall/delete.
  */
 import { badge, confirmDialog, h, page, swap, timeAgo } from "../dom.js";
 import { dash, fmtDuration, fmtTime } from "../format.js";
 import { ApiError, isAbort } from "../api.js";
 import { REFRESH_MS, report } from "../view.js";
+import { ansiNodes } from "../term.js";
+import { agentLabel } from "../names.js";
+
+/** Operator words for the installer's step identifiers (myxd/install INSTALL_STEPS). */
+export const STEP_LABELS = {
+  connect: "Connect over SSH",
+  check: "Check the host",
+  upload: "Upload agent",
+  dependencies: "Install dependencies",
+  config: "Write configuration",
+  service: "Start service",
+  wait: "Wait for the agent",
+  pin: "Pin the certificate",
+  sync_tool: "Sync the deployment tool",
+  stop: "Stop service",
+  remove: "Remove files",
+};
+
+function stepLabel(step) {
+  return Object.prototype.hasOwnProperty.call(STEP_LABELS, step) ? STEP_LABELS[step] : step;
+}
 
 export function serverView(main, view, serverId) {
   const error = h("p", { class: "alert", role: "alert", id: "server-error" });
-  const note = h("p", { class: "okmsg", role: "status", hidden: true });
+  const note = h("p", { class: "okmsg", role: "status", id: "server-note", hidden: true });
   const info = h("dl", { class: "kv", id: "server-info" });
   const install = h("div", { id: "install" });
   const openLogs = new Set();
@@ -25,6 +47,8 @@ export function serverView(main, view, serverId) {
   h("section", { "aria-labelledby": "install-h" },
     h("h2", { id: "install-h" }, "Latest install"), install));
   let running = false;
+  let lastInstallId = null;
+  let noteAfter;   // undefined: no note; else the install id that was latest before it
 
   async function start(kind) {
     const forget = h("input", { type: "checkbox", id: "forget-host-key" });
@@ -43,9 +67,12 @@ export function serverView(main, view, serverId) {
     try {
       const body = kind === "reinstall" && forget.checked ? { forget_host_key: true }
         : undefined;
+      const before = lastInstallId;
       await view.api("POST", `api/servers/${serverId}/${kind}`, body);
       note.textContent = `${kind === "reinstall" ? "Reinstall" : "Uninstall"} started.`;
       note.hidden = false;
+      // The note stays until the install it announced has ended (see refresh).
+      noteAfter = before;
       await refresh();
     } catch (e) { report(error, e); }
   }
@@ -69,7 +96,8 @@ export function serverView(main, view, serverId) {
     return steps.flatMap((s, i) => {
       const rows = [h("tr", { dataset: { step: String(s.step), status: String(s.status) } },
         h("td", { class: "num" }, String(i + 1)),
-        h("td", {}, h("code", {}, s.step)),
+        h("td", { class: "step" }, stepLabel(s.step), " ",
+          h("code", { class: "small muted" }, s.step)),
         h("td", {}, badge(s.status)),
         h("td", { class: "nowrap" }, fmtTime(s.started_at)),
         h("td", { class: "nowrap" }, fmtDuration(s.started_at
@@ -77,8 +105,8 @@ export function serverView(main, view, serverId) {
         h("td", { class: "reason" }, s.error || ""))];
       if (s.log) {
         const det = h("details", { class: "log", open: openLogs.has(s.step) },
-          h("summary", { dataset: { focusKey: `log-${s.step}` } }, `Log of ${s.step}`),
-          h("pre", {}, s.log));
+          h("summary", { dataset: { focusKey: `log-${s.step}` } }, `Log of ${stepLabel(s.step)}`),
+          h("pre", { class: "term wrap" }, ansiNodes(s.log)));
         det.addEventListener("toggle", () => {
           if (det.open) openLogs.add(s.step); else openLogs.delete(s.step);
         });
@@ -98,6 +126,17 @@ export function serverView(main, view, serverId) {
     }
     error.textContent = "";
     running = Boolean(server.install_running || (inst && inst.running));
+    lastInstallId = inst ? inst.id : null;
+    if (noteAfter !== undefined && inst && inst.id !== noteAfter && !running) {
+      note.hidden = true;
+      noteAfter = undefined;
+    }
+    const heading = document.getElementById("page-title");
+    const title = server.name ? `${server.name} (server ${serverId})` : `Server ${serverId}`;
+    if (heading && heading.textContent !== title) {
+      heading.textContent = title;
+      document.title = `${title} \u00B7 MyX console`;
+    }
     buttons.reinstall.disabled = running;
     buttons.uninstall.disabled = running;
     swap(info, [
@@ -112,7 +151,7 @@ export function serverView(main, view, serverId) {
       ["Host key", server.host_key_fingerprint || (server.host_key ? "stored on first use"
         : "not known yet")],
       ["Agent", server.agent_id ? [h("a", { href: `#/agents/${Number(server.agent_id)}` },
-        `agent ${server.agent_id}`), " ", badge(server.agent_status)] : dash],
+        agentLabel(server.agent_id, server.name)), " ", badge(server.agent_status)] : dash],
       ["Added", timeAgo(server.created_at)],
     ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     if (!inst) {

@@ -5,6 +5,7 @@ import { badge, h, page, swap } from "../dom.js";
 import { dash } from "../format.js";
 import { ApiError } from "../api.js";
 import { REFRESH_MS, report } from "../view.js";
+import { agentLabel } from "../names.js";
 import { addServerForm } from "./server-form.js";
 
 export function serversView(main, view) {
@@ -56,7 +57,7 @@ export function serversView(main, view) {
     h("td", {}, badge(s.status), s.install_running ? " (running)" : "",
       s.status_reason ? h("div", { class: "muted small" }, s.status_reason) : null),
     h("td", {}, s.agent_id ? [h("a", { href: `#/agents/${Number(s.agent_id)}` },
-      `agent ${s.agent_id}`), " ", badge(s.agent_status)] : dash)))
+      agentLabel(s.agent_id, s.name)), " ", badge(s.agent_status)] : dash)))
       : [h("tr", {}, h("td", { class: "empty", colspan: "7" }, "No servers yet."))]);
   }
   view.every(REFRESH_MS, refresh, (e) => report(error, e));
