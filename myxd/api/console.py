@@ -1,4 +1,4 @@
-"""The web console's static files: a single page (HTML, JS, CSS) served by the daemon.
+"""The web console's static files: a single page (HTML, CSS, JS modules) served by the daemon.
 
 `Console` is a small Klein app that AdminAPI mounts at `GET /` (the page) and under
 `/console/` (its assets). These are the only routes the token gate lets through
@@ -6,7 +6,10 @@ without the admin token (`PUBLIC_PATHS`): they hold no data, and the page itself
 the operator for the token and sends it on every API call.
 
 The files come from an explicit allowlist and are read once, when the app is built,
-so a request can never name a file on disk. Responses carry a strict
+so a request can never name a file on disk. The script is a tree of ES modules
+(`app.js` imports the others, views under `views/`, third-party code under
+`vendor/`), loaded by the browser with no build step: each module a page imports
+must be listed in `MODULES`, or the browser gets a 404 for it. Responses carry a strict
 Content-Security-Policy (no inline script, nothing from another origin), nosniff, and
 an ETag so a browser revalidates instead of using a stale console after an upgrade.
 This module never serves anything but those files, and never reads a request body.
@@ -26,17 +29,48 @@ from werkzeug.exceptions import HTTPException
 
 from myxd.api.inputs import json_bytes
 
-__all__ = ["ASSETS", "CONSOLE_PREFIX", "Console", "PUBLIC_PATHS", "SECURITY_HEADERS"]
+__all__ = ["ASSETS", "CONSOLE_PREFIX", "MODULES", "Console", "PUBLIC_PATHS", "SECURITY_HEADERS"]
 
 #: Where the assets are mounted (the page links to them relative to "/").
 CONSOLE_PREFIX = "/console/"
 
+_JS = "text/javascript; charset=utf-8"
+
+#: The console's ES modules, relative to static/ (see app.js for what each is for).
+MODULES: tuple[str, ...] = (
+    "app.js",
+    "api.js",
+    "dom.js",
+    "format.js",
+    "forms.js",
+    "login.js",
+    "names.js",
+    "router.js",
+    "routes.js",
+    "term.js",
+    "view.js",
+    "views/agent.js",
+    "views/command.js",
+    "views/commands.js",
+    "views/events.js",
+    "views/fleet.js",
+    "views/run-results.js",
+    "views/run.js",
+    "views/server-form.js",
+    "views/server.js",
+    "views/servers.js",
+    # Third-party, unmodified, licence beside it (see vendor/README.md).
+    "vendor/ansi_up.js",
+)
+
 #: name under /console/ -> content type
 ASSETS: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
+    # Module scripts need a JavaScript MIME type (the browser refuses anything else
+    # under nosniff); text/javascript is the one the HTML standard names.
+    **{name: _JS for name in MODULES},
 }
 
 #: Exact request paths the token gate serves without the admin token (GET/HEAD only).
@@ -126,7 +160,9 @@ class Console:
     def index(self, request: IRequest) -> bytes:
         return self._serve(request, "index.html")
 
-    @_app.route("/<string:name>", methods=["GET"])
+    # `path` (not `string`) so "views/fleet.js" reaches the allowlist lookup; a name
+    # not in it, "../x" included, is a 404 and never touches the disk.
+    @_app.route("/<path:name>", methods=["GET"])
     def asset(self, request: IRequest, name: str) -> bytes:
         return self._serve(request, name)
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from myxd.cli import servers
 from myxd.cli.agents import (
+    SHELL,
     cmd_adopt,
     cmd_agent,
     cmd_agents,
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
         help=f"admin API base URL (env MYX_API; default {DEFAULT_API})",
     )
     p.add_argument("--token", help="admin token (prefer MYX_TOKEN or --token-file)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print raw error texts (JSON-RPC codes) after the operator's words",
+    )
     p.add_argument(
         "--token-file", help=f"file holding the admin token (default {DEFAULT_TOKEN_FILE})"
     )
@@ -71,9 +78,19 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
     s = sub.add_parser(
         "run",
         help="run a command on agents and stream its output",
-        usage="myx run AGENT [AGENT ...] [--timeout S] -- COMMAND [ARG ...]",
+        usage="myx run AGENT [AGENT ...] [--timeout S] (--sh 'SCRIPT' | -- COMMAND [ARG ...])",
     )
     s.add_argument("agent", nargs="+", help="agent ids, or 'all'")
+    s.add_argument(
+        "--sh",
+        metavar="SCRIPT",
+        help=f"run SCRIPT with {SHELL} -c (pipes, redirections), instead of -- COMMAND",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final command records as JSON (raw reasons, with error codes)",
+    )
     s.add_argument("--timeout", type=float)
     s.add_argument("--cwd")
     s.add_argument("--no-follow", action="store_true", help="print command ids and return")
@@ -123,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("'--' is only used by 'myx run'")
         args.argv = rest
     try:
-        client = Client(args.api, _read_token(args))
+        client = Client(args.api, _read_token(args), verbose=args.verbose)
         code = int(args.func(client, args))
     except CLIError as e:
         sys.stderr.write(f"myx: {e}\n")

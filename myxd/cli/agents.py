@@ -11,6 +11,10 @@ import sys
 from typing import Any, BinaryIO
 
 from myxd.cli.client import FOLLOW_WAIT, Client, CLIError, _ago, _dump, _table
+from myxd.cli.words import explain, operator_words
+
+# What `myx run --sh` runs the script with.
+SHELL = "/bin/sh"
 
 
 def cmd_agents(client: Client, args: argparse.Namespace) -> int:
@@ -92,12 +96,44 @@ def _follow(
             return dict(rec)
 
 
-def _finish(rec: dict[str, Any]) -> int:
+def _reason(rec: dict[str, Any], verbose: bool) -> str:
+    """Why a command ended, in operator words ("" for a plain exit code)."""
+    raw = str(rec.get("reason") or (rec.get("result") or {}).get("error") or "")
+    if raw == f"exit code {rec.get('exit_code')}":
+        return ""  # said already by the exit code
+    return explain(raw, verbose)
+
+
+def _agent_names(client: Client) -> dict[int, str]:
+    """agent id -> name: the server's name, else the host name the agent reported.
+    (The API has no agent name field yet; see docs/operations.md.)"""
+    names: dict[int, str] = {}
+    page = client.request("GET", "/api/agents", query={"limit": 1000})
+    for a in page.get("agents", []):
+        details = a.get("details")
+        if isinstance(details, dict) and isinstance(details.get("hostname"), str):
+            names[a["id"]] = details["hostname"]
+    try:
+        servers = client.request("GET", "/api/servers")
+    except CLIError:
+        servers = None  # server management not enabled (404): host names only
+    for srv in (servers or {}).get("servers", []):
+        if srv.get("agent_id"):
+            names[srv["agent_id"]] = srv["name"]
+    return names
+
+
+def _label(agent_id: int, names: dict[int, str]) -> str:
+    name = names.get(agent_id)
+    return f"{name} (agent {agent_id})" if name else f"agent {agent_id}"
+
+
+def _finish(rec: dict[str, Any], verbose: bool) -> int:
     if rec["status"] == "success":
         return 0
-    reason = rec.get("reason") or (rec.get("result") or {}).get("error")
     code = rec.get("exit_code")
     detail = f"exit code {code}" if code is not None else "no exit code"
+    reason = _reason(rec, verbose)
     sys.stderr.write(
         f"myx: command {rec['id']} {rec['status']} ({detail})"
         + (f": {reason}" if reason else "")
@@ -106,49 +142,86 @@ def _finish(rec: dict[str, Any]) -> int:
     return code if isinstance(code, int) and 0 < code < 126 else 1
 
 
+def _run_argv(args: argparse.Namespace) -> list[str]:
+    if args.sh is not None:
+        if args.argv:
+            raise CLIError("give either --sh SCRIPT or a command after --, not both")
+        if not args.sh.strip():
+            raise CLIError("--sh needs the shell command to run")
+        return [SHELL, "-c", args.sh]
+    if args.argv:
+        return list(args.argv)
+    raise CLIError("nothing to run: give --sh 'SCRIPT' or the command after --")
+
+
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    if not args.argv:
-        raise CLIError("nothing to run: give the command after --")
-    body: dict[str, Any] = {"command": args.argv[0], "args": args.argv[1:], "timeout": args.timeout}
+    argv = _run_argv(args)
+    body: dict[str, Any] = {"command": argv[0], "args": argv[1:], "timeout": args.timeout}
     if args.cwd:
         body["cwd"] = args.cwd
     targets = args.agent
-    if len(targets) == 1 and targets[0] != "all":
+    if len(targets) == 1 and targets[0] != "all" and not args.json:
         rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands", body)
         if args.no_follow:
             print(rec["id"])
             return 0
-        return _finish(_follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer))
+        return _finish(
+            _follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer), client.verbose
+        )
     body["agents"] = "all" if targets == ["all"] else [_int(t, "agent") for t in targets]
     created = client.request("POST", "/api/commands", body)["commands"]
     if args.no_follow:
         for c in created:
             print(f"{c['agent_id']}\t{c.get('id', c.get('error'))}")
         return 0
+    return _follow_many(client, created, args.json)
+
+
+def _follow_many(client: Client, created: list[dict[str, Any]], as_json: bool) -> int:
+    """Each agent's output under a "--- name (agent N): ..." line, or with ``as_json``
+    the final records (raw reasons, with an ``agent_name``); exit 1 if any failed."""
+    names = _agent_names(client)
     worst = 0
+    finals: list[dict[str, Any]] = []
     for c in created:
+        label = _label(c["agent_id"], names)
         if "id" not in c:
-            sys.stderr.write(f"agent {c['agent_id']}: {c.get('error')}\n")
+            finals.append(dict(c))
+            if not as_json:
+                sys.stderr.write(
+                    f"--- {label}: not started: {operator_words(str(c.get('error')))}\n"
+                )
             worst = max(worst, 1)
             continue
         # The commands already run side by side on the agents; reading them one
         # after another only orders the printout.
         buf = io.BytesIO()
         rec = _follow(client, c["id"], 0, buf, buf)
+        worst = max(worst, 0 if rec["status"] == "success" else 1)
+        if as_json:
+            rec.pop("output", None)
+            finals.append({**rec, "agent_name": names.get(c["agent_id"])})
+            continue
         text = buf.getvalue().decode("utf-8", "replace")
+        code = rec.get("exit_code")
+        reason = _reason(rec, client.verbose)
         sys.stdout.write(
-            f"--- agent {c['agent_id']} (command {c['id']}, {rec['status']}, "
-            f"exit {rec.get('exit_code')})\n{text}"
+            f"--- {label}: command {c['id']} {rec['status']}, "
+            + (f"exit code {code}" if code is not None else "no exit code")
+            + (f": {reason}" if reason else "")
+            + f"\n{text}"
         )
         if text and not text.endswith("\n"):
             sys.stdout.write("\n")
-        worst = max(worst, 0 if rec["status"] == "success" else 1)
+    if as_json:
+        _dump(finals)
     return worst
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     if args.follow:
-        return _finish(_follow(client, args.id, args.offset, sys.stdout.buffer, sys.stderr.buffer))
+        rec = _follow(client, args.id, args.offset, sys.stdout.buffer, sys.stderr.buffer)
+        return _finish(rec, client.verbose)
     offset = args.offset
     while True:
         rec = client.request("GET", f"/api/commands/{args.id}", query={"offset": offset})
@@ -188,7 +261,9 @@ def cmd_ansible(client: Client, args: argparse.Namespace) -> int:
     if args.no_follow:
         print(rec["id"])
         return 0
-    return _finish(_follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer))
+    return _finish(
+        _follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer), client.verbose
+    )
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:

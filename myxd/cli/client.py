@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from myxd.cli.words import explain
+
 DEFAULT_API = "http://127.0.0.1:8470"
 DEFAULT_TOKEN_FILE = os.path.join("myxd-data", "admin-token")
 # Each follow request waits this long on the daemon for new output (long-poll).
@@ -32,12 +34,19 @@ class CLIError(Exception):
 
 
 class Client:
-    """Blocking JSON client for the admin API."""
+    """Blocking JSON client for the admin API.
 
-    def __init__(self, base: str, token: str | None, timeout: float = 60.0) -> None:
+    ``verbose`` (``myx -v``) travels with the client to every command, so error
+    texts can add the raw reason (with its JSON-RPC code) after the operator's words.
+    """
+
+    def __init__(
+        self, base: str, token: str | None, timeout: float = 60.0, verbose: bool = False
+    ) -> None:
         self.base = base.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self.verbose = verbose
 
     def request(
         self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
@@ -56,7 +65,7 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            raise CLIError(_api_error(e.code, e.read())) from None
+            raise CLIError(_api_error(e.code, e.read(), self.verbose)) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise CLIError(f"cannot reach myxd at {self.base}: {reason}", 3) from None
@@ -70,7 +79,7 @@ class Client:
             ) from None
 
 
-def _api_error(status: int, raw: bytes) -> str:
+def _api_error(status: int, raw: bytes, verbose: bool = False) -> str:
     try:
         body = json.loads(raw)
     except ValueError:
@@ -85,25 +94,34 @@ def _api_error(status: int, raw: bytes) -> str:
         message = raw.decode("utf-8", "replace").strip()[:200] or "no details"
     if status == 401:
         message += " — check --token / --token-file / MYX_TOKEN"
-    return f"myxd refused the request (HTTP {status}): {message}"
+    return f"myxd refused the request (HTTP {status}): {explain(message, verbose)}"
 
 
-def _read_token(args: argparse.Namespace) -> str | None:
+def _read_token(args: argparse.Namespace) -> str:
+    """The admin token from --token, MYX_TOKEN or the token file; none is an error
+    that says where it looked, before any request is sent."""
     if args.token:
         return str(args.token)
     env = os.environ.get("MYX_TOKEN")
-    if env:
+    if env and env.strip():
         return env.strip()
     path = args.token_file or DEFAULT_TOKEN_FILE
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
+            token = f.read().strip()
     except FileNotFoundError:
         if args.token_file:
             raise CLIError(f"token file {path} does not exist") from None
-        return None
+        token = ""
     except OSError as e:
         raise CLIError(f"cannot read token file {path}: {e.strerror}") from None
+    if not token:
+        raise CLIError(
+            "no admin token found: looked at --token, the MYX_TOKEN environment variable "
+            f"and the file {os.path.abspath(path)} (set with --token-file); myxd writes "
+            "it to <data-dir>/admin-token on its first start"
+        )
+    return token
 
 
 # -- output helpers --------------------------------------------------------------

@@ -3,10 +3,16 @@ run as its own process (it blocks on urllib, so it must never share the test's r
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from typing import Any
 
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
 
+from myxd.cli.client import _api_error
+from myxd.cli.words import explain, operator_words
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase
 from tests.support import installed
@@ -75,9 +81,86 @@ class CLITest(DaemonTestCase):
         code, out, err = await self.myx("run", "all", "--", "/bin/echo", "fan-out")
         self.assertEqual(code, 0, err)
         text = out.decode()
+        # Adopted agents have no server record: their name is the host name they report.
         for agent_id in ids:
-            self.assertIn(f"--- agent {agent_id} ", text)
+            self.assertIn(f"--- {socket.gethostname()} (agent {agent_id}): command ", text)
+        self.assertIn(" success, exit code 0\n", text)
         self.assertEqual(text.count("fan-out\n"), 2)
+        self.assertNotIn("None", text + err.decode())
+
+    async def test_run_all_failure_prints_reason_and_name_never_none(self) -> None:
+        await self.daemon.start()
+        ids = [await self.adopt(await start_agent(self)) for _ in range(2)]
+        code, out, err = await self.myx("run", "all", "--", "/nonexistent/program", "x")
+        self.assertEqual(code, 1, err)
+        text = out.decode() + err.decode()
+        self.assertNotIn("None", text)
+        for agent_id in ids:
+            line = next(ln for ln in out.decode().splitlines() if f"(agent {agent_id}):" in ln)
+            self.assertTrue(line.startswith(f"--- {socket.gethostname()} (agent {agent_id})"))
+            self.assertIn("failed", line)
+            self.assertIn("no exit code: ", line)  # and the agent's reason after it
+            self.assertIn("/nonexistent/program", line)
+
+    async def test_run_sh_runs_a_shell_command(self) -> None:
+        _agent, agent_id = await self.adopted_agent()
+        code, out, err = await self.myx(
+            "run", str(agent_id), "--sh", "printf 'a b\\nc\\n' | tr a-z A-Z | grep B"
+        )
+        self.assertEqual((code, out), (0, b"A B\n"), err)
+        code, out, err = await self.myx(
+            "run", str(agent_id), "--no-follow", "--sh", "echo $((6 * 7))"
+        )
+        self.assertEqual(code, 0, err)
+        final = await self.wait_final(int(out.strip()))
+        self.assertEqual((final["command"], final["args"]), ("/bin/sh", ["-c", "echo $((6 * 7))"]))
+        self.assertEqual(await self.read_all(final["id"]), b"42\n")
+        # Both forms at once is a usage error, sent nowhere.
+        code, _, err = await self.myx("run", str(agent_id), "--sh", "true", "--", "true")
+        self.assertEqual(code, 2)
+        self.assertIn(b"either --sh", err)
+
+    async def test_no_token_says_where_it_looked_before_any_request(self) -> None:
+        # Nothing listens on this port: had the CLI sent a request, it would say
+        # "cannot reach" (exit 3). It must stop before, with where it looked.
+        api = f"http://127.0.0.1:{free_port()}"
+        code, out, err = await self.myx("--api", api, "agents", token=None)
+        self.assertEqual(code, 2, err)
+        message = err.decode()
+        self.assertIn("no admin token found", message)
+        self.assertIn("--token", message)
+        self.assertIn("MYX_TOKEN", message)
+        self.assertIn(os.path.join("myxd-data", "admin-token"), message)
+        self.assertNotIn("cannot reach", message)
+        self.assertEqual(len(message.strip().splitlines()), 1, message)
+
+    async def test_agent_errors_in_operator_words_raw_in_json_and_verbose(self) -> None:
+        _agent, agent_id = await self.adopted_agent()
+        code, out, err = await self.myx("ansible", str(agent_id), "nope.yml")
+        self.assertEqual(code, 1, err)
+        words = err.decode()
+        self.assertNotIn("JSON-RPC", words)
+        self.assertNotIn("-326", words)
+        self.assertIn("the agent refused the request", words)
+        self.assertIn("nope.yml", words)
+        # -v keeps the raw text with its code after the words.
+        code, out, err = await self.myx("-v", "ansible", str(agent_id), "nope.yml")
+        self.assertEqual(code, 1, err)
+        self.assertIn("the agent refused the request", err.decode())
+        self.assertRegex(
+            err.decode(), r"\[raw: .*JSON-RPC error -32602: invalid params: playbook not found"
+        )
+        # --json prints the records as the API has them: the raw reason, code included.
+        code, out, err = await self.myx(
+            "run", str(agent_id), "--json", "--", "/nonexistent/program"
+        )
+        self.assertEqual(code, 1, err)
+        records = json.loads(out)
+        self.assertEqual(len(records), 1)
+        self.assertEqual(records[0]["agent_id"], agent_id)
+        self.assertEqual(records[0]["agent_name"], socket.gethostname())
+        self.assertEqual(records[0]["status"], "failed")
+        self.assertTrue(records[0]["reason"])
 
     async def test_errors_are_one_line_with_exit_codes(self) -> None:
         await self.daemon.start()
@@ -117,3 +200,35 @@ class CLITest(DaemonTestCase):
         self.assertEqual(code, 3)
         self.assertIn(b"cannot reach myxd", err)
         self.assertNotIn(b"Traceback", err)
+
+
+class OperatorWordsTests(unittest.SynchronousTestCase):
+    """The CLI's rewording of agent errors, without a daemon."""
+
+    def test_known_code_becomes_words_and_keeps_the_detail(self) -> None:
+        raw = "agent 3: JSON-RPC error -32602: invalid params: playbook not found: x.yml"
+        self.assertEqual(
+            operator_words(raw), "agent 3: the agent refused the request: playbook not found: x.yml"
+        )
+
+    def test_unknown_code_and_empty_detail(self) -> None:
+        self.assertEqual(
+            operator_words("JSON-RPC error -32099: "), "the agent answered with error -32099"
+        )
+
+    def test_other_text_is_unchanged_and_verbose_adds_raw_only_when_reworded(self) -> None:
+        self.assertEqual(explain("exit code 3", verbose=True), "exit code 3")
+        raw = "JSON-RPC error -32000: busy"
+        self.assertEqual(
+            explain(raw, verbose=False),
+            "the agent is busy (too many commands running); nothing was started: busy",
+        )
+        self.assertTrue(explain(raw, verbose=True).endswith(f" [raw: {raw}]"))
+
+    def test_api_error_words_and_verbose(self) -> None:
+        body = json.dumps({"error": "JSON-RPC error -32001: bad token"}).encode()
+        self.assertEqual(
+            _api_error(502, body),
+            "myxd refused the request (HTTP 502): the agent rejected the daemon's token: bad token",
+        )
+        self.assertIn("[raw: JSON-RPC error -32001: bad token]", _api_error(502, body, True))

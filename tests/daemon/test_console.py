@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.threads import deferToThread
 
-from myxd.api.console import ASSETS, PUBLIC_PATHS, Console
+from myxd.api.console import ASSETS, MODULES, PUBLIC_PATHS, Console
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase, file_size, read_bytes
 from tests.daemon.test_api import APITestBase
@@ -81,7 +81,7 @@ class ConsoleRouteTests(APITestBase):
         self.assertEqual(body, read_bytes(os.path.join(STATIC_DIR, "index.html")))
         # Everything the page loads comes from this origin, relative to "/".
         text = body.decode("utf-8")
-        self.assertIn('src="console/app.js"', text)
+        self.assertIn('<script type="module" src="console/app.js"></script>', text)
         self.assertIn('href="console/app.css"', text)
         self.assertNotRegex(text, r"(?i)(https?:)?//")
         self.assertNotRegex(text, r"(?i)<script>|\son[a-z]+=|style=")  # CSP: nothing inline
@@ -109,14 +109,25 @@ class ConsoleRouteTests(APITestBase):
             self.assertEqual(other.code, 200)
         response, body = await self.request("HEAD", "/console/app.js", auth=False)
         self.assertEqual((response.code, body), (200, b""))
+        # Module scripts are refused by the browser unless served as JavaScript.
+        response, _ = await self.request("GET", "/console/views/fleet.js", auth=False)
+        self.assertEqual(header(response, b"content-type"), "text/javascript; charset=utf-8")
 
     async def test_only_the_allowlist_is_public(self) -> None:
         self.assertEqual(
-            set(PUBLIC_PATHS), {b"/", b"/console/app.js", b"/console/app.css", b"/console/icon.svg"}
+            set(PUBLIC_PATHS),
+            {b"/", b"/console/app.css", b"/console/icon.svg"}
+            | {f"/console/{m}".encode() for m in MODULES},
         )
+        self.assertIn(b"/console/app.js", PUBLIC_PATHS)
+        self.assertIn(b"/console/views/fleet.js", PUBLIC_PATHS)
         for path in (
             "/console/",
             "/console/nope.js",
+            "/console/views/",
+            "/console/views/nope.js",
+            "/console/views/../app.js",
+            "/console/views/..%2F..%2Fconsole.py",
             "/console/index.html",
             "/console/a/b",
             "/console/..%2Fapp.py",
@@ -136,7 +147,13 @@ class ConsoleRouteTests(APITestBase):
         response, body = await self.request("POST", "/", body={})
         self.assertEqual((response.code, body), (405, {"error": "method not allowed"}))
         # With the token, an unknown asset is a plain 404 and nothing else is served.
-        for path in ("/console/nope.js", "/console/a/b", "/console/..%2Fapp.py"):
+        for path in (
+            "/console/nope.js",
+            "/console/a/b",
+            "/console/..%2Fapp.py",
+            "/console/views/..%2F..%2Fconsole.py",
+            "/console/static/app.js",
+        ):
             response, body = await self.request("GET", path)
             self.assertEqual((response.code, body), (404, {"error": "not found"}), path)
         response, body = await self.request("GET", "/console/index.html")
@@ -146,10 +163,12 @@ class ConsoleRouteTests(APITestBase):
     def test_console_reads_only_its_own_files(self) -> None:
         console = Console()
         self.assertEqual(set(console._assets), set(ASSETS))
-        for name in ("index.html", "app.js", "app.css"):
+        for name in ("index.html", "app.css", *MODULES):
             self.assertEqual(console._assets[name].body, read_bytes(os.path.join(STATIC_DIR, name)))
-        # The page must not keep the token anywhere but sessionStorage, nor in URLs.
-        js = read_bytes(os.path.join(STATIC_DIR, "app.js")).decode("utf-8")
+        # The page must not keep the token anywhere but sessionStorage, nor in URLs,
+        # and must never parse data as HTML. (Vendored code is checked by its own test.)
+        own = [m for m in MODULES if not m.startswith("vendor/")]
+        js = "\n".join(read_bytes(os.path.join(STATIC_DIR, m)).decode("utf-8") for m in own)
         for banned in (
             "localStorage",
             "innerHTML",
@@ -160,7 +179,58 @@ class ConsoleRouteTests(APITestBase):
             "eval(",
             "new Function",
         ):
-            self.assertFalse(banned in js, f"app.js uses {banned}")
+            self.assertFalse(banned in js, f"the console uses {banned}")
+
+    def test_vendored_code_is_unmodified_with_its_licence(self) -> None:
+        readme = read_bytes(os.path.join(STATIC_DIR, "vendor", "README.md")).decode()
+        for name in [m for m in MODULES if m.startswith("vendor/")]:
+            base = os.path.basename(name)
+            digest = hashlib.sha256(read_bytes(os.path.join(STATIC_DIR, name))).hexdigest()
+            self.assertIn(f"`{base}` sha256: `{digest}`", readme, name)
+            licence = os.path.join(STATIC_DIR, "vendor", base.replace(".js", ".LICENSE"))
+            self.assertIn(b"Permission is hereby granted", read_bytes(licence))
+
+    def test_modules_are_all_listed_and_import_no_cycle(self) -> None:
+        """Every .js file under static/ is served, every import names a served module,
+        and the import graph has no cycle (the architecture reads top-down)."""
+        on_disk = set()
+        for folder, _dirs, files in os.walk(STATIC_DIR):
+            for f in files:
+                if f.endswith(".js"):
+                    on_disk.add(os.path.relpath(os.path.join(folder, f), STATIC_DIR))
+        self.assertEqual(on_disk, set(MODULES))
+        graph: dict[str, set[str]] = {}
+        for m in MODULES:
+            text = read_bytes(os.path.join(STATIC_DIR, m)).decode("utf-8")
+            targets = re.findall(r'^import\s[^;]*?from\s+"(\.{1,2}/[^"]+)";', text, re.M)
+            resolved = {os.path.normpath(os.path.join(os.path.dirname(m), t)) for t in targets}
+            self.assertLessEqual(resolved, set(MODULES), m)
+            graph[m] = resolved
+        self.assertTrue(graph["app.js"])  # the entry module imports the rest
+        # Depth-first search for a back edge.
+        state: dict[str, int] = {}
+
+        def visit(node: str, path: list[str]) -> None:
+            state[node] = 1
+            for nxt in sorted(graph[node]):
+                if state.get(nxt) == 1:
+                    self.fail("import cycle: " + " -> ".join([*path, node, nxt]))
+                if nxt not in state:
+                    visit(nxt, [*path, node])
+            state[node] = 2
+
+        for m in MODULES:
+            if m not in state:
+                visit(m, [])
+        # Everything is reachable from the entry module (nothing is dead weight).
+        seen: set[str] = set()
+        todo = ["app.js"]
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+        self.assertEqual(seen, set(MODULES))
 
     async def test_a_regular_pip_install_ships_the_files(self) -> None:
         from tests.daemon.test_plugin import run
@@ -186,7 +256,7 @@ class ConsoleRouteTests(APITestBase):
         lines = out.strip().splitlines()
         self.assertTrue(lines[0].startswith(installed.venv()), out)
         shipped = dict(line.split(" ") for line in lines[1:])
-        for name in ("index.html", "app.js", "app.css"):
+        for name in ("index.html", "app.css", *MODULES):
             self.assertEqual(
                 shipped[name],
                 hashlib.sha256(read_bytes(os.path.join(STATIC_DIR, name))).hexdigest(),
@@ -273,7 +343,10 @@ class BrowserSession:
         expect(page.locator("#nav")).to_be_visible(timeout=UI_WAIT_MS)
 
 
-class ConsoleBrowserTests(DaemonTestCase):
+class BrowserTestBase(DaemonTestCase):
+    """A real daemon plus a fresh headless Chromium per scenario (no tests of its own;
+    test_console_*.py modules build on it)."""
+
     timeout = 400
 
     def setUp(self) -> None:
@@ -321,6 +394,19 @@ class ConsoleBrowserTests(DaemonTestCase):
         agent = await start_agent(self)
         return await self.adopt(agent)
 
+    @staticmethod
+    def _term_streams(page: Any) -> dict[str, str]:
+        """The terminal's text per stream, as the page shows it."""
+        pairs = page.evaluate("""() => Array.from(
+            document.querySelectorAll('#term span.stdout, #term span.stderr'),
+            s => [s.classList.contains('stderr') ? 'stderr' : 'stdout', s.textContent])""")
+        out: dict[str, str] = {}
+        for stream, text in pairs:
+            out[stream] = out.get(stream, "") + text
+        return out
+
+
+class ConsoleBrowserTests(BrowserTestBase):
     # -- sign-in and the fleet ---------------------------------------------------------
 
     async def test_sign_in_fleet_and_401(self) -> None:
@@ -406,6 +492,8 @@ class ConsoleBrowserTests(DaemonTestCase):
             page = b.page()
             b.sign_in(page, f"#/run?agents={agent_id}")
             expect(page.locator(f"#pick-{agent_id}")).to_be_checked()
+            # Program + arguments mode (the shell mode is the default).
+            page.locator("#runmode-program").check()
             # The API's 400 names the field: the message shows next to that field.
             page.locator("#run-submit").click()
             command_error = page.locator(".row:has(#run-command) .field-error")
@@ -477,17 +565,6 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertEqual(final["timeout"], 120)
         self.assertEqual(sorted((await self.read_all(seen["id"])).splitlines()), [b"err", b"out"])
 
-    @staticmethod
-    def _term_streams(page: Any) -> dict[str, str]:
-        """The terminal's text per stream, as the page shows it."""
-        pairs = page.evaluate("""() => Array.from(
-            document.querySelectorAll('#term span.stdout, #term span.stderr'),
-            s => [s.classList.contains('stderr') ? 'stderr' : 'stdout', s.textContent])""")
-        out: dict[str, str] = {}
-        for stream, text in pairs:
-            out[stream] = out.get(stream, "") + text
-        return out
-
     async def test_long_command_streams_incrementally_and_cancel_stops_it(self) -> None:
         agent_id = await self.started()
         script = 'i=0; while :; do echo "line $i"; i=$((i+1)); sleep 0.2; done'
@@ -498,6 +575,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             page = b.page()
             b.sign_in(page, f"#/run?agents={agent_id}")
             # One argument per line this time: the script keeps its spaces and quotes.
+            page.locator("#runmode-program").check()
             page.locator("#argmode-lines").check()
             page.locator("#run-command").fill("/bin/sh")
             page.locator("#run-args").fill(f"-c\n{script}\n")
@@ -571,6 +649,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             expect(page).to_have_url(re.compile(r"#/run\?agents=\d+,\d+$"))
             for agent_id in ids:
                 expect(page.locator(f"#pick-{agent_id}")).to_be_checked()
+            page.locator("#runmode-program").check()
             page.locator("#run-command").fill("hostname")
             page.locator("#run-submit").click()
             rows = page.locator("#bulk-body tr")

@@ -1,9 +1,11 @@
 """The wheel carries everything the installer reads, and the check for it can fail.
 
 ``missing_files`` compares what the installed package holds with the source
-tree: every agent module the installer uploads, ``myx_agent/requirements.txt``
-and every file of ``deployment-tool/`` (whatever its name or depth, byte for
-byte, with its executable bit). The installed daemon's own bundle code must
+tree: every agent module the installer uploads, ``myx_agent/requirements.txt``,
+every file of the web console under ``myxd/api/static/`` (its ES modules under
+``views/`` and ``vendor/`` code with its LICENSE and README), and every file of
+``deployment-tool/`` (whatever its name or depth, byte for byte, with its
+executable bit). The installed daemon's own bundle code must
 also build the same agent files and the same deployment-tool archive as the
 source tree gives.
 """
@@ -25,6 +27,8 @@ from tests.support import installed
 
 SOURCE_TOOL = os.path.join(installed.REPO_ROOT, "deployment-tool")
 SOURCE_AGENT = os.path.join(installed.REPO_ROOT, "myx_agent")
+# The web console's files, served from the installed package (myxd/api/console.py).
+STATIC = "myxd/api/static"
 # What the deployment-tool archive leaves out; everything else must be shipped.
 SKIPPED_DIRS = ("__pycache__", ".git")
 SKIPPED_SUFFIXES = (".pyc", ".retry")
@@ -57,6 +61,17 @@ def source_tool_files(tool_dir: str) -> dict[str, bool]:
     return out
 
 
+def source_static_files(source_root: str) -> list[str]:
+    """Paths (relative to the source root) of every file of the web console."""
+    top = os.path.join(source_root, STATIC)
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
+        for name in filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), source_root))
+    return sorted(out)
+
+
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -67,7 +82,11 @@ def missing_files(source_root: str, venv: str) -> list[str]:
     site = installed.purelib(venv)
     problems: list[str] = []
     agent_src = os.path.join(source_root, "myx_agent")
-    wanted = [*agent_modules(agent_src), "myx_agent/requirements.txt"]
+    wanted = [
+        *agent_modules(agent_src),
+        "myx_agent/requirements.txt",
+        *source_static_files(source_root),
+    ]
     for rel in wanted:
         got = os.path.join(site, rel)
         if not os.path.isfile(got):
@@ -95,6 +114,9 @@ class WheelContentsTests(unittest.TestCase):
         self.assertEqual(missing_files(installed.REPO_ROOT, venv), [])
         # The tree is not empty: the check compared real files.
         self.assertIn("playbooks/ping.yml", source_tool_files(SOURCE_TOOL))
+        static = source_static_files(installed.REPO_ROOT)
+        for rel in ("views/fleet.js", "vendor/README.md", "vendor/ansi_up.LICENSE"):
+            self.assertIn(f"{STATIC}/{rel}", static)
 
     async def test_installed_daemon_bundles_what_the_source_gives(self) -> None:
         cwd = self.mktemp()
@@ -122,8 +144,16 @@ class WheelContentsTests(unittest.TestCase):
         root = self.mktemp()
         src = mutated_source(root)
         venv = await deferToThread(installed.build, os.path.dirname(src) + "/build", src)
-        self.assertEqual(missing_files(src, venv), ["myx_agent/requirements.txt: missing"])
+        self.assertEqual(
+            missing_files(src, venv),
+            [
+                "myx_agent/requirements.txt: missing",
+                f"{STATIC}/vendor/README.md: missing",
+                f"{STATIC}/vendor/ansi_up.LICENSE: missing",
+            ],
+        )
         self.assertTrue(shipped(venv, "myx_deployment_tool/" + PROBE))
+        self.assertTrue(shipped(venv, VIEW_PROBE))
         # And the daemon built from it fails exactly as the issue reported.
         out, err, code = await getProcessOutputAndValue(
             installed.venv_python(venv),
@@ -137,11 +167,18 @@ class WheelContentsTests(unittest.TestCase):
 
 
 PROBE = "roles/probe/files/nested/.hidden-probe.sh"
+# A console module in a new folder under views/, with a name "**/*.js" misses.
+VIEW_PROBE = f"{STATIC}/views/nested/probe.mjs"
+FORGOTTEN = {
+    'myx_agent = ["requirements.txt"]': "myx_agent = []",
+    '    "api/static/vendor/*",\n': "",
+}
 
 
 def mutated_source(root: str) -> str:
-    """A source copy with a new deep, hidden file in the deployment tool, and
-    packaging that forgets the agent's requirements.txt."""
+    """A source copy with a new deep, hidden file in the deployment tool and a new
+    nested console module, and packaging that forgets the agent's requirements.txt
+    and the console's vendor/ files other than .js."""
     root = os.path.abspath(root)
     src = os.path.join(root, "source")
     shutil.copytree(
@@ -152,13 +189,18 @@ def mutated_source(root: str) -> str:
     with open(probe, "w") as f:
         f.write("#!/bin/sh\necho probe\n")
     os.chmod(probe, 0o755)  # noqa: S103 - the executable bit must survive packaging
+    view = os.path.join(src, VIEW_PROBE)
+    os.makedirs(os.path.dirname(view))
+    with open(view, "w") as f:
+        f.write("export const probe = 1;\n")
     pyproject = os.path.join(src, "pyproject.toml")
     text = read(pyproject).decode()
-    line = 'myx_agent = ["requirements.txt"]'
-    if line not in text:
-        raise AssertionError(f"{line!r} is no longer in pyproject.toml; update this test")
+    for line, replacement in FORGOTTEN.items():
+        if line not in text:
+            raise AssertionError(f"{line!r} is no longer in pyproject.toml; update this test")
+        text = text.replace(line, replacement)
     with open(pyproject, "w") as f:
-        f.write(text.replace(line, "myx_agent = []"))
+        f.write(text)
     return src
 
 
