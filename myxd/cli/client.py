@@ -88,22 +88,34 @@ def _api_error(status: int, raw: bytes) -> str:
     return f"myxd refused the request (HTTP {status}): {message}"
 
 
+def _checked_token(value: str, source: str) -> str:
+    # It goes into an HTTP header: anything but one word of visible ASCII would
+    # make urllib raise with the whole value in its message (a config file
+    # given as --token-file, say). Never echo the value.
+    if not all("!" <= c <= "~" for c in value):
+        raise CLIError(f"{source} does not hold a token (one word of printable ASCII expected)")
+    return value
+
+
 def _read_token(args: argparse.Namespace) -> str | None:
     if args.token:
-        return str(args.token)
+        return _checked_token(str(args.token).strip(), "--token")
     env = os.environ.get("MYX_TOKEN")
     if env:
-        return env.strip()
+        return _checked_token(env.strip(), "MYX_TOKEN")
     path = args.token_file or DEFAULT_TOKEN_FILE
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
+            token = f.read().strip()
     except FileNotFoundError:
         if args.token_file:
             raise CLIError(f"token file {path} does not exist") from None
         return None
     except OSError as e:
         raise CLIError(f"cannot read token file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"token file {path} is not UTF-8 text") from None
+    return _checked_token(token, f"token file {path}") if token else None
 
 
 # -- output helpers --------------------------------------------------------------
