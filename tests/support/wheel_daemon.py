@@ -76,6 +76,8 @@ class WheelDaemonMixin:
     root: str
     data: str
     api: str
+    # The admin token the daemon is started with and the CLI sends.
+    token: str = TOKEN
 
     addCleanup: Callable[..., None]  # TestCase's (an annotation only, no attribute)
 
@@ -92,7 +94,7 @@ class WheelDaemonMixin:
             "--api",
             "tcp:0:interface=127.0.0.1",
             "--admin-token",
-            TOKEN,
+            self.token,
             "--ssh-connect-timeout",
             "60",
             *extra,
@@ -113,7 +115,7 @@ class WheelDaemonMixin:
         return proto
 
     def myx_env(self) -> dict[str, str]:
-        return installed.env(MYX_TOKEN=TOKEN, MYX_API=self.api)
+        return installed.env(MYX_TOKEN=self.token, MYX_API=self.api)
 
     async def myx(self, *argv: str) -> tuple[int, str, str]:
         """The installed ``myx`` with ``argv``; returns (exit code, stdout, stderr)."""
