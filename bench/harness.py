@@ -11,12 +11,27 @@
 - ``Sampler`` samples a process's CPU seconds and RSS in the background, so
   any time window can be read afterwards.
 
+The daemon runs the way users run it: ``twistd`` of an installed MyX, cwd in
+its data dir, no PYTHONPATH, so the figures are those of the installed package.
+That install is ``$MYX_BENCH_VENV`` (any venv with MyX installed: a user's
+``pip install .`` venv, or a ``MYX_TEST_VENV``), else the wheel of this
+checkout built once per benchmark process into a temp venv
+(tests/support/installed.py: ``pip wheel --no-deps`` plus a venv that reaches
+the dependencies through a view of this interpreter's site-packages; a few
+seconds, offline). ``Daemon(env={"PYTHONPATH": ...})`` (B5's
+``B5_PYTHONPATH``) still puts another tree first, to compare builds.
+The simulator, ``bulk_adopt`` and the agents of B6 and agent_bench run from the
+checkout: they are bench tools, or the agent's code is the same module either
+way and an installed agent (a venv on a target, made by the installer) is
+benchmarked by install_bench on real hosts.
+
 Nothing here listens or connects beyond 127.0.0.1, and every process started is
 stopped by the object that started it (use them as context managers).
 """
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -38,9 +53,44 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 PYTHON = sys.executable
-TWISTD = os.path.join(BIN, "twistd")
+VENV_VAR = "MYX_BENCH_VENV"
+_venv: Optional[str] = None
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- the installed MyX -----------------------------------------------------------
+
+
+def installed_venv() -> str:
+    """The venv the daemon runs from: ``$MYX_BENCH_VENV``, else the wheel, built once."""
+    global _venv
+    if _venv is None:
+        configured = os.environ.get(VENV_VAR)
+        if configured:
+            if not os.path.isfile(os.path.join(configured, "bin", "twistd")):
+                raise RuntimeError(f"{VENV_VAR}={configured}: no bin/twistd in that venv")
+            _venv = configured
+        else:
+            from tests.support import installed
+
+            root = tempfile.mkdtemp(prefix="myx-bench-venv-")
+            atexit.register(shutil.rmtree, root, True)
+            _venv = installed.build(root)
+    return _venv
+
+
+def twistd() -> str:
+    return os.path.join(installed_venv(), "bin", "twistd")
+
+
+def installed_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """This environment without PYTHON*/VIRTUAL_ENV, the venv's bin first; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join([os.path.join(installed_venv(), "bin"), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
 
 
 # -- figures -------------------------------------------------------------------
@@ -222,7 +272,7 @@ class Daemon:
 
     def start(self, timeout: float = 120.0) -> Daemon:
         args = [
-            TWISTD,
+            twistd(),
             "-n",
             "--logfile",
             self.log_path,
@@ -239,10 +289,11 @@ class Daemon:
         for key, value in self.flags.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         open(self.log_path, "a").close()
-        env = dict(os.environ, **self.env) if self.env else None
+        # As a user runs it: the installed twistd, cwd outside the checkout.
+        env = installed_env(self.env)
         self.proc = subprocess.Popen(
             args,
-            cwd=REPO,
+            cwd=self.data_dir,
             stdin=subprocess.DEVNULL,
             env=env,
             stdout=subprocess.DEVNULL,

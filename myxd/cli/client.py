@@ -97,14 +97,23 @@ def _api_error(status: int, raw: bytes, verbose: bool = False) -> str:
     return f"myxd refused the request (HTTP {status}): {explain(message, verbose)}"
 
 
+def _checked_token(value: str, source: str) -> str:
+    # It goes into an HTTP header: anything but one word of visible ASCII would
+    # make urllib raise with the whole value in its message (a config file
+    # given as --token-file, say). Never echo the value.
+    if not all("!" <= c <= "~" for c in value):
+        raise CLIError(f"{source} does not hold a token (one word of printable ASCII expected)")
+    return value
+
+
 def _read_token(args: argparse.Namespace) -> str:
     """The admin token from --token, MYX_TOKEN or the token file; none is an error
     that says where it looked, before any request is sent."""
     if args.token:
-        return str(args.token)
+        return _checked_token(str(args.token).strip(), "--token")
     env = os.environ.get("MYX_TOKEN")
     if env and env.strip():
-        return env.strip()
+        return _checked_token(env.strip(), "MYX_TOKEN")
     path = args.token_file or DEFAULT_TOKEN_FILE
     try:
         with open(path, encoding="utf-8") as f:
@@ -115,13 +124,15 @@ def _read_token(args: argparse.Namespace) -> str:
         token = ""
     except OSError as e:
         raise CLIError(f"cannot read token file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"token file {path} is not UTF-8 text") from None
     if not token:
         raise CLIError(
             "no admin token found: looked at --token, the MYX_TOKEN environment variable "
             f"and the file {os.path.abspath(path)} (set with --token-file); myxd writes "
             "it to <data-dir>/admin-token on its first start"
         )
-    return token
+    return _checked_token(token, f"token file {path}")
 
 
 # -- output helpers --------------------------------------------------------------
