@@ -254,7 +254,7 @@ def build_endpoint(
     # get_port/get_status must report the port really listened on (the wanted
     # one was taken when this differs).
     methods._rpc_port = actual
-    runner.start()
+    runner.startService()
     info = {
         "host": HOST,
         "rpc_port": actual,
@@ -402,7 +402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             e.port.stopListening()
         stops = []
         for e in endpoints:
-            d = e.runner.stop()
+            d = e.runner.stopService()
             d.addTimeout(20, reactor)
             d.addErrback(lambda _: None)
             stops.append(d)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_commands -*-
 """Low-level process helpers for the agent: start a child in its own session,
 and find or kill the processes a command left behind.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_config -*-
 """The agent's TLS identity: a self-signed EC P-256 certificate, and the server context.
 
 On first start the agent creates ``agent.key`` (mode 600) and ``agent.crt`` in
