@@ -194,6 +194,9 @@ class AnsibleRun:
         return kwargs
 
     def _run(self) -> Dict[str, Any]:
+        from myx_agent.imports import allow_stdlib_ssl
+
+        allow_stdlib_ssl()  # ansible_runner's dependencies may need it
         import ansible_runner  # lazily: it is heavy, and only runs need it
 
         kwargs = self._prepare()

@@ -525,6 +525,9 @@ class CommandRunner(Service):
     ) -> None:
         try:
             info = execution.start()
+        except proc.StartError as e:
+            self._finish(cmd, return_code=None, error=str(e))
+            return
         except Exception as e:
             self._log.failure("command {command_id}: start failed", command_id=cmd.command_id)
             self._finish(cmd, return_code=None, error=f"{what}: {e}")

@@ -57,7 +57,9 @@ class Execution(Protocol):
 
     def start(self) -> Dict[str, Any]:
         """Start it; return what proc.json must keep to kill leftovers later.
-        Raises if nothing could be started (then nothing is reported)."""
+        Raises if nothing could be started (then nothing is reported):
+        ``proc.StartError`` with the sentence for the result, or anything else
+        for an unexpected failure."""
 
     def terminate(self) -> None:
         """Start killing the whole tree: SIGTERM now, SIGKILL after the grace."""
@@ -161,10 +163,8 @@ class ProcessExecution(ProcessProtocol):
         self._kill_call: Optional[IDelayedCall] = None
 
     def start(self) -> Dict[str, Any]:
-        argv = proc.session_argv(self._command, self._args, self._cwd, self._env)
-        self._reactor.spawnProcess(
-            self, argv[0], argv, env=self._env, path=None, childFDs=dict(proc.CHILD_FDS)
-        )
+        """Spawn the child; raises proc.StartError if it cannot be executed."""
+        proc.spawn_in_session(self._reactor, self, self._command, self._args, self._env, self._cwd)
         pid = self.pid
         return {"pid": pid, "start_ticks": proc.proc_start_ticks(pid) if pid else None}
 
@@ -214,7 +214,7 @@ class ProcessExecution(ProcessProtocol):
         )
         error = None
         if self._status:
-            error = proc.describe_wrapper_failure(self._status, self._command, self._cwd)
+            error = proc.describe_status(self._status, self._command, self._cwd)
             rc = None
         self._sink.ended(rc, error)
 
@@ -225,7 +225,7 @@ class ProcessExecution(ProcessProtocol):
         if self._ended or self.pid is None or self._kill_call is not None:
             return
         # Until the child is reaped its pid cannot be reused, so it is safe to
-        # signal it directly in case it has not reached setsid yet.
+        # signal it directly in case it has not reached setsid yet (fork path).
         proc.kill_group(self.pid, signal.SIGTERM, pid=self.pid)
         self._kill_call = self._timers.kill_later(self._kill_grace, self._kill)
 

@@ -211,6 +211,10 @@ async def serve(reactor: Any, config: AgentConfig) -> None:
 
 def run(config: AgentConfig) -> NoReturn:
     """Run the agent with a loaded config until it is told to stop; exits."""
+    from myx_agent.imports import defer_stdlib_ssl
+
+    # Before Twisted is imported: see myx_agent.imports.
+    defer_stdlib_ssl()
     from twisted.internet.task import react
 
     react(serve, [config])

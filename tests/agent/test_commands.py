@@ -331,26 +331,38 @@ class StreamTests(RunnerTestCase):
         self.assertEqual(segments, [("stdout", b"line 0\n")])
 
     async def test_env_cwd_and_clean_child_state(self) -> None:
-        """env is added, cwd is used, and the exec wrapper leaves no trace: its
-        Python start-up neither coerces LC_CTYPE nor leaves SIGPIPE ignored."""
+        """env is added, cwd is used, and the child inherits no ignored signal
+        (Python ignores SIGPIPE and SIGXFSZ) on either start path: one
+        posix_spawn without a cwd, the fork path with one."""
         runner = self.make_runner()
         cwd = make_dir(self.mktemp())
         script = 'echo "foo=$FOO"; pwd; echo "lc=$LC_CTYPE"; grep SigIgn /proc/self/status'
         env = {"FOO": "bar baz", "LC_CTYPE": "C"}
         runner.execute_command("env-1", "/bin/sh", ["-c", script], None, env, cwd)
-        segments, result = await self.read_all(runner, "env-1")
-        self.assertTrue(result["success"], result)
-        lines = b"".join(d for t, d in segments if t == "stdout").decode().splitlines()
-        self.assertEqual(lines[:3], ["foo=bar baz", cwd, "lc=C"])
-        sig_ign = int(lines[3].split()[1], 16)
-        self.assertFalse(sig_ign & (1 << (13 - 1)), "SIGPIPE must not be ignored")
+        runner.execute_command("env-2", "/bin/sh", ["-c", script], None, env, None)
+        for command_id, where in (("env-1", cwd), ("env-2", os.getcwd())):
+            segments, result = await self.read_all(runner, command_id)
+            self.assertTrue(result["success"], result)
+            lines = b"".join(d for t, d in segments if t == "stdout").decode().splitlines()
+            self.assertEqual(lines[:3], ["foo=bar baz", where, "lc=C"])
+            sig_ign = int(lines[3].split()[1], 16)
+            self.assertFalse(sig_ign & (1 << (13 - 1)), "SIGPIPE must not be ignored")
+            self.assertFalse(sig_ign & (1 << (25 - 1)), "SIGXFSZ must not be ignored")
 
-    async def test_own_session(self) -> None:
+    async def test_own_session_and_no_leaked_fds(self) -> None:
+        """The child leads its own session and holds only fds 0-2 (plus the one
+        its listdir opens), on both start paths."""
         runner = self.make_runner()
-        check = "import os; print(os.getsid(0) == os.getpid() != os.getsid(os.getppid()))"
-        runner.execute_command("sid-1", PY, ["-c", check], None, None, None)
-        segments, _ = await self.read_all(runner, "sid-1")
-        self.assertEqual(b"".join(d for _, d in segments), b"True\n")
+        check = (
+            "import os; print(os.getsid(0) == os.getpid() != os.getsid(os.getppid())); "
+            "print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+        )
+        cwd = make_dir(self.mktemp())
+        runner.execute_command("sid-1", PY, ["-I", "-S", "-c", check], None, None, None)
+        runner.execute_command("sid-2", PY, ["-I", "-S", "-c", check], None, None, cwd)
+        for command_id in ("sid-1", "sid-2"):
+            segments, _ = await self.read_all(runner, command_id)
+            self.assertEqual(b"".join(d for _, d in segments), b"True\n[0, 1, 2, 3]\n")
 
 
 class FailureResultTests(RunnerTestCase):
@@ -372,9 +384,9 @@ class FailureResultTests(RunnerTestCase):
         self.assertIsNone(result["return_code"])
         self.assertEqual(result["error"], "cwd not found: /no/such/dir")
 
-    async def test_exec_failure_reported_by_wrapper(self) -> None:
-        """Past the pre-check (the file exists), exec itself fails: the wrapper
-        reports why on its status pipe."""
+    async def test_exec_failure_reported_with_errno(self) -> None:
+        """Past the pre-check (the file exists), exec itself fails: reported with
+        its errno, not as an exit code."""
         runner = self.make_runner()
         script = os.path.join(make_dir(self.mktemp()), "noexec.sh")
         write_file(script, "#!/bin/sh\necho hi\n", 0o644)
@@ -383,6 +395,44 @@ class FailureResultTests(RunnerTestCase):
         self.assertEqual(result["error"], f"cannot execute {script}: Permission denied")
         self.assertIsNone(result["return_code"])
         self.assertFalse(result["success"])
+
+    async def test_start_failures_after_the_pre_check(self) -> None:
+        """What changes between the pre-check and the spawn (which waits for the
+        record to be durable) is reported with its errno on both start paths:
+        posix_spawn's error without a cwd, the fork child's status pipe with one."""
+        runner = self.make_runner()
+        base = make_dir(self.mktemp())
+        scripts = {}
+        for name in ("gone", "noexec", "gone-cwd", "noexec-cwd"):
+            scripts[name] = os.path.join(base, name + ".sh")
+            write_file(scripts[name], "#!/bin/sh\necho hi\n", 0o755)
+        cwd = make_dir(self.mktemp())
+        doomed_cwd = make_dir(self.mktemp())
+        runner.execute_command("late-1", scripts["gone"], [], None, None, None)
+        runner.execute_command("late-2", scripts["noexec"], [], None, None, None)
+        runner.execute_command("late-3", scripts["gone-cwd"], [], None, None, cwd)
+        runner.execute_command("late-4", scripts["noexec-cwd"], [], None, None, cwd)
+        runner.execute_command("late-5", "/bin/true", [], None, None, doomed_cwd)
+        # Still on the same reactor turn: nothing has been spawned yet.
+        os.unlink(scripts["gone"])
+        os.chmod(scripts["noexec"], 0o644)
+        os.unlink(scripts["gone-cwd"])
+        os.chmod(scripts["noexec-cwd"], 0o644)
+        os.rmdir(doomed_cwd)
+        expected = {
+            "late-1": f"executable not found: {scripts['gone']}",
+            "late-2": f"cannot execute {scripts['noexec']}: Permission denied",
+            "late-3": f"executable not found: {scripts['gone-cwd']}",
+            "late-4": f"cannot execute {scripts['noexec-cwd']}: Permission denied",
+            "late-5": f"cwd not found: {doomed_cwd}",
+        }
+        for command_id, error in expected.items():
+            segments, result = await self.read_all(runner, command_id)
+            self.assertEqual(
+                (result["error"], result["return_code"], result["success"], segments),
+                (error, None, False, []),
+                command_id,
+            )
 
     async def test_exit_code_and_signal(self) -> None:
         runner = self.make_runner()
