@@ -3,6 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python -m bench.agent_bench [--calls 5000] [--stream-mib 1024]
+        [--installed] [--agents 10] [--commands 10000]
 
 It starts a real ``python -m myx_agent`` on 127.0.0.1 with a temporary config
 and state dir (removed at the end), talks to it over pinned TLS with a small
@@ -12,8 +13,22 @@ The agent runs with bytecode caching on (``PYTHONPYCACHEPREFIX`` in the temp
 dir, filled by a first start), as an installed agent would: a start that
 compiles its modules from source holds several MB more.
 
-Targets from the issue: idle RSS <= 45 MB; RSS growth while streaming 1 GB of
-output through get_command_log <= 20 MB.
+With ``--installed`` the agents run the way users run them: the package as
+``pip install .`` put it in the interpreter's site-packages (with its compiled
+bytecode), started from a neutral cwd with no PYTHONPATH; reinstall after
+changing the code. ``--agents N`` starts N agents and prints the median idle
+RSS (issue 14 measures 10 agents after 3 s).
+
+``--commands N`` runs N ``true`` commands one after the other through
+``execute_command`` + ``get_command_log`` (long-poll until final) and prints the
+agent's CPU per command (the per-command budget: from execute_command to the
+final result) and its RSS after 1,000 and after N commands. At the end the RSS
+after all phases (N commands and the 1 GiB stream) is compared with the idle
+figure: it must be back within 5 MiB (no leak).
+
+Targets (issue 14): idle RSS <= 48 MiB; RSS growth while streaming 1 GiB of
+output through get_command_log <= 20 MiB; RSS back within 5 MiB of idle after
+10,000 commands and the stream.
 """
 
 from __future__ import annotations
@@ -62,11 +77,15 @@ def proc_status(pid: int) -> Dict[str, int]:
     return out
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def proc_cpu_seconds(pid: int, children: bool = False) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    # fields[11], fields[12] are utime, stime (fields 14, 15 of stat(5))
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    # fields[11], fields[12] are utime, stime (fields 14, 15 of stat(5)); 13, 14
+    # are cutime, cstime: reaped children (a command, and any helper it needed)
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
 
 
 class KeepAliveHTTP(Protocol):
@@ -109,17 +128,26 @@ class KeepAliveHTTP(Protocol):
         self.closed.callback(None)
 
 
+_PORTS_GIVEN: set = set()
+
+
 class Agent:
     """A real agent process in a temp dir."""
 
-    def __init__(self, tmp: str, python: str) -> None:
+    def __init__(self, tmp: str, python: str, installed: bool = False) -> None:
         self.tmp = tmp
         self.python = python
+        self.installed = installed
         self.token = secrets.token_urlsafe(32)
         self.rpc_path = secrets.token_urlsafe(18)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            # Agents made one after the other must not get the same free port.
+            if self.port not in _PORTS_GIVEN:
+                _PORTS_GIVEN.add(self.port)
+                break
         self.config_path = os.path.join(tmp, "config.json")
         config = {
             "agent_token": self.token,
@@ -136,8 +164,13 @@ class Agent:
             json.dump(config, f)
         self.env = dict(os.environ)
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
-        self.env["PYTHONPATH"] = REPO
+        if installed:
+            # As a user runs it: the installed package and its bytecode.
+            self.env.pop("PYTHONPATH", None)
+            self.env.pop("PYTHONPYCACHEPREFIX", None)
+        else:
+            self.env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+            self.env["PYTHONPATH"] = REPO
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.fingerprint = ""
 
@@ -146,7 +179,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [self.python, "-m", "myx_agent", "--config", self.config_path],
             env=self.env,
-            cwd=REPO,
+            cwd=self.tmp if self.installed else REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -319,6 +352,80 @@ async def bench_stream(reactor: Any, agent: Agent, total_mib: int) -> None:
     await conn.closed
 
 
+async def bench_commands(reactor: Any, agent: Agent, count: int) -> None:
+    """``true`` N times, one after the other; agent CPU per command and RSS."""
+    conn = await connect(reactor, agent)
+    for i in range(20):  # warm-up
+        await run_true(conn, agent, f"warm-{i}")
+    cpu0 = proc_cpu_seconds(agent.pid)
+    all0 = proc_cpu_seconds(agent.pid, children=True)
+    t0 = time.perf_counter()
+    rss_1000 = None
+    for i in range(count):
+        await run_true(conn, agent, f"true-{i}")
+        if i + 1 == 1000:
+            rss_1000 = proc_status(agent.pid)["VmRSS"]
+    wall = time.perf_counter() - t0
+    cpu = proc_cpu_seconds(agent.pid) - cpu0
+    total = proc_cpu_seconds(agent.pid, children=True) - all0
+    st = proc_status(agent.pid)
+    print(
+        f"{count} `true` commands in sequence (execute_command, then get_command_log "
+        f"long-polls until final): {count / wall:.0f} commands/s, agent CPU "
+        f"{cpu / count * 1e3:.2f} ms/command, with its children (the command and "
+        f"any start helper) {total / count * 1e3:.2f} ms/command"
+    )
+    print(
+        f"  RSS after 1,000 commands {mib(rss_1000) if rss_1000 else '-'}, "
+        f"after {count}: {mib(st['VmRSS'])} (threads {st['Threads']})"
+    )
+    assert conn.transport is not None
+    conn.transport.loseConnection()
+    await conn.closed
+
+
+async def run_true(conn: KeepAliveHTTP, agent: Agent, command_id: str) -> None:
+    await call(conn, agent, "execute_command", {"command": "true", "command_id": command_id})
+    offset = 0
+    while True:
+        r = await call(
+            conn,
+            agent,
+            "get_command_log",
+            {"command_id": command_id, "offset": offset, "wait": 10},
+        )
+        offset = r["new_offset"]
+        if r["is_final"]:
+            if not r["result"]["success"]:
+                raise RuntimeError(f"{command_id}: {r['result']}")
+            return
+
+
+async def idle_median(reactor: Any, args: argparse.Namespace, count: int) -> None:
+    """Start ``count`` agents at once, wait until each is ready, settle, read RSS."""
+    agents = []
+    try:
+        for i in range(count):
+            tmp = tempfile.mkdtemp(prefix=f"myx-agent-bench-{i}-")
+            agents.append(Agent(tmp, args.agent_python, args.installed))
+        for a in agents:
+            a.start()
+        for a in agents:
+            await wait_ready(reactor, a)
+        await task.deferLater(reactor, args.settle, lambda: None)
+        rss = sorted(proc_status(a.pid)["VmRSS"] for a in agents)
+        mid = len(rss) // 2
+        med = rss[mid] if len(rss) % 2 else (rss[mid - 1] + rss[mid]) / 2
+        print(
+            f"idle RSS of {count} agents after {args.settle:.0f} s: median {mib(med)} "
+            f"(min {mib(rss[0])}, max {mib(rss[-1])})  target <= 48 MiB"
+        )
+    finally:
+        for a in agents:
+            a.stop()
+            shutil.rmtree(a.tmp, ignore_errors=True)
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     import twisted
 
@@ -326,9 +433,14 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"Twisted {twisted.__version__}, {platform.system()} {platform.release()}"
     )
+    print(
+        f"agent interpreter: {args.agent_python}"
+        + (" (installed package, neutral cwd)" if args.installed else " (this checkout)")
+    )
+    if args.agents > 1:
+        await idle_median(reactor, args, args.agents)
     tmp = tempfile.mkdtemp(prefix="myx-agent-bench-")
-    agent = Agent(tmp, args.agent_python)
-    print(f"agent interpreter: {args.agent_python}")
+    agent = Agent(tmp, args.agent_python, args.installed)
     try:
         # A first start fills the bytecode cache (PYTHONPYCACHEPREFIX holds the
         # bytecode of every module, Twisted's too); the measured one reuses it.
@@ -338,12 +450,22 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         agent.start()
         await wait_ready(reactor, agent)
         await bench_idle(reactor, agent, args.settle)
+        idle = proc_status(agent.pid)["VmRSS"]
         for n in args.connections:
             await bench_heartbeats(reactor, agent, args.calls, n)
         st = proc_status(agent.pid)
         print(f"RSS after the heartbeat runs: {mib(st['VmRSS'])}")
+        if args.commands:
+            await bench_commands(reactor, agent, args.commands)
         if args.stream_mib:
             await bench_stream(reactor, agent, args.stream_mib)
+        if args.commands or args.stream_mib:
+            await task.deferLater(reactor, args.settle, lambda: None)
+            now = proc_status(agent.pid)["VmRSS"]
+            print(
+                f"RSS after all phases, {args.settle:.0f} s settle: {mib(now)}, "
+                f"{mib(now - idle)} above idle ({mib(idle)})  target <= 5 MiB"
+            )
     finally:
         agent.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,6 +479,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument("--stream-mib", type=int, default=1024, help="0 skips the stream run")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds idle before RSS")
+    parser.add_argument("--commands", type=int, default=0, help="`true` commands to run")
+    parser.add_argument("--agents", type=int, default=1, help="agents for the idle median")
+    parser.add_argument(
+        "--installed",
+        action="store_true",
+        help="run the installed package (pip install .) from a neutral cwd",
+    )
     parser.add_argument(
         "--agent-python",
         default=sys.executable,

@@ -25,13 +25,6 @@ of the endpoints, chosen by index):
 - ``--fail-rate P --fail-mode reset|http500|hang``: each request is, with
   probability P, answered by a connection reset, an HTTP 500, or never.
 
-``--what-if-setsid`` is a measurement aid, NOT the real agent: it makes the
-simulated agents start commands through ``/usr/bin/setsid`` instead of the
-agent's Python exec wrapper (only for commands without ``cwd``), to show how
-much of a fan-out is the wrapper's interpreter start-up (~10 ms of CPU per
-command, which a real fleet spends on N hosts in parallel and a simulator on
-one). Its figures are labelled "what-if" wherever they are printed.
-
 ``--record FILE`` writes, at exit, the arrival times (epoch seconds) of every
 request that carried a ``heartbeat`` call, per endpoint index: B3 computes
 heartbeat lateness and gaps from it.
@@ -254,7 +247,7 @@ def build_endpoint(
     # get_port/get_status must report the port really listened on (the wanted
     # one was taken when this differs).
     methods._rpc_port = actual
-    runner.start()
+    runner.startService()
     info = {
         "host": HOST,
         "rpc_port": actual,
@@ -264,25 +257,6 @@ def build_endpoint(
         "index": index,
     }
     return Endpoint(index, port, runner, info)
-
-
-def what_if_setsid() -> None:
-    """See the module docstring: swap the exec wrapper for setsid(1) when no cwd."""
-    from myx_agent import process as proc
-
-    setsid = shutil.which("setsid")
-    if setsid is None:
-        raise SystemExit("fleet_sim: --what-if-setsid needs setsid(1)")
-    wrapper_argv = proc.session_argv
-
-    def session_argv(command: str, args: Any, cwd: Optional[str], env: Any) -> List[str]:
-        if cwd is None:
-            return [setsid, command, *args]
-        return wrapper_argv(command, args, cwd, env)
-
-    proc.session_argv = session_argv
-    # No status pipe: setsid would hand it to the command.
-    proc.CHILD_FDS = {0: "w", 1: "r", 2: "r"}
 
 
 def _write_atomic(path: str, text: str, mode: int = 0o600) -> None:
@@ -345,11 +319,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--record", help="write heartbeat arrival times here at exit (JSON)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many s")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--what-if-setsid",
-        action="store_true",
-        help="measurement aid, not the real agent: see the module docstring",
-    )
     args = p.parse_args(argv)
 
     soft, hard = raise_nofile()
@@ -368,8 +337,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from myx_agent.sysinfo import SystemInfo
 
     _quiet_logging()
-    if args.what_if_setsid:
-        what_if_setsid()
     os.makedirs(args.root, mode=0o700, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=args.root)
     rng = random.Random(args.seed)
@@ -402,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             e.port.stopListening()
         stops = []
         for e in endpoints:
-            d = e.runner.stop()
+            d = e.runner.stopService()
             d.addTimeout(20, reactor)
             d.addErrback(lambda _: None)
             stops.append(d)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_ansible -*-
 """Ansible playbook runs for the agent (``execute_ansible``; issue 2 section 7).
 
 A run uses ansible-runner in a worker thread of the command runner's own pool
@@ -14,8 +15,11 @@ the tasks they start), and terminate() signals every process that carries it:
 SIGTERM first, SIGKILL after the grace. These are short /proc scans done on the
 reactor thread (no disk I/O).
 
+It implements ``execution.Execution`` and reports through an
+``execution.ExecutionSink`` like a process does.
+
 What it must never do: import ansible_runner before a run needs it (the idle
-agent's memory budget is 45 MB), run a playbook outside
+agent's memory budget is 48 MiB), run a playbook outside
 ``<deployment_tool_dir>/playbooks``, put extra_vars on a command line (they may
 hold secrets; they go to a 0600 file that is deleted after the run), or write
 to the agent's own stdout.
@@ -28,17 +32,17 @@ import signal
 import sys
 import threading
 import uuid
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from myx_agent import process as proc
-from myx_agent.commands import Execution
 from myx_agent.errors import INVALID_PARAMS, RPCError
+from myx_agent.execution import MARKER_ENV, ExecutionSink, Timers
+from myx_agent.outputlog import STDOUT
 
-MARKER_ENV = "MYX_AGENT_RUN"
 STATS_KEYS = ("ok", "changed", "failures", "dark", "skipped", "ignored", "rescued", "processed")
 
 
@@ -81,7 +85,7 @@ def _write_private(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-class AnsibleRun(Execution):
+class AnsibleRun:
     """One ansible-runner run of one playbook, in a worker thread."""
 
     _log = Logger()
@@ -104,9 +108,8 @@ class AnsibleRun(Execution):
         private_data_dir: str,
         ansible_playbook: str,
         kill_grace: float,
-        on_output: Callable[[bytes], None],
-        call_later: Callable[..., Any],
-        kill_later: Callable[[float, Callable[[], None]], Any],
+        sink: ExecutionSink,
+        timers: Timers,
     ) -> None:
         self._reactor = reactor
         self._pool = pool
@@ -117,23 +120,37 @@ class AnsibleRun(Execution):
         self.private_data_dir = private_data_dir
         self.ansible_playbook = ansible_playbook
         self._kill_grace = kill_grace
-        self._on_output = on_output
-        self._call_later = call_later
-        self._kill_later = kill_later
+        self._sink = sink
+        self._timers = timers
         self.marker = uuid.uuid4().hex
         self._cancel = threading.Event()
         self._terminated = False
 
-    def start(self) -> "Deferred[Dict[str, Any]]":
-        """Fires with ``{"status", "rc", "stats"}`` when ansible-runner returns."""
+    def start(self) -> Dict[str, Any]:
+        """Start the run in a worker thread; the sink hears its output and end."""
         d = deferToThreadPool(self._reactor, self._pool, self._run)
 
-        def finished(summary: Dict[str, Any]) -> Dict[str, Any]:
+        def finished(summary: Dict[str, Any]) -> None:
             if self._terminated:
                 self._kill_pass(signal.SIGKILL, passes_left=self.KILL_PASSES)
-            return summary
+            rc = summary.get("rc")
+            self._sink.ended(rc if isinstance(rc, int) else None, None, {"ansible": summary})
 
-        return d.addCallback(finished)
+        def failed(f: Failure) -> None:
+            self._log.failure("ansible run {command_id} failed", f, command_id=self.command_id)
+            self._sink.ended(
+                None,
+                f"ansible-runner failed: {f.getErrorMessage()}",
+                {"ansible": {"status": "failed", "rc": None, "stats": {}}},
+            )
+
+        d.addCallbacks(finished, failed).addErrback(
+            lambda f: self._log.failure("ansible run {command_id}", f, command_id=self.command_id)
+        )
+        return {"env_marker": self.marker}
+
+    def force_close(self) -> None:
+        """Nothing to close: the worker thread ends when ansible-runner returns."""
 
     # -- thread ------------------------------------------------------------
 
@@ -177,18 +194,21 @@ class AnsibleRun(Execution):
         return kwargs
 
     def _run(self) -> Dict[str, Any]:
+        from myx_agent.imports import allow_stdlib_ssl
+
+        allow_stdlib_ssl()  # ansible_runner's dependencies may need it
         import ansible_runner  # lazily: it is heavy, and only runs need it
 
         kwargs = self._prepare()
         stats: Dict[str, Any] = {}
         call = self._reactor.callFromThread
-        on_output = self._on_output
+        output = self._sink.output
 
         def event_handler(event: Dict[str, Any]) -> bool:
             text = event.get("stdout")
             if text:
                 data = (text.replace("\r\n", "\n") + "\n").encode("utf-8", "replace")
-                call(on_output, data)
+                call(output, STDOUT, data)
             if event.get("event") == "playbook_on_stats":
                 data_ = event.get("event_data") or {}
                 for key in STATS_KEYS:
@@ -227,7 +247,7 @@ class AnsibleRun(Execution):
         def kill() -> None:
             self._kill_pass(signal.SIGKILL, passes_left=self.KILL_PASSES)
 
-        self._kill_later(self._kill_grace, kill)
+        self._timers.kill_later(self._kill_grace, kill)
 
     def _kill_pass(self, sig: int, passes_left: int) -> None:
         pids = proc.pids_with_env_marker(MARKER_ENV, self.marker)
@@ -240,4 +260,4 @@ class AnsibleRun(Execution):
                 count=hit,
             )
         if hit and passes_left > 1:
-            self._call_later(0.2, self._kill_pass, sig, passes_left - 1)
+            self._timers.call_later(0.2, self._kill_pass, sig, passes_left - 1)

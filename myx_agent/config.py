@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_config -*-
 """The agent's JSON config file: read it, check every field, freeze it.
 
 The daemon writes the config when it installs the agent. The agent never

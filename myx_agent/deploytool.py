@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_deploytool -*-
 """The deployment tool on the agent: install a pushed archive atomically
 (``sync_deployment_tool``, docs/protocol.md) and read its VERSION.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_rpc_server -*-
 """JSON-RPC error codes of the agent contract (docs/protocol.md), in one place.
 
 Anything raised as RPCError reaches the client as a JSON-RPC error object with

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_rpc_server -*-
 """A JSON-RPC 2.0 dispatcher, exactly per https://www.jsonrpc.org/specification.
 
 It turns request bytes into response bytes: single requests and batches (at

@@ -1,8 +1,11 @@
+# -*- test-case-name: tests.agent.test_agent_process -*-
 """Start the agent: ``python -m myx_agent --config PATH`` or ``myx-agent --config PATH``.
 
-Reads the config, makes or loads the TLS identity, starts the command runner
-and listens for JSON-RPC over TLS until SIGTERM/SIGINT, then stops the runner
-(which kills the commands' process groups) before exiting.
+Reads the config, makes or loads the TLS identity, and builds a service tree
+(``build_service``): a ``MultiService`` of the TLS listener
+(``StreamServerEndpointService``) and the command runner. It runs under
+``react()`` until SIGTERM/SIGINT, then stops the tree (the runner kills the
+commands' process trees) before exiting.
 
 A problem that stops the start (bad config, unusable ssl_dir or state_dir,
 port in use) is printed to stderr as exactly one line, ``myx-agent: error:
@@ -16,13 +19,13 @@ that the idle agent stays small; nothing here runs at import time.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence, Tuple
 
 from myx_agent import __version__
 from myx_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IListeningPort
+    from twisted.application.service import MultiService
 
 EXIT_CONFIG = 2
 EXIT_START = 1
@@ -89,36 +92,32 @@ def _start_logging() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-def run(config: AgentConfig) -> int:
-    """Run the agent with a loaded config until it is told to stop."""
-    from twisted.internet import reactor
-    from twisted.internet.error import CannotListenError
-    from twisted.logger import Logger
+def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]:
+    """The agent's service tree and its certificate fingerprint.
 
+    Children start in order: first the TLS listener (a second agent on the
+    same port and state_dir fails here, before it could touch the first one's
+    commands), then the command runner (recovery of the state_dir). They stop
+    in reverse: the runner kills its commands while clients can still read
+    their final results, then the listener closes."""
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.application.service import MultiService
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from myx_agent.commands import CommandRunner
+    from myx_agent.deploytool import read_deployment_tool_version, sync_deployment_tool
     from myx_agent.jsonrpc import Dispatcher
     from myx_agent.methods import AgentMethods
     from myx_agent.rpc_server import build_factory
     from myx_agent.sysinfo import SystemInfo
     from myx_agent.tls import TLSSetupError, ensure_identity, fingerprint_of_pem, server_context
 
-    log = Logger(namespace="myx_agent.main")
-    _start_logging()
-    if config.unknown_keys:
-        log.warn(
-            "config {path}: ignoring unknown keys {keys}",
-            path=config.path,
-            keys=", ".join(k[:64] for k in config.unknown_keys[:20]),
-        )
     try:
         cert_pem, key_pem = ensure_identity(config.ssl_dir)
         context = server_context(cert_pem, key_pem, config.ssl_dir)
         fingerprint = fingerprint_of_pem(cert_pem)
     except TLSSetupError as e:
         _die(str(e), EXIT_START)
-
-    from myx_agent.commands import CommandRunner
-    from myx_agent.deploytool import read_deployment_tool_version, sync_deployment_tool
-
     try:
         runner = CommandRunner(
             config.state_dir,
@@ -146,10 +145,38 @@ def run(config: AgentConfig) -> int:
         dispatcher=Dispatcher(methods.table()),
         reactor=reactor,
     )
-    try:
-        port = reactor.listenSSL(  # type: ignore[attr-defined]
-            config.rpc_port, factory, context, interface=config.bind, backlog=128
+    endpoint = SSL4ServerEndpoint(
+        reactor, config.rpc_port, context, backlog=128, interface=config.bind
+    )
+    listener = StreamServerEndpointService(endpoint, factory)
+    # A port in use must fail startService itself, so it becomes one clear line.
+    listener._raiseSynchronously = True
+    listener.setName("rpc-listener")
+    runner.setName("command-runner")
+    top = MultiService()
+    listener.setServiceParent(top)
+    runner.setServiceParent(top)
+    return top, fingerprint
+
+
+async def serve(reactor: Any, config: AgentConfig) -> None:
+    """Start the service tree and run until the reactor is told to stop
+    (SIGTERM/SIGINT); then stop the tree, the runner within STOP_TIMEOUT."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import Logger
+
+    log = Logger(namespace="myx_agent.main")
+    _start_logging()
+    if config.unknown_keys:
+        log.warn(
+            "config {path}: ignoring unknown keys {keys}",
+            path=config.path,
+            keys=", ".join(k[:64] for k in config.unknown_keys[:20]),
         )
+    top, fingerprint = build_service(config, reactor)
+    try:
+        top.startService()
     except CannotListenError as e:
         cause = getattr(e.socketError, "strerror", None) or str(e.socketError)
         _die(
@@ -157,30 +184,20 @@ def run(config: AgentConfig) -> int:
             f"(field 'rpc_port' in config {config.path}): {cause}",
             EXIT_START,
         )
-    try:
-        runner.start()
     except Exception as e:
-        port.stopListening()
         _die(f"state_dir {config.state_dir}: cannot start the command runner: {e}", EXIT_START)
 
-    async def shutdown(listening: IListeningPort) -> None:
-        stopping = listening.stopListening()
-        if stopping is not None:
-            await stopping
-        stopped = runner.stop()
+    async def shutdown() -> None:
+        stopped = top.stopService()
         stopped.addTimeout(STOP_TIMEOUT, reactor)
         try:
             await stopped
         except Exception:
-            log.failure("command runner did not stop cleanly")
+            log.failure("the agent did not stop cleanly")
         log.info("myx-agent stopped")
 
-    def on_shutdown() -> object:
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(shutdown(port))
-
-    reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    # The reactor waits for this before it stops (twistd does the same).
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(shutdown()))
     log.info(
         "myx-agent {version} listening on {bind}:{port} cert_fingerprint={fingerprint}",
         version=__version__,
@@ -188,8 +205,19 @@ def run(config: AgentConfig) -> int:
         port=config.rpc_port,
         fingerprint=fingerprint,
     )
-    reactor.run()
-    return 0
+    # Serve until the reactor stops; react() then exits with status 0.
+    await Deferred()
+
+
+def run(config: AgentConfig) -> NoReturn:
+    """Run the agent with a loaded config until it is told to stop; exits."""
+    from myx_agent.imports import defer_stdlib_ssl
+
+    # Before Twisted is imported: see myx_agent.imports.
+    defer_stdlib_ssl()
+    from twisted.internet.task import react
+
+    react(serve, [config])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

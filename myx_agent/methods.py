@@ -1,10 +1,12 @@
+# -*- test-case-name: tests.agent.test_rpc_server -*-
 """The agent's JSON-RPC method table: names, param specs, handlers.
 
 This is the explicit allowlist from docs/protocol.md. Each entry checks the
 presence, type and simple range of every param (the dispatcher turns a bad one
-into -32602 naming it) and then calls the command runner or the
-deployment-tool sync, which check the semantics (offset past the end, playbook
-path) and raise RPCError themselves.
+into -32602 naming it); this is the ONE place where params are checked. Then
+it calls the command runner or the deployment-tool sync, which check only what
+needs their state (a known id, an offset past the end, a playbook path) and
+raise RPCError themselves.
 
 Nothing here blocks the reactor: host facts come from cheap /proc reads and
 system calls (see sysinfo), and all command work is delegated.
@@ -19,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from myx_agent import __version__
+from myx_agent.contract import COMMAND_ID_DESCRIPTION, COMMAND_ID_RE, MAX_READ_BYTES, MAX_WAIT
 from myx_agent.jsonrpc import (
     Method,
     Param,
@@ -38,9 +41,6 @@ if TYPE_CHECKING:
 
     from myx_agent.sysinfo import SystemInfo
 
-COMMAND_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MAX_WAIT = 30.0
-MAX_LOG_BYTES = 1048576
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _VERSION_RE = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -83,7 +83,7 @@ ReadToolVersion = Callable[[str], Optional[str]]
 def _command_id() -> Param:
     return Param(
         "command_id",
-        string(pattern=COMMAND_ID_RE, describe="1-128 characters of [A-Za-z0-9._:-]"),
+        string(pattern=COMMAND_ID_RE, describe=COMMAND_ID_DESCRIPTION),
     )
 
 
@@ -232,8 +232,8 @@ class AgentMethods:
                     Param("wait", number(minimum=0, maximum=MAX_WAIT), lambda: 0),
                     Param(
                         "max_bytes",
-                        integer(minimum=1, maximum=MAX_LOG_BYTES),
-                        lambda: MAX_LOG_BYTES,
+                        integer(minimum=1, maximum=MAX_READ_BYTES),
+                        lambda: MAX_READ_BYTES,
                     ),
                 ),
                 self.get_command_log,

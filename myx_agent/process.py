@@ -1,11 +1,15 @@
+# -*- test-case-name: tests.agent.test_commands -*-
 """Low-level process helpers for the agent: start a child in its own session,
 and find or kill the processes a command left behind.
 
 What it is for:
-- ``session_argv`` builds the argv of a tiny exec wrapper that puts the command
-  in a new session (``setsid``), changes to its cwd and execs it. If the chdir
-  or the exec fails, the wrapper reports the stage and errno on fd 3 and exits
-  127, so the agent can give a clear result instead of guessing from an exit code.
+- ``spawn_in_session`` starts a command in a new session (``setsid``), in its
+  cwd, with no Python interpreter in between. Without a cwd it is one
+  ``posix_spawnp`` with ``setsid=True`` (glibc reports a failed exec as the
+  call's errno); with a cwd, Twisted's fork path whose child calls ``setsid``,
+  ``chdir`` and ``execvpe`` and, if one fails, writes ``"stage errno"`` on a
+  close-on-exec status pipe (fd 3) and exits 127. Either way a command that
+  cannot be started is reported as such, with its errno, never as an exit code.
 - ``kill_group`` signals a whole process group (a command's session).
 - ``proc_start_ticks``/``boot_id``/``session_members`` identify a process from a
   previous agent run safely (PID reuse), so a restarted agent can kill what a
@@ -14,81 +18,30 @@ What it is for:
   Ansible, whose workers call ``setsid`` themselves and so leave the process group.
 
 What it must never do: block for long (these are /proc reads and single
-syscalls), or signal a process it cannot prove belongs to one of our commands.
-Linux only (/proc), like the agent.
+syscalls), leak an agent file descriptor or an ignored signal into a command,
+or signal a process it cannot prove belongs to one of our commands. Linux only
+(/proc), like the agent.
 """
 
 import errno
 import os
-import sys
-from typing import Dict, List, Mapping, Optional, Sequence
+import signal
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-# The wrapper runs as `python -I -S -c WRAPPER LC_CTYPE_MARK CWD FILE ARGS...`.
-# Python's start-up would leak into the command in two ways that it undoes:
-# - PEP 538 locale coercion sets LC_CTYPE in the environment: restored from argv[1]
-#   ("-" = absent, "=VALUE" = that value);
-# - Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec.
-# fd 3 is a pipe to the agent, closed on a successful exec (FD_CLOEXEC).
-_WRAPPER = r"""
-import os, signal, sys
-a = sys.argv
-def fail(stage, e):
-    try:
-        os.write(3, ("%s %d" % (stage, e.errno or 0)).encode())
-    finally:
-        os._exit(127)
-try:
-    os.set_inheritable(3, False)
-except OSError:
-    pass
-if a[1] == "-":
-    os.environ.pop("LC_CTYPE", None)
-else:
-    os.environ["LC_CTYPE"] = a[1][1:]
-for name in ("SIGPIPE", "SIGXFSZ"):
-    if hasattr(signal, name):
-        signal.signal(getattr(signal, name), signal.SIG_DFL)
-try:
-    os.setsid()
-except OSError as e:
-    fail("setsid", e)
-if a[2]:
-    try:
-        os.chdir(a[2])
-    except OSError as e:
-        fail("cwd", e)
-try:
-    os.execvp(a[3], a[3:])
-except OSError as e:
-    fail("exec", e)
-"""
-
-#: childFDs for spawnProcess: stdin pipe (closed at once), stdout, stderr, and the
-#: wrapper's status pipe.
-CHILD_FDS: Dict[int, str] = {0: "w", 1: "r", 2: "r", 3: "r"}
+#: The status pipe of the fork path (see the module docstring).
 STATUS_FD = 3
+#: childFDs: stdin pipe (closed at once), stdout, stderr.
+CHILD_FDS: Dict[int, str] = {0: "w", 1: "r", 2: "r"}
+#: childFDs of the fork path (a cwd to change to): plus the status pipe.
+CHILD_FDS_WITH_STATUS: Dict[int, str] = {**CHILD_FDS, STATUS_FD: "r"}
 
 
-def wrapper_python() -> str:
-    return sys.executable or "/usr/bin/python3"
+class StartError(Exception):
+    """A command could not be started; the message says why, for the result."""
 
 
-def session_argv(
-    command: str, args: Sequence[str], cwd: Optional[str], env: Mapping[str, str]
-) -> List[str]:
-    """The argv that runs ``command args`` in a new session, in ``cwd``, with ``env``
-    (``env`` itself is given to spawnProcess)."""
-    lc_mark = "=" + env["LC_CTYPE"] if "LC_CTYPE" in env else "-"
-    return [wrapper_python(), "-I", "-S", "-c", _WRAPPER, lc_mark, cwd or "", command, *args]
-
-
-def describe_wrapper_failure(status: bytes, command: str, cwd: Optional[str]) -> str:
-    """Turn the wrapper's ``"stage errno"`` report into a sentence for the result."""
-    try:
-        stage, num_s = status.decode("ascii", "replace").split()
-        num = int(num_s)
-    except ValueError:
-        return f"cannot start {command}"
+def describe_start_failure(stage: str, num: int, command: str, cwd: Optional[str]) -> str:
+    """A sentence for the result from the failed stage and its errno."""
     reason = os.strerror(num) if num else "unknown error"
     if stage == "exec":
         if num == errno.ENOENT:
@@ -101,9 +54,133 @@ def describe_wrapper_failure(status: bytes, command: str, cwd: Optional[str]) ->
     return f"cannot create a session for {command}: {reason}"
 
 
+def describe_status(status: bytes, command: str, cwd: Optional[str]) -> str:
+    """Turn the fork child's ``"stage errno"`` report into a sentence."""
+    try:
+        stage, num_s = status.decode("ascii", "replace").split()
+        return describe_start_failure(stage, int(num_s), command, cwd)
+    except ValueError:
+        return f"cannot start {command}"
+
+
+def _ignored_signals() -> List[int]:
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec.
+    return [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+
+
+def _spawn_actions(fdmap: Mapping[int, int]) -> Optional[List[Any]]:
+    """posix_spawn file actions: the mapped pipes onto 0-2, every other
+    inheritable fd closed; None if the map cannot be applied in one pass."""
+    if any(parent in fdmap for parent in fdmap.values()):
+        return None
+    actions: List[Any] = [(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()]
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in fdmap:
+            continue
+        try:
+            inheritable = os.get_inheritable(fd)
+        except OSError:
+            continue  # the listing's own fd, already closed
+        if inheritable:
+            actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    return actions
+
+
+def spawn_in_session(
+    reactor: Any,
+    protocol: Any,
+    command: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Optional[str],
+) -> Any:
+    """Start ``command args`` in a new session, in ``cwd``, connected to
+    ``protocol`` (a ProcessProtocol). Returns the process transport. Raises
+    StartError when the exec (or setsid) fails at once; with a cwd, a failure
+    arrives later on ``protocol``'s STATUS_FD instead."""
+    argv = [command, *args]
+    child_fds = dict(CHILD_FDS if cwd is None else CHILD_FDS_WITH_STATUS)
+    process_class = _session_process_class()
+    try:
+        return process_class(reactor, command, argv, dict(env), cwd, protocol, childFDs=child_fds)
+    except OSError as e:
+        raise StartError(describe_start_failure("exec", e.errno or 0, command, cwd)) from None
+
+
+_SESSION_PROCESS: Optional[type] = None
+
+
+def _session_process_class() -> type:
+    """Twisted's Process, started in a new session (built once, on first use:
+    twisted.internet.process is not needed before the first command)."""
+    global _SESSION_PROCESS
+    if _SESSION_PROCESS is not None:
+        return _SESSION_PROCESS
+    from twisted.internet.process import Process
+
+    class SessionProcess(Process):
+        def _trySpawnInsteadOfFork(
+            self,
+            path: Any,
+            uid: Any,
+            gid: Any,
+            executable: str,
+            args: List[str],
+            environment: Mapping[str, str],
+            kwargs: Dict[str, Any],
+        ) -> bool:
+            if path is not None:
+                return False  # posix_spawn cannot chdir here: the fork path
+            actions = _spawn_actions(kwargs["fdmap"])
+            if actions is None:
+                return False
+            self.pid = os.posix_spawnp(
+                executable,
+                args,
+                environment,
+                file_actions=actions,
+                setsigdef=_ignored_signals(),
+                setsid=True,
+            )
+            self.status = -1
+            return True
+
+        def _execChild(
+            self,
+            path: Any,
+            uid: Any,
+            gid: Any,
+            executable: str,
+            args: List[str],
+            environment: Mapping[str, str],
+        ) -> None:
+            # In the forked child: no exception may escape (Twisted would print
+            # a traceback and exit 1), every failure is "stage errno" on fd 3.
+            stage = "setsid"
+            try:
+                os.set_inheritable(STATUS_FD, False)
+                for sig in _ignored_signals():
+                    signal.signal(sig, signal.SIG_DFL)
+                os.setsid()
+                stage = "cwd"
+                if path:
+                    os.chdir(path)
+                stage = "exec"
+                os.execvpe(executable, args, environment)  # noqa: S606 (no shell, by contract)
+            except OSError as e:
+                try:
+                    os.write(STATUS_FD, f"{stage} {e.errno or 0}".encode())
+                finally:
+                    os._exit(127)
+
+    _SESSION_PROCESS = SessionProcess
+    return SessionProcess
+
+
 def preflight(command: str, cwd: Optional[str], env: Mapping[str, str]) -> Optional[str]:
     """The error an exec would meet, found before spawning (so a missing executable
-    or cwd is final at once); None when it looks runnable. The wrapper still
+    or cwd is final at once); None when it looks runnable. The spawn still
     reports whatever changes between this check and the exec."""
     if cwd is not None:
         if not os.path.exists(cwd):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_rpc_server -*-
 """The agent's HTTP surface: one endpoint, ``POST /{rpc_path}/rpc``, in front of the dispatcher.
 
 Two layers, both in this module:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_sysinfo -*-
 """Facts about the host for ``get_status``: hostname, OS, load, memory, disk.
 
 Everything here is cheap and never blocks the reactor: it reads /proc (served

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.agent.test_config -*-
 """The agent's TLS identity: a self-signed EC P-256 certificate, and the server context.
 
 On first start the agent creates ``agent.key`` (mode 600) and ``agent.crt`` in
@@ -35,12 +36,19 @@ class TLSSetupError(Exception):
 
 def fingerprint_of_pem(cert_pem: bytes) -> str:
     """SHA-256 of the certificate's DER bytes, as 64 lowercase hex digits."""
-    # The stdlib decoder keeps cryptography's x509 code out of the idle agent.
-    import ssl
+    # Decoded here, as the stdlib's ssl.PEM_cert_to_DER_cert does: that keeps
+    # both cryptography's x509 code and the stdlib ssl module (see
+    # myx_agent.imports) out of the idle agent.
+    import base64
+    import binascii
 
+    header, footer = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
     try:
-        der = ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        text = cert_pem.decode("ascii").strip()
+        if not (text.startswith(header) and text.endswith(footer)):
+            raise ValueError("not a PEM certificate")
+        der = base64.decodebytes(text[len(header) : -len(footer)].encode("ascii"))
+    except (UnicodeDecodeError, ValueError, binascii.Error):
         raise TLSSetupError("certificate is not a PEM certificate") from None
     return hashlib.sha256(der).hexdigest()
 

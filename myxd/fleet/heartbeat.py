@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myx_agent.poll import Poller
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import FINAL, AgentRPCError, RemoteError
 from myxd.store.records import AgentRecord, HeartbeatResult
@@ -86,8 +87,10 @@ class HeartbeatService(Service):
         self._rng = rng if rng is not None else random.Random()
         self._metrics = metrics
         self._write_batch = max(1, int(write_batch))
-        self._call: IDelayedCall | None = None
-        self._cycle: Deferred[None] | None = None
+        # The loop: a cycle, then the next after next_delay(), whatever happened.
+        self._poller = Poller(
+            self._guarded_cycle, reactor, lambda: self.next_delay(), name="heartbeat cycle"
+        )
         self._workers: set[Deferred[None]] = set()
         self._stopping = False
         # agent id -> cycle number of its last reinstall request (bounded by #agents).
@@ -104,23 +107,16 @@ class HeartbeatService(Service):
         super().startService()
         self._stopping = False
         # The first cycle runs as soon as the reactor turns, not inside startService.
-        self._schedule(0)
+        self._poller.start(first_delay=0)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
         # Visits in flight are abandoned (not recorded as failures); results
         # already collected are still written by the cycle before it returns.
         for worker in list(self._workers):
             worker.cancel()
-        if self._cycle is None:
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        self._cycle.addBoth(lambda _: done.callback(None))
-        return done
+        return self._poller.stop()
 
     def next_delay(self) -> float:
         """Seconds until the next cycle: uniform in [min, max] interval."""
@@ -130,33 +126,12 @@ class HeartbeatService(Service):
             low, high = high, low
         return self._rng.uniform(low, high)
 
-    def _schedule(self, delay: float) -> None:
-        if not self.running or self._stopping:
-            return
-        self._call = self._reactor.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._call = None
-        cycle = Deferred.fromCoroutine(self._guarded_cycle())
-        if cycle.called:
-            self._after_cycle(None)
-            return
-        self._cycle = cycle
-        cycle.addBoth(self._after_cycle)
-
-    def _after_cycle(self, _: object) -> None:
-        self._cycle = None
-        if self.running and not self._stopping:
-            self._schedule(self.next_delay())
-
     async def _guarded_cycle(self) -> None:
         try:
             await self.run_cycle()
         except CancelledError:
             pass
-        except Exception:
-            # Whatever broke, the next cycle is still scheduled by _after_cycle.
-            self.log.failure("heartbeat cycle failed; the next cycle is still scheduled")
+        # Any other failure is logged by the poller, which still schedules the next cycle.
 
     # -- one cycle ---------------------------------------------------------------
 

@@ -52,6 +52,7 @@ WorkingDirectory={AGENT_DIR}
 Environment=PYTHONPATH={AGENT_DIR}
 Environment=PYTHONUNBUFFERED=1
 Environment=PYTHONDONTWRITEBYTECODE=1
+Environment=MALLOC_ARENA_MAX=2
 ExecStart={VENV_DIR}/bin/python -m myx_agent --config {CONFIG_PATH}
 Restart=always
 RestartSec=2

@@ -18,14 +18,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from myx_agent import process as proc
-from myx_agent.commands import (
-    INTERRUPTED_ERROR,
-    STDERR,
-    STDOUT,
-    TAIL_BYTES,
-    CommandRunner,
-    OutputLog,
-)
+from myx_agent.commands import CommandRunner
+from myx_agent.contract import INTERRUPTED_ERROR
 from myx_agent.errors import (
     BUSY,
     COMMAND_ID_CONFLICT,
@@ -33,6 +27,8 @@ from myx_agent.errors import (
     UNKNOWN_COMMAND,
     RPCError,
 )
+from myx_agent.jsonrpc import Dispatcher
+from myx_agent.outputlog import TAIL_BYTES
 
 PY = sys.executable
 
@@ -60,8 +56,8 @@ class RunnerTestCase(unittest.TestCase):
         runner = CommandRunner(
             state_dir, deployment_tool_dir=os.path.abspath(self.mktemp()), **kwargs
         )
-        runner.start()
-        self.addCleanup(runner.stop)
+        runner.startService()
+        self.addCleanup(runner.stopService)
         return runner
 
     async def read_all(
@@ -335,26 +331,38 @@ class StreamTests(RunnerTestCase):
         self.assertEqual(segments, [("stdout", b"line 0\n")])
 
     async def test_env_cwd_and_clean_child_state(self) -> None:
-        """env is added, cwd is used, and the exec wrapper leaves no trace: its
-        Python start-up neither coerces LC_CTYPE nor leaves SIGPIPE ignored."""
+        """env is added, cwd is used, and the child inherits no ignored signal
+        (Python ignores SIGPIPE and SIGXFSZ) on either start path: one
+        posix_spawn without a cwd, the fork path with one."""
         runner = self.make_runner()
         cwd = make_dir(self.mktemp())
         script = 'echo "foo=$FOO"; pwd; echo "lc=$LC_CTYPE"; grep SigIgn /proc/self/status'
         env = {"FOO": "bar baz", "LC_CTYPE": "C"}
         runner.execute_command("env-1", "/bin/sh", ["-c", script], None, env, cwd)
-        segments, result = await self.read_all(runner, "env-1")
-        self.assertTrue(result["success"], result)
-        lines = b"".join(d for t, d in segments if t == "stdout").decode().splitlines()
-        self.assertEqual(lines[:3], ["foo=bar baz", cwd, "lc=C"])
-        sig_ign = int(lines[3].split()[1], 16)
-        self.assertFalse(sig_ign & (1 << (13 - 1)), "SIGPIPE must not be ignored")
+        runner.execute_command("env-2", "/bin/sh", ["-c", script], None, env, None)
+        for command_id, where in (("env-1", cwd), ("env-2", os.getcwd())):
+            segments, result = await self.read_all(runner, command_id)
+            self.assertTrue(result["success"], result)
+            lines = b"".join(d for t, d in segments if t == "stdout").decode().splitlines()
+            self.assertEqual(lines[:3], ["foo=bar baz", where, "lc=C"])
+            sig_ign = int(lines[3].split()[1], 16)
+            self.assertFalse(sig_ign & (1 << (13 - 1)), "SIGPIPE must not be ignored")
+            self.assertFalse(sig_ign & (1 << (25 - 1)), "SIGXFSZ must not be ignored")
 
-    async def test_own_session(self) -> None:
+    async def test_own_session_and_no_leaked_fds(self) -> None:
+        """The child leads its own session and holds only fds 0-2 (plus the one
+        its listdir opens), on both start paths."""
         runner = self.make_runner()
-        check = "import os; print(os.getsid(0) == os.getpid() != os.getsid(os.getppid()))"
-        runner.execute_command("sid-1", PY, ["-c", check], None, None, None)
-        segments, _ = await self.read_all(runner, "sid-1")
-        self.assertEqual(b"".join(d for _, d in segments), b"True\n")
+        check = (
+            "import os; print(os.getsid(0) == os.getpid() != os.getsid(os.getppid())); "
+            "print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+        )
+        cwd = make_dir(self.mktemp())
+        runner.execute_command("sid-1", PY, ["-I", "-S", "-c", check], None, None, None)
+        runner.execute_command("sid-2", PY, ["-I", "-S", "-c", check], None, None, cwd)
+        for command_id in ("sid-1", "sid-2"):
+            segments, _ = await self.read_all(runner, command_id)
+            self.assertEqual(b"".join(d for _, d in segments), b"True\n[0, 1, 2, 3]\n")
 
 
 class FailureResultTests(RunnerTestCase):
@@ -376,9 +384,9 @@ class FailureResultTests(RunnerTestCase):
         self.assertIsNone(result["return_code"])
         self.assertEqual(result["error"], "cwd not found: /no/such/dir")
 
-    async def test_exec_failure_reported_by_wrapper(self) -> None:
-        """Past the pre-check (the file exists), exec itself fails: the wrapper
-        reports why on its status pipe."""
+    async def test_exec_failure_reported_with_errno(self) -> None:
+        """Past the pre-check (the file exists), exec itself fails: reported with
+        its errno, not as an exit code."""
         runner = self.make_runner()
         script = os.path.join(make_dir(self.mktemp()), "noexec.sh")
         write_file(script, "#!/bin/sh\necho hi\n", 0o644)
@@ -387,6 +395,44 @@ class FailureResultTests(RunnerTestCase):
         self.assertEqual(result["error"], f"cannot execute {script}: Permission denied")
         self.assertIsNone(result["return_code"])
         self.assertFalse(result["success"])
+
+    async def test_start_failures_after_the_pre_check(self) -> None:
+        """What changes between the pre-check and the spawn (which waits for the
+        record to be durable) is reported with its errno on both start paths:
+        posix_spawn's error without a cwd, the fork child's status pipe with one."""
+        runner = self.make_runner()
+        base = make_dir(self.mktemp())
+        scripts = {}
+        for name in ("gone", "noexec", "gone-cwd", "noexec-cwd"):
+            scripts[name] = os.path.join(base, name + ".sh")
+            write_file(scripts[name], "#!/bin/sh\necho hi\n", 0o755)
+        cwd = make_dir(self.mktemp())
+        doomed_cwd = make_dir(self.mktemp())
+        runner.execute_command("late-1", scripts["gone"], [], None, None, None)
+        runner.execute_command("late-2", scripts["noexec"], [], None, None, None)
+        runner.execute_command("late-3", scripts["gone-cwd"], [], None, None, cwd)
+        runner.execute_command("late-4", scripts["noexec-cwd"], [], None, None, cwd)
+        runner.execute_command("late-5", "/bin/true", [], None, None, doomed_cwd)
+        # Still on the same reactor turn: nothing has been spawned yet.
+        os.unlink(scripts["gone"])
+        os.chmod(scripts["noexec"], 0o644)
+        os.unlink(scripts["gone-cwd"])
+        os.chmod(scripts["noexec-cwd"], 0o644)
+        os.rmdir(doomed_cwd)
+        expected = {
+            "late-1": f"executable not found: {scripts['gone']}",
+            "late-2": f"cannot execute {scripts['noexec']}: Permission denied",
+            "late-3": f"executable not found: {scripts['gone-cwd']}",
+            "late-4": f"cannot execute {scripts['noexec-cwd']}: Permission denied",
+            "late-5": f"cwd not found: {doomed_cwd}",
+        }
+        for command_id, error in expected.items():
+            segments, result = await self.read_all(runner, command_id)
+            self.assertEqual(
+                (result["error"], result["return_code"], result["success"], segments),
+                (error, None, False, []),
+                command_id,
+            )
 
     async def test_exit_code_and_signal(self) -> None:
         runner = self.make_runner()
@@ -397,21 +443,28 @@ class FailureResultTests(RunnerTestCase):
         self.assertEqual((r1["success"], r1["return_code"], r1["error"]), (False, 7, None))
         self.assertEqual((r2["success"], r2["return_code"]), (False, -10))
 
-    def test_bad_params(self) -> None:
+    def test_bad_params_never_reach_the_runner(self) -> None:
+        """Params are checked once, by the method table: a bad one is -32602 and
+        claims no id (the runner itself trusts what the table passes on)."""
+        from tests.agent.test_rpc_server import agent_methods, reply
+
         runner = self.make_runner()
+        dispatcher = Dispatcher(agent_methods(runner, Clock(), []).table())  # type: ignore[arg-type]
+        ok = {"command": "/bin/true", "command_id": "ok"}
         bad = [
-            ("", "/bin/true", [], None, None, None),
-            ("a/b", "/bin/true", [], None, None, None),
-            ("x" * 129, "/bin/true", [], None, None, None),
-            ("ok", "", [], None, None, None),
-            ("ok", "/bin/true", ["a\0b"], None, None, None),
-            ("ok", "/bin/true", [], 0, None, None),
-            ("ok", "/bin/true", [], None, {"A=B": "x"}, None),
-            ("ok", "/bin/true", [], None, None, "bad\0cwd"),
+            {**ok, "command_id": ""},
+            {**ok, "command_id": "a/b"},
+            {**ok, "command_id": "x" * 129},
+            {**ok, "command": ""},
+            {**ok, "args": ["a\0b"]},
+            {**ok, "timeout": 0},
+            {**ok, "env": {"A=B": "x"}},
+            {**ok, "cwd": "bad\0cwd"},
         ]
-        for args in bad:
-            err = self.assertRaises(RPCError, runner.execute_command, *args)
-            self.assertEqual(err.code, INVALID_PARAMS, args)
+        for params in bad:
+            request = {"jsonrpc": "2.0", "method": "execute_command", "params": params, "id": 1}
+            answer = reply(dispatcher, request)
+            self.assertEqual(answer["error"]["code"], INVALID_PARAMS, params)
         self.assertFalse(os.listdir(os.path.join(runner._state_dir, "ids")))
         err = self.assertRaises(RPCError, runner.cancel_command, "nope")
         self.assertEqual(err.code, UNKNOWN_COMMAND)
@@ -420,8 +473,6 @@ class FailureResultTests(RunnerTestCase):
         runner = self.make_runner()
         err = await self.rpc_error(runner.get_command_log("nope", 0, 0, 10))
         self.assertEqual(err.code, UNKNOWN_COMMAND)
-        err = await self.rpc_error(runner.get_command_log("nope", 0, 0, 0))
-        self.assertEqual(err.code, INVALID_PARAMS)
 
 
 class KillTests(RunnerTestCase):
@@ -514,7 +565,7 @@ class AtMostOnceTests(RunnerTestCase):
         )
         err = self.assertRaises(RPCError, runner.execute_ansible, "dup-1", "x.yml", {}, None)
         self.assertEqual(err.code, COMMAND_ID_CONFLICT)
-        await runner.stop()
+        await runner.stopService()
 
         again = self.make_runner(state)
         self.assertEqual(
@@ -577,7 +628,7 @@ class RestartTests(RunnerTestCase):
         self.addCleanup(kill_quietly, pid)
         poll = runner.get_command_log("rs-1", len(data), 30, 100)
         self.assertNoResult(poll)
-        await runner.stop()
+        await runner.stopService()
         # A reader waiting at stop is answered with the final state.
         answered = await poll
         self.assertTrue(answered["is_final"])
@@ -610,7 +661,7 @@ class RestartTests(RunnerTestCase):
         data = await self.wait_for_log(runner, "rs-2", b"\n")
         pid = int(data.strip())
         self.addCleanup(kill_quietly, pid)
-        await runner.stop()
+        await runner.stopService()
         await wait_for(lambda: pid_dead(pid))
         again = self.make_runner(state)
         _, result = await self.read_all(again, "rs-2")
@@ -663,14 +714,14 @@ class RetentionTests(RunnerTestCase):
         for cid in ids:
             runner.execute_command(cid, "/bin/echo", [cid * 100], None, None, None)
             await self.read_all(runner, cid)
-        await runner.stop()
+        await runner.stopService()
 
     def _clock_runner(self, state: str, **kwargs: Any) -> Tuple[CommandRunner, Clock]:
         clock = Clock()
         clock.advance(reactor.seconds())
         runner = CommandRunner(state, deployment_tool_dir=self.mktemp(), reactor=clock, **kwargs)
-        runner.start()
-        self.addCleanup(runner.stop)
+        runner.startService()
+        self.addCleanup(runner.stopService)
         return runner, clock
 
     async def test_expired_commands_removed_marker_kept(self) -> None:
@@ -723,51 +774,3 @@ class RetentionTests(RunnerTestCase):
         clock.advance(runner.SWEEP_INTERVAL * 1.2)
         self.assertEqual(len(calls), 2)
         self.assertFalse(exists(os.path.join(state, "commands", "c-e1")))
-
-
-class OutputLogTests(unittest.TestCase):
-    def test_many_switches_binary_search(self) -> None:
-        d = self.mktemp()
-        os.makedirs(d)
-        log = OutputLog(d, writable=True)
-        chunks = []
-        for i in range(300):
-            stream = STDOUT if (i // 3) % 2 == 0 else STDERR
-            data = bytes([i % 256]) * (1 + (i * 7) % 13)
-            log.append(stream, data)
-            chunks.append((stream, data))
-        log.close()
-        # Expected segments: consecutive same-stream chunks merge.
-        expected: List[Tuple[int, bytes]] = []
-        for stream, data in chunks:
-            if expected and expected[-1][0] == stream:
-                expected[-1] = (stream, expected[-1][1] + data)
-            else:
-                expected.append((stream, data))
-        ro = OutputLog(d, writable=False)
-        self.addCleanup(ro.close)
-        offset = 0
-        for stream, data in expected:
-            for k in range(len(data)):
-                got_stream, got = ro.read(offset + k, 1 << 20)
-                self.assertEqual(got_stream, stream)
-                self.assertEqual(got, data[k:])
-            offset += len(data)
-        self.assertEqual(ro.read(offset, 10), (None, b""))
-
-    def test_recover_tails(self) -> None:
-        d = self.mktemp()
-        os.makedirs(d)
-        log = OutputLog(d, writable=True)
-        log.append(STDOUT, b"a" * (TAIL_BYTES + 10))
-        log.append(STDERR, b"e1")
-        log.append(STDOUT, b"b" * 5)
-        log.append(STDERR, b"e2")
-        live = {s: (log.tails[s].value(), log.tails[s].truncated) for s in (STDOUT, STDERR)}
-        log.close()
-        ro = OutputLog(d, writable=False)
-        self.addCleanup(ro.close)
-        self.assertEqual(ro.recover_tails(), live)
-        self.assertEqual(live[STDERR], (b"e1e2", False))
-        self.assertTrue(live[STDOUT][1])
-        self.assertEqual(live[STDOUT][0], (b"a" * (TAIL_BYTES + 10) + b"b" * 5)[-TAIL_BYTES:])
