@@ -39,6 +39,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd._reactor import default_reactor
 from myxd.install import remote
 from myxd.install.bundle import (
     AgentFiles,
@@ -57,6 +58,7 @@ from myxd.install.ssh import (
     Sudo,
     connect,
 )
+from myxd.store.protocols import InstallerStore
 
 INSTALL_STEPS = (
     "connect",
@@ -159,7 +161,7 @@ class Installer(Service):
 
     def __init__(
         self,
-        store: Any,
+        store: InstallerStore,
         rpc: Any,
         settings: Any,
         reactor: Any = None,
@@ -178,10 +180,9 @@ class Installer(Service):
         auto_max_attempts: int = 5,
         auto_reset_after: float = 24 * 3600.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        # Any: the SSH client and the wheelhouse need threads, TCP, processes
+        # and time from it, more than Twisted's type of the global reactor says.
+        reactor = default_reactor(reactor)
         self._store = store
         self._rpc = rpc
         self._settings = settings

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd._reactor import default_reactor
 from myxd.install.hostkeys import HostKeyCheck, HostKeyError, HostKeyMismatch, HostKeyPolicy
 
 __all__ = [
@@ -869,10 +870,7 @@ async def connect(
     (host, port, timeout) -> endpoint replaces TCP (in-memory tests). Raises
     HostKeyMismatch, AuthenticationFailed, KeyLoadError, SSHConnectError.
     """
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     if not credentials.username:
         raise AuthenticationFailed("no SSH username")
     if private_key is None and credentials.private_key:

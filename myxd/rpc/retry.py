@@ -36,6 +36,7 @@ from twisted.web.client import (
 )
 
 from myxd.rpc.tls import PinMismatchError
+from myxd.statuses import AUTH, ERROR_KINDS, FINAL, RETRYABLE
 
 __all__ = [
     "AUTH",
@@ -56,10 +57,8 @@ __all__ = [
     "to_agent_error",
 ]
 
-RETRYABLE = "retryable"
-AUTH = "auth"
-FINAL = "final"
-KINDS = (RETRYABLE, AUTH, FINAL)
+# The error kinds are defined once, in myxd.statuses (the store and metrics use them too).
+KINDS = ERROR_KINDS
 
 T = TypeVar("T")
 

@@ -127,7 +127,7 @@ class ServerLookup(Protocol):
     def get_latest_install(self, server_id: int) -> Deferred[dict[str, Any] | None]: ...
 
 
-class InstallerStore(ServerLookup, AgentLookup, Protocol):
+class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
     """What the installer uses (``myxd.install.installer``)."""
 
     def add_server(
