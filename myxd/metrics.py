@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.daemon.test_metrics,tests.daemon.test_api -*-
+# -*- test-case-name: tests.daemon.test_api,tests.daemon.test_heartbeat -*-
 """In-process metrics for myxd, rendered in the Prometheus text format (0.0.4).
 
 The fleet code calls cheap hooks (`observe_heartbeat`, `rpc_error`, `poll_lag`, ...)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.daemon.test_store -*-
+# -*- test-case-name: tests.daemon.test_store_contract,tests.daemon.test_api -*-
 """The daemon's fixed vocabularies, defined once: statuses, kinds and error kinds.
 
 The store checks values against these, the API validates and serializes with

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_api -*-
 """The admin API: a Klein app over the store, the command queue and the agent RPC client.
 
 JSON in and out. Every route but GET /api/health and the web console's static files

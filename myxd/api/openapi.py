@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_api -*-
 """The OpenAPI 3.0 description of the admin API, served at GET /api/openapi.json.
 
 The document is plain data built here; a test compares it with the Klein app's URL

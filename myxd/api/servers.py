@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_servers_api -*-
 """Servers API (issue 4): add a server with SSH credentials, watch its install, reinstall,
 uninstall, delete. A Klein app of its own, mounted by ``AdminAPI`` under
 ``/api/servers`` AFTER the admin-token check, so its routes are relative::

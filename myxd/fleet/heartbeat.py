@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_heartbeat,tests.daemon.test_fleet_integration -*-
 """`HeartbeatService`: the daemon's periodic, randomized check of every agent.
 
 Each cycle lists the agents, shuffles them, and visits them with a bounded number

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_installer_unit,tests.install.test_install_real -*-
 """The agent installer: from SSH credentials to an online, pinned agent (architecture 3.1).
 
 ``Installer`` runs installs, reinstalls and uninstalls of servers over ONE SSH

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_ssh,tests.install.test_ssh_memory -*-
 """SSH client for installs, on twisted.conch: connect, check the host key, authenticate,
 run commands (also through sudo) and upload files by SFTP, over ONE connection.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_rpc_client,tests.daemon.test_rpc_tls -*-
 """`AgentRPC`: the daemon's JSON-RPC 2.0 client for myx_agent (docs/protocol.md).
 
 A `twisted.web.client.Agent` with a persistent `HTTPConnectionPool`, so

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_rpc_retry,tests.daemon.test_rpc_client -*-
 """Retry policy for agent RPC: error classes, the one classification, backoff, the loop.
 
 Every failure of an agent call is sorted here, and only here, into one of three
