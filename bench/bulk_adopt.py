@@ -49,8 +49,7 @@ async def _adopt(reactor: Any, data_dir: str, entries: List[Dict[str, Any]]) -> 
     service.startService()
     try:
         await service.when_ready()
-        store = service.store
-        box = store._secret_box()
+        box = service.db.box()
         now = time.time()
         rows = [
             (
@@ -76,7 +75,7 @@ async def _adopt(reactor: Any, data_dir: str, entries: List[Dict[str, Any]]) -> 
             t.execute("SELECT COUNT(*) FROM agents")
             return int(t.fetchone()[0])
 
-        total: int = await store._run(txn)
+        total: int = await service.db.run(txn)
         return total
     finally:
         await service.stopService()

@@ -1,7 +1,11 @@
+# -*- test-case-name: tests.daemon.test_api,tests.daemon.test_heartbeat -*-
 """In-process metrics for myxd, rendered in the Prometheus text format (0.0.4).
 
 The fleet code calls cheap hooks (`observe_heartbeat`, `rpc_error`, `poll_lag`, ...)
-that only bump numbers in memory; gauges that mirror the store (agents and commands
+that only bump numbers in memory. Each caller takes the hooks it uses as a
+Protocol (`HeartbeatMetrics`, `CommandMetrics`, `RPCMetrics`), so mypy checks that
+`Metrics` has every hook a caller calls, and `NO_METRICS` stands in when a caller
+is given none; gauges that mirror the store (agents and commands
 by status) are read from the store at scrape time by the API, so they are never stale
 and cost nothing between scrapes.
 
@@ -17,21 +21,25 @@ import math
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from myxd.statuses import AGENT_STATUSES, COMMAND_KINDS, COMMAND_STATUSES, ERROR_KINDS
 
 __all__ = [
-    "AGENT_STATUSES",
-    "COMMAND_STATUSES",
     "CONTENT_TYPE",
+    "NO_METRICS",
+    "CommandMetrics",
     "Counter",
+    "HeartbeatMetrics",
     "Histogram",
     "Metrics",
+    "NullMetrics",
+    "RPCMetrics",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-AGENT_STATUSES = ("online", "offline", "installing", "error")
-COMMAND_STATUSES = ("pending", "running", "success", "failed")
-RPC_ERROR_KINDS = ("retryable", "auth", "final")
+RPC_ERROR_KINDS = ERROR_KINDS
 
 # Heartbeats on loopback take ~1 ms, over a WAN tens of ms; a slow agent can hold a
 # call until rpc_timeout (30 s), so the buckets span that whole range.
@@ -170,6 +178,60 @@ class Histogram:
         return lines
 
 
+class HeartbeatMetrics(Protocol):
+    """The hooks the heartbeat scheduler calls (positionally)."""
+
+    def observe_heartbeat(self, latency_seconds: float, /) -> None: ...
+
+    def heartbeat_cycle(self, duration_seconds: float, agents: int, failed: int, /) -> None: ...
+
+    def reinstall_requested(self) -> None: ...
+
+
+class CommandMetrics(Protocol):
+    """The hooks the command queue calls (positionally)."""
+
+    def poll_lag(self, seconds: float, /) -> None: ...
+
+    def command_created(self, kind: str, /) -> None: ...
+
+
+class RPCMetrics(Protocol):
+    """The hooks the agent RPC client calls (positionally)."""
+
+    def rpc_retry(self) -> None: ...
+
+    def rpc_error(self, kind: str, /) -> None: ...
+
+
+class NullMetrics:
+    """Every hook, doing nothing: for a caller given no metrics."""
+
+    def observe_heartbeat(self, latency_seconds: float) -> None:
+        pass
+
+    def heartbeat_cycle(self, duration_seconds: float, agents: int = 0, failed: int = 0) -> None:
+        pass
+
+    def reinstall_requested(self) -> None:
+        pass
+
+    def poll_lag(self, seconds: float) -> None:
+        pass
+
+    def command_created(self, kind: str) -> None:
+        pass
+
+    def rpc_retry(self) -> None:
+        pass
+
+    def rpc_error(self, kind: str) -> None:
+        pass
+
+
+NO_METRICS = NullMetrics()
+
+
 def _gauge_lines(
     name: str, help_text: str, label: str, values: Mapping[str, float], known: Iterable[str]
 ) -> list[str]:
@@ -215,7 +277,7 @@ class Metrics:
             "myxd_commands_created",
             "Commands and ansible runs created, by kind.",
             "kind",
-            ("command", "ansible"),
+            COMMAND_KINDS,
         )
         self.api_requests = Counter(
             "myxd_api_requests", "Admin API responses, by HTTP status code.", "code"
@@ -246,7 +308,7 @@ class Metrics:
         self.reinstalls.inc()
 
     def command_created(self, kind: str) -> None:
-        self.commands_created.inc(kind if kind in ("command", "ansible") else "other")
+        self.commands_created.inc(kind if kind in COMMAND_KINDS else "other")
 
     def api_response(self, code: int) -> None:
         self.api_requests.inc(str(int(code)))

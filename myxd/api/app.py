@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_api -*-
 """The admin API: a Klein app over the store, the command queue and the agent RPC client.
 
 JSON in and out. Every route but GET /api/health and the web console's static files
@@ -28,7 +29,7 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -38,6 +39,7 @@ from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 import myxd
+from myxd._reactor import default_reactor
 from myxd.api import openapi
 from myxd.api.console import PUBLIC_PATHS as CONSOLE_PATHS
 from myxd.api.console import Console
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
     from myxd.config import Settings
     from myxd.fleet.commands import CommandQueue
     from myxd.rpc.client import AgentRPC
-    from myxd.store import Store
+    from myxd.store.protocols import AdminStore
 
 __all__ = ["AdminAPI"]
 
@@ -174,27 +176,23 @@ class AdminAPI:
 
     def __init__(
         self,
-        store: Store,
+        store: AdminStore,
         queue: CommandQueue,
         rpc: AgentRPC,
         settings: Settings,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         *,
         metrics: Metrics,
         admin_token: str,
         servers_api: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
         if not admin_token:
             raise ValueError("the admin API needs a non-empty admin token")
         self._store = store
         self._queue = queue
         self._rpc = rpc
         self._settings = settings
-        self._reactor = reactor
+        self._reactor: IReactorTime = default_reactor(reactor)
         self._metrics = metrics
         self._token = admin_token.encode("utf-8")
         self._servers_api = servers_api

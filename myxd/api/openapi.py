@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_api -*-
 """The OpenAPI 3.0 description of the admin API, served at GET /api/openapi.json.
 
 The document is plain data built here; a test compares it with the Klein app's URL
@@ -14,6 +15,8 @@ import copy
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from myxd.statuses import AGENT_STATUSES, COMMAND_KINDS, COMMAND_STATUSES, OUTPUT_STREAMS
 
 __all__ = ["build_document", "openapi_path", "static_paths"]
 
@@ -104,7 +107,7 @@ _SCHEMAS: dict[str, Any] = {
             "rpc_port": {"type": "integer"},
             "rpc_path": {"type": "string"},
             "cert_fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "status": {"type": "string", "enum": ["online", "offline", "installing", "error"]},
+            "status": {"type": "string", "enum": list(AGENT_STATUSES)},
             "status_reason": _NULLABLE_STRING,
             "rpc_supported": {"type": "boolean"},
             "rpc_last_check": _NULLABLE_NUMBER,
@@ -210,7 +213,7 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "integer"},
             "agent_id": {"type": "integer"},
             "command_uid": {"type": "string"},
-            "kind": {"type": "string", "enum": ["command", "ansible"]},
+            "kind": {"type": "string", "enum": list(COMMAND_KINDS)},
             "command": {"type": "string"},
             "args": {"type": "array", "items": {}},
             "timeout": _NULLABLE_NUMBER,
@@ -219,7 +222,7 @@ _SCHEMAS: dict[str, Any] = {
                 "nullable": True,
                 "description": "cwd, env names (never values), playbook/extra_vars.",
             },
-            "status": {"type": "string", "enum": ["pending", "running", "success", "failed"]},
+            "status": {"type": "string", "enum": list(COMMAND_STATUSES)},
             "final": {"type": "boolean"},
             "exit_code": _NULLABLE_INT,
             "reason": _NULLABLE_STRING,
@@ -235,7 +238,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "offset": {"type": "integer"},
-            "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+            "stream": {"type": "string", "enum": list(OUTPUT_STREAMS)},
             "data": {"type": "string", "format": "byte"},
         },
     },
@@ -294,7 +297,7 @@ def static_paths() -> dict[str, dict[str, Any]]:
                     _param(
                         "status",
                         "query",
-                        {"type": "string", "enum": ["online", "offline", "installing", "error"]},
+                        {"type": "string", "enum": list(AGENT_STATUSES)},
                         "Only agents with this status.",
                     ),
                 ],

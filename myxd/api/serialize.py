@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_api -*-
 """JSON shapes of store records as the admin API shows them.
 
 Fields are copied from explicit allowlists, so a new secret column in a record can
@@ -10,11 +11,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from myxd.statuses import FINAL_STATUSES
 from myxd.store.records import AgentRecord, CommandRecord, EventRecord, OutputChunk
 
 __all__ = ["agent_json", "chunk_json", "command_json", "event_json", "FINAL_STATUSES"]
 
-FINAL_STATUSES = frozenset({"success", "failed"})
 
 _AGENT_FIELDS = (
     "id",

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_servers_api -*-
 """Servers API (issue 4): add a server with SSH credentials, watch its install, reinstall,
 uninstall, delete. A Klein app of its own, mounted by ``AdminAPI`` under
 ``/api/servers`` AFTER the admin-token check, so its routes are relative::
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,11 +30,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
+from myxd._reactor import default_reactor
 from myxd.api.inputs import APIError, Body, json_bytes, read_json_object, valid_host
 from myxd.api.serialize import agent_json
 from myxd.install.hostkeys import InvalidFingerprint, parse_fingerprint
 from myxd.install.installer import InstallInProgress, ServerNotFound
 from myxd.install.ssh import KeyLoadError, load_private_key
+from myxd.store.protocols import ServerLookup
 
 __all__ = ["ServersAPI", "server_json"]
 
@@ -151,14 +155,12 @@ class ServersAPI:
     _app = Klein()
     log = Logger()
 
-    def __init__(self, store: Any, installer: Any, *, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+    def __init__(
+        self, store: ServerLookup, installer: Any, *, reactor: IReactorThreads | None = None
+    ) -> None:
         self._store = store
         self._installer = installer
-        self._reactor = reactor
+        self._reactor: IReactorThreads = default_reactor(reactor)
 
     def resource(self) -> IResource:
         return self._app.resource()

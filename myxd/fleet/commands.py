@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_command_queue,tests.daemon.test_fleet_integration -*-
 """`CommandQueue`: run commands and ansible playbooks on agents, and stream their logs.
 
 A command is recorded `running`, then `execute_command` / `execute_ansible` is
@@ -20,7 +21,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -35,22 +36,23 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd._reactor import default_reactor
 from myxd.errors import NotFoundError
+from myxd.metrics import NO_METRICS, CommandMetrics
 from myxd.rpc.client import AgentEndpoint
-from myxd.rpc.retry import RETRYABLE, AgentRPCError, ProtocolError, RemoteError
+from myxd.rpc.retry import AgentRPCError, ProtocolError, RemoteError
+from myxd.statuses import FINAL_STATUSES, OUTPUT_STREAMS, RETRYABLE, UNKNOWN_COMMAND
 from myxd.store.records import AgentRecord, CommandRecord, HeartbeatResult
 
 if TYPE_CHECKING:
     from myxd.config import Settings
     from myxd.rpc.client import AgentRPC
-    from myxd.store import Store
+    from myxd.store.protocols import QueueStore
 
 __all__ = ["LOG_CHUNK_BYTES", "CommandQueue", "CommandUpdate"]
 
 LOG_CHUNK_BYTES = 256 * 1024  # max_bytes per get_command_log (agent cap: 1 MiB)
 MAX_AGENT_WAIT = 30.0  # the agent's upper bound for `wait`
-UNKNOWN_COMMAND = -32004
-FINAL_STATUSES = ("success", "failed")
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def _parse_log(res: Any, offset: int) -> _LogSlice:
             f"get_command_log: new_offset {new_offset} != offset {offset} + {len(data)} bytes"
         )
     stream = res.get("log_type")
-    if data and stream not in ("stdout", "stderr"):
+    if data and stream not in OUTPUT_STREAMS:
         raise ProtocolError("get_command_log: log_type is not stdout or stderr")
     result = res.get("result")
     return _LogSlice(
@@ -140,22 +142,18 @@ class CommandQueue(Service):
 
     def __init__(
         self,
-        store: Store,
+        store: QueueStore,
         rpc: AgentRPC,
         settings: Settings,
         reactor: IReactorTime | None = None,
         *,
-        metrics: Any = None,
+        metrics: CommandMetrics | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = cast(IReactorTime, _reactor)
-        self._reactor = reactor
+        self._reactor: IReactorTime = default_reactor(reactor)
         self._store = store
         self._rpc = rpc
         self._settings = settings
-        self._metrics = metrics
+        self._metrics: CommandMetrics = NO_METRICS if metrics is None else metrics
         self._slots = DeferredSemaphore(max(1, int(settings.max_log_pollers)))
         self._tasks: dict[int, Deferred[None]] = {}
         self._subscribers: dict[int, list[Callable[[CommandUpdate], Any]]] = {}
@@ -368,7 +366,7 @@ class CommandQueue(Service):
             extra=extra,
             status="running",
         )
-        self._hook("command_created", kind)
+        self._hook(self._metrics.command_created, kind)
         await self._event(actor, f"{kind}.create", rec, "running", {"agent_id": agent_id, **audit})
         self._spawn(rec, agent)
         return rec
@@ -470,7 +468,7 @@ class CommandQueue(Service):
         while True:
             await self._slots.acquire()
             started = clock.seconds()
-            self._hook("poll_lag", max(0.0, started - due))
+            self._hook(self._metrics.poll_lag, max(0.0, started - due))
             self.polls_in_flight += 1
             self.max_polls_in_flight = max(self.max_polls_in_flight, self.polls_in_flight)
             try:
@@ -679,14 +677,12 @@ class CommandQueue(Service):
                     "subscriber of command {command_id} failed", command_id=update.command_id
                 )
 
-    def _hook(self, name: str, *args: Any) -> None:
-        fn = getattr(self._metrics, name, None) if self._metrics is not None else None
-        if fn is None:
-            return
+    def _hook(self, hook: Callable[..., None], *args: float | str) -> None:
+        # A metrics hook must never break the work it measures.
         try:
-            fn(*args)
+            hook(*args)
         except Exception:
-            self.log.failure("metrics hook {name} failed", name=name)
+            self.log.failure("metrics hook {name} failed", name=hook.__name__)
 
     def _log_failure(self, failure: Failure, message: str) -> None:
         if not failure.check(CancelledError):

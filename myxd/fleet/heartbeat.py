@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_heartbeat,tests.daemon.test_fleet_integration -*-
 """`HeartbeatService`: the daemon's periodic, randomized check of every agent.
 
 Each cycle lists the agents, shuffles them, and visits them with a bounded number
@@ -20,7 +21,7 @@ import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -29,6 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from myx_agent.poll import Poller
+from myxd._reactor import default_reactor
+from myxd.metrics import NO_METRICS, HeartbeatMetrics
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import FINAL, AgentRPCError, RemoteError
 from myxd.store.records import AgentRecord, HeartbeatResult
@@ -36,7 +39,7 @@ from myxd.store.records import AgentRecord, HeartbeatResult
 if TYPE_CHECKING:
     from myxd.config import Settings
     from myxd.rpc.client import AgentRPC
-    from myxd.store import Store
+    from myxd.store.protocols import HeartbeatStore
 
 __all__ = ["CycleStats", "HeartbeatService"]
 
@@ -65,31 +68,27 @@ class HeartbeatService(Service):
 
     def __init__(
         self,
-        store: Store,
+        store: HeartbeatStore,
         rpc: AgentRPC,
         settings: Settings,
         reactor: IReactorTime | None = None,
         *,
         reinstall_hook: Callable[[AgentRecord, str], Any] | None = None,
         rng: random.Random | None = None,
-        metrics: Any = None,
+        metrics: HeartbeatMetrics | None = None,
         write_batch: int = WRITE_BATCH,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = cast(IReactorTime, _reactor)
-        self._reactor = reactor
+        self._reactor: IReactorTime = default_reactor(reactor)
         self._store = store
         self._rpc = rpc
         self._settings = settings
         self.reinstall_hook = reinstall_hook
         self._rng = rng if rng is not None else random.Random()
-        self._metrics = metrics
+        self._metrics: HeartbeatMetrics = NO_METRICS if metrics is None else metrics
         self._write_batch = max(1, int(write_batch))
         # The loop: a cycle, then the next after next_delay(), whatever happened.
         self._poller = Poller(
-            self._guarded_cycle, reactor, lambda: self.next_delay(), name="heartbeat cycle"
+            self._guarded_cycle, self._reactor, lambda: self.next_delay(), name="heartbeat cycle"
         )
         self._workers: set[Deferred[None]] = set()
         self._stopping = False
@@ -204,7 +203,7 @@ class HeartbeatService(Service):
             store_errors=counts["store_errors"],
         )
         self.last_cycle = stats
-        self._hook("heartbeat_cycle", stats.duration, stats.agents, stats.failed)
+        self._hook(self._metrics.heartbeat_cycle, stats.duration, stats.agents, stats.failed)
         self.log.info(
             "heartbeat cycle {number}: {agents} agents, {ok} ok, {failed} failed in "
             "{duration:.3f}s",
@@ -285,7 +284,7 @@ class HeartbeatService(Service):
         if not isinstance(version, str):
             version = status.get("version") if isinstance(status.get("version"), str) else None
         latency = now - t0
-        self._hook("observe_heartbeat", latency)
+        self._hook(self._metrics.observe_heartbeat, latency)
         return HeartbeatResult(
             agent_id=agent.id, at=now, ok=True, version=version, details=status, latency=latency
         )
@@ -320,7 +319,7 @@ class HeartbeatService(Service):
 
     async def _request_reinstall(self, agent: AgentRecord, reason: str, dead_cycles: int) -> None:
         self.reinstall_requests += 1
-        self._hook("reinstall_requested")
+        self._hook(self._metrics.reinstall_requested)
         hook = self.reinstall_hook
         self.log.warn(
             "agent {agent_id} RPC dead for {cycles} cycles ({reason}); {what}",
@@ -356,11 +355,9 @@ class HeartbeatService(Service):
     def _hook_failed(self, failure: Failure, agent_id: int) -> None:
         self.log.failure("reinstall hook failed for agent {agent_id}", failure, agent_id=agent_id)
 
-    def _hook(self, name: str, *args: Any) -> None:
-        fn = getattr(self._metrics, name, None) if self._metrics is not None else None
-        if fn is None:
-            return
+    def _hook(self, hook: Callable[..., None], *args: float) -> None:
+        # A metrics hook must never break the work it measures.
         try:
-            fn(*args)
+            hook(*args)
         except Exception:
-            self.log.failure("metrics hook {name} failed", name=name)
+            self.log.failure("metrics hook {name} failed", name=hook.__name__)

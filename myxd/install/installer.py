@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_installer_unit,tests.install.test_install_real -*-
 """The agent installer: from SSH credentials to an online, pinned agent (architecture 3.1).
 
 ``Installer`` runs installs, reinstalls and uninstalls of servers over ONE SSH
@@ -39,6 +40,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd._reactor import default_reactor
 from myxd.install import remote
 from myxd.install.bundle import (
     AgentFiles,
@@ -57,6 +59,7 @@ from myxd.install.ssh import (
     Sudo,
     connect,
 )
+from myxd.store.protocols import InstallerStore
 
 INSTALL_STEPS = (
     "connect",
@@ -159,7 +162,7 @@ class Installer(Service):
 
     def __init__(
         self,
-        store: Any,
+        store: InstallerStore,
         rpc: Any,
         settings: Any,
         reactor: Any = None,
@@ -178,10 +181,9 @@ class Installer(Service):
         auto_max_attempts: int = 5,
         auto_reset_after: float = 24 * 3600.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        # Any: the SSH client and the wheelhouse need threads, TCP, processes
+        # and time from it, more than Twisted's type of the global reactor says.
+        reactor = default_reactor(reactor)
         self._store = store
         self._rpc = rpc
         self._settings = settings

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_ssh,tests.install.test_ssh_memory -*-
 """SSH client for installs, on twisted.conch: connect, check the host key, authenticate,
 run commands (also through sudo) and upload files by SFTP, over ONE connection.
 
@@ -37,6 +38,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd._reactor import default_reactor
 from myxd.install.hostkeys import HostKeyCheck, HostKeyError, HostKeyMismatch, HostKeyPolicy
 
 __all__ = [
@@ -869,10 +871,7 @@ async def connect(
     (host, port, timeout) -> endpoint replaces TCP (in-memory tests). Raises
     HostKeyMismatch, AuthenticationFailed, KeyLoadError, SSHConnectError.
     """
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     if not credentials.username:
         raise AuthenticationFailed("no SSH username")
     if private_key is None and credentials.private_key:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_rpc_client,tests.daemon.test_rpc_tls -*-
 """`AgentRPC`: the daemon's JSON-RPC 2.0 client for myx_agent (docs/protocol.md).
 
 A `twisted.web.client.Agent` with a persistent `HTTPConnectionPool`, so
@@ -49,6 +50,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from myxd._reactor import default_reactor
+from myxd.metrics import NO_METRICS, RPCMetrics
 from myxd.rpc.retry import (
     AgentRPCError,
     CallTimeout,
@@ -286,16 +289,12 @@ class AgentRPC:
         settings: Settings,
         *,
         http_agent: IAgent | None = None,
-        metrics: Any = None,
+        metrics: RPCMetrics | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = cast(IReactorTime, _reactor)
-        self._reactor = reactor
+        self._reactor: IReactorTime = default_reactor(reactor)
         self._settings = settings
-        self._metrics = metrics
+        self._metrics: RPCMetrics = NO_METRICS if metrics is None else metrics
         self._max_response_bytes = max_response_bytes
         self.pins = PinRegistry()
         self._pool: HTTPConnectionPool | None = None
@@ -427,14 +426,10 @@ class AgentRPC:
         )
 
     def _on_retry(self, reason: str) -> None:
-        hook = getattr(self._metrics, "rpc_retry", None)
-        if hook is not None:
-            hook()
+        self._metrics.rpc_retry()
 
     def _on_final(self, error: AgentRPCError) -> None:
-        hook = getattr(self._metrics, "rpc_error", None)
-        if hook is not None:
-            hook(error.kind)
+        self._metrics.rpc_error(error.kind)
 
     async def _post(self, ep: AgentEndpoint, body: bytes, timeout: float) -> Any:
         d = Deferred.fromCoroutine(self._exchange(ep, body))

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_rpc_retry,tests.daemon.test_rpc_client -*-
 """Retry policy for agent RPC: error classes, the one classification, backoff, the loop.
 
 Every failure of an agent call is sorted here, and only here, into one of three
@@ -36,6 +37,7 @@ from twisted.web.client import (
 )
 
 from myxd.rpc.tls import PinMismatchError
+from myxd.statuses import AUTH, ERROR_KINDS, FINAL, RETRYABLE
 
 __all__ = [
     "AUTH",
@@ -56,10 +58,8 @@ __all__ = [
     "to_agent_error",
 ]
 
-RETRYABLE = "retryable"
-AUTH = "auth"
-FINAL = "final"
-KINDS = (RETRYABLE, AUTH, FINAL)
+# The error kinds are defined once, in myxd.statuses (the store and metrics use them too).
+KINDS = ERROR_KINDS
 
 T = TypeVar("T")
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_store -*-
 """At-rest encryption of secrets in the store (agent tokens, SSH credentials).
 
 The key is a Fernet key in ``<data_dir>/secret.key``, created once with mode

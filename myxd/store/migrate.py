@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_store -*-
 """Versioned schema for the SQLite store: apply ``schema/NNN_*.sql`` in order.
 
 The applied version lives in the ``schema_version`` table. Each file is applied

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.daemon.test_store -*-
 """Immutable records the store hands out. Plain data: no I/O, no secrets in repr."""
 
 from __future__ import annotations
@@ -5,15 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-AGENT_STATUSES = ("online", "offline", "installing", "error")
-COMMAND_STATUSES = ("pending", "running", "success", "failed")
-COMMAND_KINDS = ("command", "ansible")
-OUTPUT_STREAMS = ("stdout", "stderr")
-SERVER_STATUSES = ("new", "installing", "installed", "failed", "needs_attention", "uninstalled")
-INSTALL_KINDS = ("install", "reinstall", "uninstall")
-INSTALL_STATUSES = ("running", "ok", "failed", "cancelled")
-INSTALL_STEP_STATUSES = ("running", "ok", "failed", "skipped")
-ERROR_KINDS = ("retryable", "auth", "final")
+# The vocabularies live in myxd.statuses; re-exported for the store's users.
+from myxd.statuses import (  # noqa: F401
+    AGENT_STATUSES,
+    COMMAND_KINDS,
+    COMMAND_STATUSES,
+    ERROR_KINDS,
+    FINAL_STATUSES,
+    INSTALL_KINDS,
+    INSTALL_STATUSES,
+    INSTALL_STEP_STATUSES,
+    OUTPUT_STREAMS,
+    SERVER_STATUSES,
+    UNFINISHED_STATUSES,
+)
 
 
 @dataclass(frozen=True)

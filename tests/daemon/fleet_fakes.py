@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -25,6 +25,14 @@ from myxd.config import Settings
 from myxd.errors import NotFoundError, OutputGapError
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import AgentRPCError, RemoteError
+from myxd.statuses import (
+    COMMAND_KINDS,
+    COMMAND_STATUSES,
+    ERROR_KINDS,
+    OUTPUT_STREAMS,
+    UNFINISHED_STATUSES,
+)
+from myxd.store.commands import MAX_READ_BYTES
 from myxd.store.records import AgentRecord, CommandRecord, HeartbeatResult, OutputChunk
 
 PIN = "ab" * 32
@@ -181,7 +189,14 @@ def agent_record(
 
 
 class FakeStore:
-    """In-memory stand-in for `myxd.store.Store` (the part the fleet uses)."""
+    """In-memory stand-in for `myxd.store.Store`: the part the fleet uses.
+
+    It provides `myxd.store.protocols.FleetStore` (mypy checks that), and
+    tests/daemon/test_store_contract runs the same behaviour tests on it as on
+    the SQLite store. Test seams on top: `add`/`put_command` to seed records,
+    `fail_next[method]` to make the next call fail, `heartbeat_writes`, `events`,
+    and `output`/`streams` to look at what was stored.
+    """
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
@@ -211,15 +226,20 @@ class FakeStore:
         self.agents[rec.id] = rec
         return rec
 
-    def list_agents(self, **kwargs: Any) -> Deferred[list[AgentRecord]]:
+    def list_agents(self) -> Deferred[list[AgentRecord]]:
         return self._d("list_agents", lambda: sorted(self.agents.values(), key=lambda a: a.id))
 
     def get_agent(self, agent_id: int) -> Deferred[AgentRecord | None]:
         return self._d("get_agent", lambda: self.agents.get(agent_id))
 
-    def record_heartbeat_results(self, results: list[HeartbeatResult]) -> Deferred[None]:
+    def record_heartbeat_results(self, results: Sequence[HeartbeatResult]) -> Deferred[None]:
+        results = list(results)
+
         def run() -> None:
-            self.heartbeat_writes.append(list(results))
+            for r in results:
+                if not r.ok and r.error_kind is not None and r.error_kind not in ERROR_KINDS:
+                    raise ValueError(f"error_kind must be one of {', '.join(ERROR_KINDS)}")
+            self.heartbeat_writes.append(results)
             for r in results:
                 a = self.agents.get(r.agent_id)
                 if a is None:
@@ -230,24 +250,46 @@ class FakeStore:
                         status="online",
                         status_reason=None,
                         failed_cycles=0,
+                        last_error_kind=None,
+                        rpc_supported=True,
+                        rpc_last_check=r.at,
+                        rpc_last_success=r.at,
                         last_heartbeat=r.at,
-                        version=r.version or a.version,
-                        details=r.details or a.details,
+                        version=a.version if r.version is None else r.version,
+                        details=a.details if r.details is None else r.details,
+                        last_latency=a.last_latency if r.latency is None else r.latency,
+                        updated_at=r.at,
                     )
                 else:
+                    # The installer owns an installing agent's status.
+                    installing = a.status == "installing"
                     a = dataclasses.replace(
                         a,
-                        status="offline",
-                        status_reason=r.reason,
+                        status=a.status if installing else "offline",
+                        status_reason=a.status_reason if installing else r.reason,
                         failed_cycles=a.failed_cycles + 1,
+                        total_failures=a.total_failures + 1,
+                        last_error_kind=r.error_kind,
+                        rpc_last_check=r.at,
+                        updated_at=r.at,
                     )
                 self.agents[r.agent_id] = a
 
         return self._d("record_heartbeat_results", run)
 
-    def add_event(self, **kwargs: Any) -> Deferred[int]:
+    def add_event(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        outcome: str,
+        details: dict[str, Any] | None = None,
+    ) -> Deferred[int]:
         def run() -> int:
-            self.events.append(kwargs)
+            self.events.append(
+                dict(actor=actor, action=action, target=target, outcome=outcome, details=details)
+            )
             return len(self.events)
 
         return self._d("add_event", run)
@@ -259,15 +301,20 @@ class FakeStore:
         agent_id: int,
         kind: str,
         command: str,
-        args: list[Any],
+        args: Sequence[Any],
         timeout: float | None,
         extra: dict[str, Any] | None = None,
         status: str = "running",
     ) -> Deferred[CommandRecord]:
         def run() -> CommandRecord:
+            if kind not in COMMAND_KINDS:
+                raise ValueError(f"kind must be one of {', '.join(COMMAND_KINDS)}")
+            if status not in COMMAND_STATUSES:
+                raise ValueError(f"status must be one of {', '.join(COMMAND_STATUSES)}")
             if agent_id not in self.agents:
                 raise NotFoundError(f"agent {agent_id} not found")
             cid = next(self._ids)
+            now = self.clock.seconds()
             rec = CommandRecord(
                 id=cid,
                 agent_id=agent_id,
@@ -283,8 +330,8 @@ class FakeStore:
                 result=None,
                 attempts=0,
                 output_offset=0,
-                created_at=self.clock.seconds(),
-                started_at=self.clock.seconds(),
+                created_at=now,
+                started_at=now if status == "running" else None,
                 finished_at=None,
             )
             self.commands[cid] = rec
@@ -305,11 +352,36 @@ class FakeStore:
     def list_unfinished_commands(self) -> Deferred[list[CommandRecord]]:
         return self._d(
             "list_unfinished_commands",
-            lambda: [c for c in self.commands.values() if c.status in ("pending", "running")],
+            lambda: [
+                c for _, c in sorted(self.commands.items()) if c.status in UNFINISHED_STATUSES
+            ],
         )
 
-    def update_command(self, command_id: int, **fields: Any) -> Deferred[None]:
+    def update_command(
+        self,
+        command_id: int,
+        *,
+        status: str | None = None,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        result: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+    ) -> Deferred[None]:
+        fields: dict[str, Any] = dict(
+            status=status,
+            exit_code=exit_code,
+            reason=reason,
+            result=result,
+            attempts=attempts,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+
         def run() -> None:
+            if status is not None and status not in COMMAND_STATUSES:
+                raise ValueError(f"status must be one of {', '.join(COMMAND_STATUSES)}")
             rec = self.commands.get(command_id)
             if rec is None:
                 raise NotFoundError(f"command {command_id} not found")
@@ -322,14 +394,20 @@ class FakeStore:
         self, command_id: int, offset: int, stream: str, data: bytes
     ) -> Deferred[int]:
         def run() -> int:
-            rec = self.commands[command_id]
+            if stream not in OUTPUT_STREAMS:
+                raise ValueError(f"stream must be one of {', '.join(OUTPUT_STREAMS)}")
+            if offset < 0:
+                raise ValueError(f"offset must not be negative, not {offset}")
+            rec = self.commands.get(command_id)
+            if rec is None:
+                raise NotFoundError(f"command {command_id} not found")
             stored = rec.output_offset
             if offset > stored:
                 raise OutputGapError(command_id, offset, stored)
             end = offset + len(data)
             if end <= stored:
                 return stored
-            new = data[stored - offset :]
+            new = bytes(data[stored - offset :])
             self.output[command_id] += new
             self.streams[command_id].append((stored, stream, new))
             self.commands[command_id] = dataclasses.replace(rec, output_offset=end)
@@ -340,9 +418,29 @@ class FakeStore:
     def read_output(
         self, command_id: int, offset: int = 0, max_bytes: int = 1048576
     ) -> Deferred[list[OutputChunk]]:
-        return succeed(
-            [OutputChunk(o, s, d) for o, s, d in self.streams[command_id] if o >= offset]
-        )
+        def run() -> list[OutputChunk]:
+            if offset < 0:
+                raise ValueError(f"offset must not be negative, not {offset}")
+            if not 1 <= max_bytes <= MAX_READ_BYTES:
+                raise ValueError(f"max_bytes must be in 1-{MAX_READ_BYTES}, not {max_bytes}")
+            out: list[OutputChunk] = []
+            budget = max_bytes
+            for start, stream, data in self.streams.get(command_id, []):
+                if budget <= 0:
+                    break
+                if start + len(data) <= offset:
+                    continue
+                if start < offset:
+                    data, start = data[offset - start :], offset
+                data = data[:budget]
+                budget -= len(data)
+                if out and out[-1].stream == stream:
+                    out[-1] = OutputChunk(out[-1].offset, stream, out[-1].data + data)
+                else:
+                    out.append(OutputChunk(start, stream, data))
+            return out
+
+        return self._d("read_output", run)
 
 
 class ScriptedRPC:

@@ -149,7 +149,7 @@ class QueueTestCase(TestCase):
 
     def queue(self, **overrides: Any) -> CommandQueue:
         q = CommandQueue(
-            self.store,  # type: ignore[arg-type]
+            self.store,
             self.rpc,  # type: ignore[arg-type]
             settings(**overrides),
             self.clock,

@@ -1,7 +1,8 @@
 """The fast paths added for issue 5 (benchmarks): they must keep the behaviour of
 the slow ones they replace.
 
-- ``Store.read_command_output``: one transaction = ``get_command`` + ``read_output``.
+- ``Store.read_command_output``: one transaction = ``get_command`` + ``read_output``;
+  concurrent reads are grouped into one transaction, each answered on its own.
 - ``PinnedTLSPolicy``: one SSL context for every agent, buffers released while idle.
 - ``_PinnedEndpointFactory``: https only; an IP literal is dialled directly (no
   resolver thread), and nothing is built for a request the pool serves.
@@ -61,6 +62,84 @@ class ReadCommandOutputTests(StoreTestBase):
                 await self.store.read_command_output(12345, -1)
             with self.assertRaises(ValueError):
                 await self.store.read_command_output(12345, 0, 0)
+
+        return d(go())
+
+    def test_concurrent_reads_are_grouped_and_each_answered(self) -> Deferred[Any]:
+        async def go() -> None:
+            agent_id = await self.agent(9103)
+            rec = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="echo", args=[], timeout=None
+            )
+            await self.store.append_output(rec.id, 0, "stdout", b"abcdef")
+            trips: list[str] = []
+            real_run = self.service.db.run
+
+            def counting_run(interaction: Any, *args: Any) -> Deferred[Any]:
+                trips.append(getattr(interaction, "__name__", "?"))
+                return real_run(interaction, *args)
+
+            self.patch(self.service.db, "run", counting_run)
+            asked = [
+                (rec.id, 0, 1 << 20),
+                (rec.id, 2, 2),
+                (rec.id, -1, 10),  # bad offset: fails alone
+                (rec.id + 1000, 0, 10),  # unknown command
+                (rec.id, 6, 10),  # at the end
+                (rec.id, 0, 0),  # bad size: fails alone
+            ]
+            reads = [self.store.read_command_output(*a) for a in asked]
+            results: list[Any] = []
+            for r in reads:
+                try:
+                    got, chunks = await r
+                    results.append((got, chunks))
+                except ValueError:
+                    results.append("ValueError")
+            # The first read went at once; the five asked while it ran, together.
+            self.assertEqual(trips, ["_read_batch", "_read_batch"])
+            self.patch(self.service.db, "run", real_run)
+            current = await self.store.get_command(rec.id)
+            self.assertEqual(
+                results,
+                [
+                    (current, [OutputChunk(0, "stdout", b"abcdef")]),
+                    (current, [OutputChunk(2, "stdout", b"cd")]),
+                    "ValueError",
+                    (None, []),
+                    (current, []),
+                    "ValueError",
+                ],
+            )
+            # The same answers one by one, ungrouped.
+            for a, expected in zip(asked, results, strict=True):
+                if expected == "ValueError":
+                    with self.assertRaises(ValueError):
+                        await self.store.read_command_output(*a)
+                else:
+                    self.assertEqual(await self.store.read_command_output(*a), expected)
+
+        return d(go())
+
+    def test_a_read_sees_every_append_that_finished_before_it(self) -> Deferred[Any]:
+        async def go() -> None:
+            agent_id = await self.agent(9104)
+            rec = await self.store.create_command(
+                agent_id=agent_id, kind="command", command="echo", args=[], timeout=None
+            )
+            offset = 0
+            for i in range(20):
+                line = f"line {i}\n".encode()
+                # A read in flight, so the next read is queued behind it.
+                before = self.store.read_command_output(rec.id, 0)
+                offset = await self.store.append_output(rec.id, offset, "stdout", line)
+                got, chunks = await self.store.read_command_output(rec.id, 0)
+                self.assertEqual(got.output_offset, offset)
+                self.assertEqual(
+                    b"".join(c.data for c in chunks),
+                    b"".join(f"line {j}\n".encode() for j in range(i + 1)),
+                )
+                await before
 
         return d(go())
 

@@ -93,7 +93,7 @@ class HeartbeatTestCase(TestCase):
             self.hooked.append((agent.id, reason))
 
         svc = HeartbeatService(
-            self.store,  # type: ignore[arg-type]
+            self.store,
             self.rpc,  # type: ignore[arg-type]
             settings(**overrides),
             self.clock,

@@ -14,6 +14,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
@@ -67,7 +68,7 @@ class ServersAPITests(unittest.TestCase):
         self.installer = Installer(self.store, rpc, self.settings, reactor)
         self.installer.startService()
         self.addCleanup(self.installer.stopService)
-        servers = ServersAPI(self.store, self.installer, reactor=reactor)
+        servers = ServersAPI(self.store, self.installer, reactor=IReactorThreads(reactor))
         api = AdminAPI(
             self.store,
             None,  # type: ignore[arg-type]
