@@ -29,8 +29,8 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import myxd.install.steps as steps
 from myxd.config import Settings
-from myxd.install import steps
 from myxd.install.agents import agent_for, new_agent
 from myxd.install.bundle import AgentFiles, Wheelhouse, agent_files
 from myxd.install.journal import InstallJournal

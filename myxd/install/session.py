@@ -19,8 +19,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+import myxd.install.remote as remote
 from myxd.identity import AgentIdentity
-from myxd.install import remote
 from myxd.install.bundle import AgentFiles, TargetPlatform, agent_files
 from myxd.install.host import RemoteHost
 from myxd.install.hostkeys import HostKeyPolicy

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from myxd.install import remote
+import myxd.install.remote as remote
 from myxd.install.agents import new_agent
 from myxd.install.bundle import deployment_tool_archive
 from myxd.install.host import RemoteHost
