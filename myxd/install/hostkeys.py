@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_hostkeys -*-
 """SSH host-key trust for installs: a user's pin, a stored key, or trust on first use.
 
 Every SSH connection the installer makes is checked here BEFORE authentication,

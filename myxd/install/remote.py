@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.install.test_remote,tests.install.test_steps -*-
 """What an install does ON the target: its file layout, the systemd unit, the shell scripts.
 
 Every script here is plain POSIX sh, run through the SSH login shell (``check``)

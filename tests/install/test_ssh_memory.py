@@ -176,7 +176,7 @@ class MemorySSHTests(unittest.TestCase):
         self.assertEqual(algs, {b"rsa-sha2-512"})
 
     def test_rsa_signature_choice_never_sha1(self) -> None:
-        from myxd.install.ssh import _rsa_signature_algorithm as pick
+        from myxd.install.sshauth import _rsa_signature_algorithm as pick
 
         self.assertEqual(pick(None), (b"rsa-sha2-512", None))
         self.assertEqual(pick(b"ssh-ed25519,rsa-sha2-256")[0], b"rsa-sha2-256")
