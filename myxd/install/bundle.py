@@ -37,13 +37,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import myxd
+from myxd.errors import MyxError
 
 AGENT_PACKAGE = "myx_agent"
 ENTRY_MODULES = ("__init__", "__main__", "main")
 DEPLOYMENT_TOOL_MAX_BYTES = 700 * 1024  # base64 of it must fit the agent's 1 MiB body limit
 
 
-class BundleError(Exception):
+class BundleError(MyxError):
     """The agent bundle, wheelhouse or deployment tool cannot be built."""
 
 

@@ -39,6 +39,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd.errors import MyxError
 from myxd.install import remote
 from myxd.install.bundle import (
     AgentFiles,
@@ -75,7 +76,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _STDERR_TAIL = 4000
 
 
-class InstallError(Exception):
+class InstallError(MyxError):
     """One step failed. ``str()`` is safe to show; ``stderr`` is the remote's, if any."""
 
     def __init__(self, step: str, message: str, stderr: str | None = None) -> None:
@@ -85,11 +86,11 @@ class InstallError(Exception):
         self.stderr = stderr
 
 
-class InstallInProgress(Exception):
+class InstallInProgress(MyxError):
     """An install, reinstall or uninstall of this server is already running."""
 
 
-class ServerNotFound(Exception):
+class ServerNotFound(MyxError):
     pass
 
 

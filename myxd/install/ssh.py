@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd.errors import MyxError
 from myxd.install.hostkeys import HostKeyCheck, HostKeyError, HostKeyMismatch, HostKeyPolicy
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class SSHError(Exception):
+class SSHError(MyxError):
     """Base of every error this module raises. ``str()`` is safe to show a user."""
 
 

@@ -35,6 +35,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
+from myxd.errors import MyxError
 from myxd.rpc.tls import PinMismatchError
 
 __all__ = [
@@ -64,7 +65,7 @@ KINDS = (RETRYABLE, AUTH, FINAL)
 T = TypeVar("T")
 
 
-class AgentRPCError(Exception):
+class AgentRPCError(MyxError):
     """An agent call failed for good (after any retries).
 
     `kind` is 'retryable' (the agent could not be reached: retries ran out),
