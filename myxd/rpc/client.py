@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.application.service import Service
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import (
@@ -275,8 +276,11 @@ class _PinnedEndpointFactory:
         return _LazyPinnedEndpoint(self, uri.host, uri.port)
 
 
-class AgentRPC:
-    """JSON-RPC client for agents. One instance per daemon (it owns the pool)."""
+class AgentRPC(Service):
+    """JSON-RPC client for agents. One instance per daemon (it owns the pool).
+
+    As a service it closes the pool's cached connections when it is stopped.
+    """
 
     log = Logger()
 
@@ -401,6 +405,10 @@ class AgentRPC:
         """Close the pool's cached connections (in-flight requests finish on their own)."""
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     # -- internals --------------------------------------------------------------
 
