@@ -3,7 +3,11 @@
 Every error here carries a message that is safe to show to an operator or an
 API client: it must never contain a token, a secret key, a password or a
 private key.
+
+The admin API answers each of them through one table, `myxd.api.errormap.ERROR_MAP`.
 """
+
+# test-case-name: tests.daemon.test_api
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ This module never logs a token, never turns TLS verification off, and never
 blocks the reactor.
 """
 
+# test-case-name: tests.daemon.test_rpc_client
+
 from __future__ import annotations
 
 import itertools
