@@ -12,6 +12,11 @@ details go only to the log, under the request id.
 Handlers never block the reactor (store and RPC calls are Deferreds), never log or
 return an agent token or secret, and never leave half-written state: input is fully
 checked before anything is written.
+
+It is a little over 500 lines because each route's declaration (method, path,
+models, summary) sits on top of its handler: the route table is readable in one
+place. The pieces with their own job live beside it: `sse` (event streams),
+`servers` (/api/servers), `validate`, `errormap`, and `fleet.adopt`.
 """
 
 # test-case-name: tests.daemon.test_api

@@ -9,6 +9,9 @@ Request models are strict (no "5" for 5, no true for 1) and refuse unknown field
 Custom checks raise `ValueError` with a message in operator words; the message is
 shown after the field name ("rpc_port: must be at most 65535"). Nothing here does
 I/O, and no response model has a field for a token, a key or a password.
+
+It is a little over 500 lines on purpose: it is the API's one catalogue of shapes,
+and splitting requests from responses would put each route's two halves apart.
 """
 
 # test-case-name: tests.daemon.test_api_models
