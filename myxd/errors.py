@@ -3,7 +3,11 @@
 Every error here carries a message that is safe to show to an operator or an
 API client: it must never contain a token, a secret key, a password or a
 private key.
+
+The admin API answers each of them through one table, `myxd.api.errormap.ERROR_MAP`.
 """
+
+# test-case-name: tests.daemon.test_api
 
 from __future__ import annotations
 
@@ -55,3 +59,25 @@ class OutputGapError(StoreError):
         self.command_id = command_id
         self.offset = offset
         self.stored_offset = stored_offset
+
+
+class AgentCheckFailed(MyxError):
+    """An agent offered for adoption did not pass its pinned ``get_status`` check.
+
+    ``field`` names the input at fault when there is one (``cert_fingerprint``);
+    ``reason`` and ``kind`` say why, in the words of the RPC layer.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str, kind: str | None = None, field: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.kind = kind
+        self.field = field
+
+
+class DuplicateAgent(ConflictError):
+    """An agent with this ``rpc_port`` is already registered."""
+
+    field = "rpc_port"

@@ -2,8 +2,8 @@
 
 ``Options`` turns flags and the TOML file into one ``Settings`` (a bad value
 makes twistd exit with a one-line message). ``makeService`` builds a
-``MultiService``: store, RPC client, heartbeat scheduler, command queue and
-the admin API listener, started in that order and stopped in reverse, one
+``MultiService``: store, RPC client, SSH installer, heartbeat scheduler,
+command queue and the admin API listener, started in that order and stopped in reverse, one
 after the other, so that the store closes only after everything that writes
 to it has stopped.
 
@@ -12,17 +12,18 @@ the reactor, and it never logs the admin token (only the path of its file).
 A bad configuration stops twistd with one line and exit status ``EXIT_CONFIG``.
 """
 
+# test-case-name: tests.daemon.test_plugin
+
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import sys
 from typing import Any, NoReturn
 
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -32,7 +33,6 @@ from twisted.logger import (
     LogLevelFilterPredicate,
 )
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from myxd.config import Settings, field_doc, field_names, flag_name, load_settings
 from myxd.errors import ConfigError
@@ -206,32 +206,27 @@ def ensure_admin_token(data_dir: str, log: Logger | None = None) -> str:
     return token
 
 
-class APIListener(Service):
-    """Listens on an endpoint; logs where, so ``--api tcp:0`` shows its port."""
+class APIService(StreamServerEndpointService):
+    """Serves the admin API on its endpoint; logs where, so ``--api tcp:0`` shows its port.
+
+    A bind failure at start raises (twistd reports it and exits) instead of
+    leaving a daemon up without its API.
+    """
 
     log = Logger()
+    _raiseSynchronously = True
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, reactor: Any) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self._reactor = reactor
-        self._listening: Deferred[IListeningPort | None] | None = None
-        self.port: IListeningPort | None = None
+    #: The listening port once bound, None before and after (tests and benches read it).
+    port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
-        # Bind here, before twistd drops privileges, like StreamServerEndpointService.
         super().privilegedStartService()
-        self._listen()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._bound)
 
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
-
-    def _listen(self) -> None:
-        if self._listening is not None:
-            return
-        listening: Deferred[IListeningPort] = self.endpoint.listen(self.factory)
-        self._listening = listening.addCallbacks(self._bound, self._failed)
+    def stopService(self) -> Deferred[None]:
+        self.port = None
+        return super().stopService()
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -242,47 +237,6 @@ class APIListener(Service):
             port=getattr(address, "port", "?"),
         )
         return port
-
-    def _failed(self, failure: Failure) -> None:
-        self.log.failure("myxd admin API could not listen", failure)
-        if getattr(self._reactor, "running", False):
-            self._reactor.stop()
-        return None
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        listening, self._listening = self._listening, None
-        if listening is None:
-            return succeed(None)
-
-        async def stop() -> None:
-            port = await listening
-            if port is None:
-                return  # never bound; _failed has logged why
-            self.port = None
-            await _maybe(port.stopListening())
-
-        return ensureDeferred(stop())
-
-
-class _Closer(Service):
-    """Calls an async ``close`` when stopped (for the RPC connection pool)."""
-
-    log = Logger()
-
-    def __init__(self, close: Any, what: str) -> None:
-        self._close = close
-        self._what = what
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        d: Deferred[None] = ensureDeferred(self._close())
-
-        def failed(f: Failure) -> None:
-            self.log.failure("closing {what} failed", f, what=self._what)
-
-        d.addErrback(failed)
-        return d
 
 
 class MyxdService(MultiService):
@@ -322,27 +276,22 @@ class MyxdService(MultiService):
     async def _stop_children(self) -> None:
         for child in reversed(list(self)):
             try:
-                await ensureDeferred(_maybe(child.stopService()))
+                await maybeDeferred(child.stopService)
             except Exception:
                 self.log.failure("stopping {service} failed", service=child.name or child)
         self.log.info("myxd stopped cleanly")
 
 
-async def _maybe(result: Any) -> Any:
-    # stopService may return a Deferred, a coroutine (an ``async def``
-    # override), or nothing.
-    if inspect.isawaitable(result):
-        return await result
-    return result
-
-
 def makeService(options: Options | dict[str, Any]) -> MultiService:
     """The service tree of the daemon, from parsed ``Options``."""
     from twisted.internet import endpoints, reactor
+    from twisted.internet.interfaces import IReactorThreads
 
     from myxd.api.app import AdminAPI
+    from myxd.api.servers import ServersAPI
     from myxd.fleet.commands import CommandQueue
     from myxd.fleet.heartbeat import HeartbeatService
+    from myxd.install import Installer
     from myxd.metrics import Metrics
     from myxd.rpc.client import AgentRPC
     from myxd.store import StoreService
@@ -375,21 +324,19 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     store = store_service.store
 
     rpc = AgentRPC(reactor, settings, metrics=metrics)
-    closer = _Closer(rpc.close, "agent RPC connections")
-    closer.setName("rpc")
-    closer.setServiceParent(root)
+    rpc.setName("rpc")
+    rpc.setServiceParent(root)
 
-    installer, servers_api = _installer(store, rpc, settings, reactor, data_dir, metrics)
-    if installer is not None and IService.providedBy(installer):
-        installer.setName("installer")
-        installer.setServiceParent(root)
+    installer = Installer(store, rpc, settings, reactor, data_dir=data_dir, metrics=metrics)
+    installer.setName("installer")
+    installer.setServiceParent(root)
 
     heartbeat = HeartbeatService(
         store,
         rpc,
         settings,
         reactor,
-        reinstall_hook=None if installer is None else installer.auto_reinstall,
+        reinstall_hook=installer.auto_reinstall,
         metrics=metrics,
     )
     heartbeat.setName("heartbeat")
@@ -407,49 +354,16 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
         reactor,
         metrics=metrics,
         admin_token=admin_token,
-        servers_api=servers_api,
+        servers_api=ServersAPI(store, installer, reactor=IReactorThreads(reactor)),
     )
-    listener = APIListener(endpoints.serverFromString(reactor, settings.api), api.site(), reactor)
+    listener = APIService(endpoints.serverFromString(reactor, settings.api), api.site())
     listener.setName("api")
     listener.setServiceParent(root)
     return root
 
 
-def _optional(module: str, name: str) -> Any:
-    """``module.name``, or None when that module does not exist (yet).
-
-    Only the module's absence is tolerated; an import error inside it is a bug
-    and must stop the start rather than silently drop a feature.
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    return getattr(mod, name, None)
-
-
-def _installer(
-    store: Any, rpc: Any, settings: Settings, reactor: Any, data_dir: str, metrics: Any
-) -> tuple[Any, Any]:
-    """The SSH installer and its API routes, each when its module is present.
-
-    Looked up by name at run time: the install package lands separately, and
-    without it the daemon runs without /api/servers and without auto-reinstall.
-    """
-    installer_cls = _optional("myxd.install", "Installer")
-    if installer_cls is None:
-        return None, None
-    installer = installer_cls(store, rpc, settings, reactor, data_dir=data_dir, metrics=metrics)
-    servers_api_cls = _optional("myxd.api.servers", "ServersAPI")
-    if servers_api_cls is None:
-        return installer, None
-    return installer, servers_api_cls(store, installer, reactor=reactor)
-
-
 __all__ = [
-    "APIListener",
+    "APIService",
     "MyxdService",
     "Options",
     "ensure_admin_token",

@@ -13,7 +13,10 @@ must be listed in `MODULES`, or the browser gets a 404 for it. Responses carry a
 Content-Security-Policy (no inline script, nothing from another origin), nosniff, and
 an ETag so a browser revalidates instead of using a stale console after an upgrade.
 This module never serves anything but those files, and never reads a request body.
+Errors are answered by the shared error map (`errormap`).
 """
+
+# test-case-name: tests.daemon.test_console
 
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ from dataclasses import dataclass
 from importlib import resources
 
 from klein import Klein
-from twisted.python.failure import Failure
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from werkzeug.exceptions import HTTPException
 
-from myxd.api.inputs import json_bytes
+from myxd.api import errormap
+from myxd.errors import NotFoundError
 
 __all__ = ["ASSETS", "CONSOLE_PREFIX", "MODULES", "Console", "PUBLIC_PATHS", "SECURITY_HEADERS"]
 
@@ -118,6 +121,8 @@ class Console:
     """Serves the console's allowlisted files; `resource()` is mounted by AdminAPI."""
 
     _app = Klein()
+    log = Logger()
+    errormap.install(_app, log, "web console")
 
     def __init__(self, package: str = "myxd.api") -> None:
         self._assets: dict[str, _Asset] = {}
@@ -134,9 +139,7 @@ class Console:
     def _serve(self, request: IRequest, name: str) -> bytes:
         asset = self._assets.get(name)
         if asset is None:
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"application/json")
-            return json_bytes({"error": "not found"})
+            raise NotFoundError("no such console file")
         for header, value in SECURITY_HEADERS.items():
             request.setHeader(header, value)
         request.setHeader(b"cache-control", _CACHE_CONTROL)
@@ -165,15 +168,3 @@ class Console:
     @_app.route("/<path:name>", methods=["GET"])
     def asset(self, request: IRequest, name: str) -> bytes:
         return self._serve(request, name)
-
-    @_app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        exc = failure.value
-        assert isinstance(exc, HTTPException)
-        code = exc.code or 500
-        for name, value in exc.get_headers():
-            if name.lower() == "allow":
-                request.setHeader(b"allow", value.encode("latin-1"))
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", b"application/json")
-        return json_bytes({"error": (exc.name or "error").lower()})

@@ -1,62 +1,30 @@
-# -*- test-case-name: tests.daemon.test_api -*-
-"""JSON shapes of store records as the admin API shows them.
+"""JSON shapes of store records as the admin API shows them (see `models` for the shapes).
 
-Fields are copied from explicit allowlists, so a new secret column in a record can
-never leak through the API by default: an agent's token and secret_key, and the
-values of a command's environment, are never part of any response.
+Fields are copied from explicit allowlists (the response models' fields), so a new
+secret column in a record can never leak through the API by default: an agent's
+token and secret_key, and the values of a command's environment, are never part of
+any response.
 """
+
+# test-case-name: tests.daemon.test_api
 
 from __future__ import annotations
 
 import base64
 from typing import Any
 
+from myxd.api import models
 from myxd.statuses import FINAL_STATUSES
 from myxd.store.records import AgentRecord, CommandRecord, EventRecord, OutputChunk
 
 __all__ = ["agent_json", "chunk_json", "command_json", "event_json", "FINAL_STATUSES"]
 
 
-_AGENT_FIELDS = (
-    "id",
-    "server_id",
-    "host",
-    "rpc_port",
-    "rpc_path",
-    "cert_fingerprint",
-    "status",
-    "status_reason",
-    "rpc_supported",
-    "rpc_last_check",
-    "rpc_last_success",
-    "last_heartbeat",
-    "version",
-    "details",
-    "failed_cycles",
-    "total_failures",
-    "last_error_kind",
-    "last_latency",
-    "created_at",
-    "updated_at",
-)
-
-_COMMAND_FIELDS = (
-    "id",
-    "agent_id",
-    "command_uid",
-    "kind",
-    "command",
-    "args",
-    "timeout",
-    "status",
-    "exit_code",
-    "reason",
-    "attempts",
-    "output_offset",
-    "created_at",
-    "started_at",
-    "finished_at",
-)
+# The allowlists are the fields of the response models: what is documented is
+# exactly what is copied, and nothing else.
+_AGENT_FIELDS = tuple(models.Agent.model_fields)
+_DERIVED = frozenset({"extra", "result", "final"})
+_COMMAND_FIELDS = tuple(f for f in models.Command.model_fields if f not in _DERIVED)
 
 # The agent's final result repeats the tail of stdout/stderr; the output endpoints
 # already serve the whole stream, so the copies would only bloat every response.

@@ -1,58 +1,50 @@
-# -*- test-case-name: tests.install.test_servers_api -*-
 """Servers API (issue 4): add a server with SSH credentials, watch its install, reinstall,
-uninstall, delete. A Klein app of its own, mounted by ``AdminAPI`` under
-``/api/servers`` AFTER the admin-token check, so its routes are relative::
+uninstall, delete. `ServersAPI` holds the handlers; `mount` declares their routes
+(with their models) in AdminAPI's Klein app under ``/api/servers``, through Klein's
+``subroute``, AFTER the admin-token check::
 
-    POST   /                      add a server and start its install   -> 201
-    GET    /                      list servers
-    GET    /{id}                  one server, with its agent's id and status
-    GET    /{id}/install          the latest install: every step, status, timestamps, log
-    POST   /{id}/reinstall        start a reinstall (keeps port, path and token) -> 202
-    POST   /{id}/uninstall        start an uninstall                              -> 202
-    DELETE /{id}                  delete the server's records (not its files)
+    POST   /api/servers                 add a server and start its install   -> 201
+    GET    /api/servers                 list servers
+    GET    /api/servers/{id}            one server, with its agent's id and status
+    GET    /api/servers/{id}/install    the latest install: every step, status, log
+    POST   /api/servers/{id}/reinstall  start a reinstall (keeps port, path, token) -> 202
+    POST   /api/servers/{id}/uninstall  start an uninstall                         -> 202
+    DELETE /api/servers/{id}            delete the server's records (not its files)
 
-Bad input is a 400 that names the field; the private key and passphrase are
+Bad input is a 400 listing every field at fault; the private key and passphrase are
 checked (decrypted in a thread) before anything is saved. Passwords, keys,
 passphrases, sudo passwords and agent tokens are never part of a response or a
-log line: servers are shown through an explicit allowlist of fields.
+log line: servers are shown through the fields of `models.Server` only.
 """
+
+# test-case-name: tests.install.test_servers_api
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
-from werkzeug.exceptions import HTTPException
 
 from myxd._reactor import default_reactor
-from myxd.api.inputs import APIError, Body, json_bytes, read_json_object, valid_host
+from myxd.api import models, validate
+from myxd.api.errormap import json_response
+from myxd.api.inputs import APIError
 from myxd.api.serialize import agent_json
-from myxd.install.hostkeys import InvalidFingerprint, parse_fingerprint
 from myxd.install.installer import InstallInProgress, ServerNotFound
 from myxd.install.ssh import KeyLoadError, load_private_key
 from myxd.store.protocols import ServerLookup
 
-__all__ = ["ServersAPI", "server_json"]
+if TYPE_CHECKING:
+    from myxd.api.openapi import Routes
 
-_JSON = b"application/json"
-_MAX_ID = 2**63 - 1
-_CREATE_FIELDS = (
-    "name",
-    "host",
-    "ssh_port",
-    "username",
-    "auth",
-    "sudo",
-    "host_key_fingerprint",
-    "start",
-)
-_MAX_SECRET = 16 * 1024
+__all__ = ["ServersAPI", "mount", "server_json"]
+
+_MAX_ID = models.MAX_ID
 
 
 def server_json(server: Any, agent: Any = None, *, install_running: bool = False) -> dict[str, Any]:
@@ -86,73 +78,17 @@ def server_json(server: Any, agent: Any = None, *, install_running: bool = False
     }
 
 
-def _json(request: IRequest, obj: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", _JSON)
-    return json_bytes(obj)
-
-
-def _secret(value: Any, field: str, *, required: bool) -> str | None:
-    if value is None:
-        if required:
-            raise APIError(400, f"{field} is required", field)
-        return None
-    if not isinstance(value, str) or not value:
-        raise APIError(400, f"{field} must be a non-empty string", field)
-    if len(value) > _MAX_SECRET or "\x00" in value:
-        raise APIError(400, f"{field} is too long or contains NUL", field)
-    return value
-
-
-def _parse_auth(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise APIError(
-            400, "auth must be an object: {password} or {private_key, passphrase?}", "auth"
-        )
-    unknown = set(value) - {"password", "private_key", "passphrase"}
-    if unknown:
-        name = sorted(unknown)[0][:64]
-        raise APIError(400, f"unknown field auth.{name}", f"auth.{name}")
-    has_pw, has_key = "password" in value, "private_key" in value
-    if has_pw == has_key:
-        raise APIError(400, "auth needs exactly one of password or private_key", "auth")
-    if has_pw:
-        if "passphrase" in value:
-            raise APIError(400, "passphrase goes with private_key", "auth.passphrase")
-        return {"password": _secret(value["password"], "auth.password", required=True)}
-    out: dict[str, Any] = {
-        "private_key": _secret(value["private_key"], "auth.private_key", required=True)
-    }
-    passphrase = _secret(value.get("passphrase"), "auth.passphrase", required=False)
-    if passphrase is not None:
-        out["passphrase"] = passphrase
-    return out
-
-
-def _parse_sudo(value: Any) -> dict[str, Any]:
+def _sudo(value: Any) -> dict[str, Any]:
     if value is None or value == "none":
         return {"mode": "none", "password": None}
     if value == "sudo":
         return {"mode": "sudo", "password": None}
-    if isinstance(value, dict):
-        unknown = set(value) - {"mode", "password"}
-        if unknown:
-            name = sorted(unknown)[0][:64]
-            raise APIError(400, f"unknown field sudo.{name}", f"sudo.{name}")
-        mode = value.get("mode", "sudo")
-        if mode not in ("none", "sudo"):
-            raise APIError(400, "sudo.mode must be 'none' or 'sudo'", "sudo.mode")
-        password = _secret(value.get("password"), "sudo.password", required=False)
-        if mode == "none" and password is not None:
-            raise APIError(400, "a sudo password needs sudo.mode 'sudo'", "sudo.password")
-        return {"mode": mode, "password": password}
-    raise APIError(400, "sudo must be 'none', 'sudo' or {mode, password}", "sudo")
+    return {"mode": value.mode, "password": value.password}
 
 
 class ServersAPI:
-    """Routes under /api/servers. ``resource()`` is what AdminAPI mounts."""
+    """The handlers of /api/servers; `mount` routes requests to them."""
 
-    _app = Klein()
     log = Logger()
 
     def __init__(
@@ -162,44 +98,6 @@ class ServersAPI:
         self._installer = installer
         self._reactor: IReactorThreads = default_reactor(reactor)
 
-    def resource(self) -> IResource:
-        return self._app.resource()
-
-    # -- errors --------------------------------------------------------------
-    @_app.handle_errors(APIError)
-    def _client_error(self, request: IRequest, failure: Failure) -> bytes:
-        err = failure.value
-        assert isinstance(err, APIError)
-        return _json(request, err.body(), err.code)
-
-    @_app.handle_errors(InstallInProgress)
-    def _conflict(self, request: IRequest, failure: Failure) -> bytes:
-        return _json(request, {"error": str(failure.value)}, 409)
-
-    @_app.handle_errors(ServerNotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return _json(request, {"error": "not found"}, 404)
-
-    @_app.handle_errors(HTTPException)
-    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
-        exc = failure.value
-        assert isinstance(exc, HTTPException)
-        for name, value in exc.get_headers():
-            if name.lower() == "allow":
-                request.setHeader(b"allow", value.encode("latin-1"))
-        return _json(request, {"error": (exc.name or "error").lower()}, exc.code or 500)
-
-    @_app.handle_errors(Exception)
-    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure(
-            "servers API {method} {path} failed",
-            failure,
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1", "replace"),
-        )
-        return _json(request, {"error": "internal error"}, 500)
-
-    # -- helpers -------------------------------------------------------------
     async def _server_or_404(self, server_id: int) -> Any:
         if not 1 <= server_id <= _MAX_ID:
             raise ServerNotFound(str(server_id))
@@ -225,98 +123,157 @@ class ServersAPI:
             )
         except KeyLoadError as e:
             field = "auth.passphrase" if "passphrase" in str(e) else "auth.private_key"
-            raise APIError(400, str(e), field) from None
+            raise APIError(400, f"{field}: {e}", field) from None
 
-    # -- routes --------------------------------------------------------------
-    @_app.route("/", methods=["GET"], strict_slashes=False)
+    # -- handlers ------------------------------------------------------------
     async def list_servers(self, request: IRequest) -> bytes:
         servers = await self._store.list_servers()
-        return _json(request, {"servers": [await self._view(s) for s in servers]})
+        return json_response(request, {"servers": [await self._view(s) for s in servers]})
 
-    @_app.route("/", methods=["POST"], strict_slashes=False)
     async def create_server(self, request: IRequest) -> bytes:
-        body = Body(read_json_object(request), _CREATE_FIELDS)
-        name = body.string("name", max_len=128)
-        host = body.string("host", max_len=253)
-        assert name is not None and host is not None
-        if not valid_host(host):
-            raise APIError(400, "host must be an IP address or a host name", "host")
-        ssh_port = body.integer("ssh_port", required=False, minimum=1, maximum=65535) or 22
-        username = body.string("username", max_len=64)
-        assert username is not None
-        if any(c.isspace() for c in username) or ":" in username:
-            raise APIError(400, "username must not contain spaces or ':'", "username")
-        auth = _parse_auth(body.raw("auth"))
-        sudo = _parse_sudo(body.raw("sudo", required=False))
-        pin = body.string("host_key_fingerprint", required=False, max_len=200, nullable=True)
-        if pin is not None:
-            try:
-                parse_fingerprint(pin)
-            except InvalidFingerprint as e:
-                raise APIError(400, str(e), "host_key_fingerprint") from None
-        start = body.raw("start", required=False)
-        if start is not None and not isinstance(start, bool):
-            raise APIError(400, "start must be a boolean", "start")
+        b = validate.body(request, models.NewServer)
+        auth = b.auth.model_dump(exclude_none=True)
         await self._check_key(auth)
         server_id, _agent_id = await self._installer.create_server(
-            name=name,
-            host=host,
-            ssh_port=ssh_port,
-            username=username,
+            name=b.name,
+            host=b.host,
+            ssh_port=b.ssh_port,
+            username=b.username,
             auth=auth,
-            sudo=sudo,
-            host_key_fingerprint=pin,
+            sudo=_sudo(b.sudo),
+            host_key_fingerprint=b.host_key_fingerprint,
         )
         install_id = None
-        if start is not False:
+        if b.start:
             install_id = await self._installer.start(server_id, "install", actor="api")
         server = await self._server_or_404(server_id)
-        return _json(request, {"server": await self._view(server), "install_id": install_id}, 201)
+        created = {"server": await self._view(server), "install_id": install_id}
+        return json_response(request, created, 201)
 
-    @_app.route("/<int:server_id>", methods=["GET"], strict_slashes=False)
     async def get_server(self, request: IRequest, server_id: int) -> bytes:
-        return _json(request, await self._view(await self._server_or_404(server_id)))
+        return json_response(request, await self._view(await self._server_or_404(server_id)))
 
-    @_app.route("/<int:server_id>", methods=["DELETE"], strict_slashes=False)
     async def delete_server(self, request: IRequest, server_id: int) -> bytes:
         await self._server_or_404(server_id)
         await self._installer.delete_server(server_id)
-        return _json(request, {"deleted": True, "id": server_id})
+        return json_response(request, {"deleted": True, "id": server_id})
 
-    @_app.route("/<int:server_id>/install", methods=["GET"], strict_slashes=False)
     async def get_install(self, request: IRequest, server_id: int) -> bytes:
         await self._server_or_404(server_id)
         latest = await self._store.get_latest_install(server_id)
         if latest is None:
             raise APIError(404, "this server has no install yet")
-        return _json(
-            request,
-            {"server_id": server_id, **latest, "running": self._installer.is_running(server_id)},
-        )
+        running = self._installer.is_running(server_id)
+        return json_response(request, {"server_id": server_id, **latest, "running": running})
 
-    async def _start(self, request: IRequest, server_id: int, kind: str) -> bytes:
+    async def _start(self, server_id: int, kind: str, forget_host_key: bool) -> dict[str, Any]:
         await self._server_or_404(server_id)
-        doc: dict[str, Any] = {}
-        content = request.content
-        if content is not None:
-            content.seek(0)
-            if content.read(1):
-                doc = read_json_object(request)
-        body = Body(doc, ("forget_host_key",) if kind == "reinstall" else ())
-        forget = body.raw("forget_host_key", required=False)
-        if forget is not None and not isinstance(forget, bool):
-            raise APIError(400, "forget_host_key must be a boolean", "forget_host_key")
-        if forget:
+        if forget_host_key:
             if self._installer.is_running(server_id):
                 raise InstallInProgress(f"an install of server {server_id} is running")
             await self._installer.forget_host_key(server_id)
         install_id = await self._installer.start(server_id, kind, actor="api")
-        return _json(request, {"server_id": server_id, "install_id": install_id, "kind": kind}, 202)
+        return {"server_id": server_id, "install_id": install_id, "kind": kind}
 
-    @_app.route("/<int:server_id>/reinstall", methods=["POST"], strict_slashes=False)
     async def reinstall(self, request: IRequest, server_id: int) -> bytes:
-        return await self._start(request, server_id, "reinstall")
+        b = validate.optional_body(request, models.StartInstall)
+        return json_response(
+            request, await self._start(server_id, "reinstall", b.forget_host_key), 202
+        )
 
-    @_app.route("/<int:server_id>/uninstall", methods=["POST"], strict_slashes=False)
     async def uninstall(self, request: IRequest, server_id: int) -> bytes:
-        return await self._start(request, server_id, "uninstall")
+        validate.optional_body(request, models.NoFields)
+        return json_response(request, await self._start(server_id, "uninstall", False), 202)
+
+
+#: (method, rule under the prefix, handler, what the route table records)
+ROUTES: tuple[tuple[str, str, Callable[..., Any], dict[str, Any]], ...] = (
+    (
+        "GET",
+        "/",
+        ServersAPI.list_servers,
+        {"summary": "List servers.", "responses": {200: models.ServerList}},
+    ),
+    (
+        "POST",
+        "/",
+        ServersAPI.create_server,
+        {
+            "summary": "Add a server with SSH credentials and start its install.",
+            "body": models.NewServer,
+            "responses": {201: models.ServerCreated},
+            "errors": (400, 409, 413),
+        },
+    ),
+    (
+        "GET",
+        "/<int:server_id>",
+        ServersAPI.get_server,
+        {
+            "summary": "One server, with its agent.",
+            "responses": {200: models.Server},
+            "errors": (404,),
+        },
+    ),
+    (
+        "DELETE",
+        "/<int:server_id>",
+        ServersAPI.delete_server,
+        {
+            "summary": "Delete the server's records (not its files).",
+            "responses": {200: models.ServerDeleted},
+            "errors": (404, 409),
+        },
+    ),
+    (
+        "GET",
+        "/<int:server_id>/install",
+        ServersAPI.get_install,
+        {
+            "summary": "The latest install: every step, its status and log.",
+            "responses": {200: models.Install},
+            "errors": (404,),
+        },
+    ),
+    (
+        "POST",
+        "/<int:server_id>/reinstall",
+        ServersAPI.reinstall,
+        {
+            "summary": "Start a reinstall (keeps port, path and token).",
+            "body": models.StartInstall,
+            "body_required": False,
+            "responses": {202: models.InstallStarted},
+            "errors": (400, 404, 409, 413),
+        },
+    ),
+    (
+        "POST",
+        "/<int:server_id>/uninstall",
+        ServersAPI.uninstall,
+        {
+            "summary": "Start an uninstall.",
+            "body": models.NoFields,
+            "body_required": False,
+            "responses": {202: models.InstallStarted},
+            "errors": (400, 404, 409, 413),
+        },
+    ),
+)
+
+
+def mount(app: Klein, routes: Routes, prefix: str, servers_of: Callable[[Any], ServersAPI]) -> None:
+    """Declare `ROUTES` on `app` (a subroute at `prefix`) and in the route table.
+
+    `servers_of(owner)` gives the `ServersAPI` of the object that owns `app`.
+    """
+    for method, rule, func, spec in ROUTES:
+
+        def handler(owner: Any, request: IRequest, _name: str = func.__name__, **kw: Any) -> Any:
+            # Looked up on the instance (a static name from ROUTES, never from the
+            # wire), so a subclass or a test double can replace a handler.
+            return getattr(servers_of(owner), _name)(request, **kw)
+
+        # Klein names an endpoint after its function: each must be unique.
+        handler.__name__ = f"servers_{func.__name__}"
+        routes.route(app, method, rule, prefix=prefix, **spec)(handler)

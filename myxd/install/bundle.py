@@ -40,6 +40,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from myxd.errors import MyxError
+
 AGENT_PACKAGE = "myx_agent"
 # deployment-tool/ of the source tree, shipped under an importable name.
 DEPLOYMENT_TOOL_PACKAGE = "myx_deployment_tool"
@@ -47,7 +49,7 @@ ENTRY_MODULES = ("__init__", "__main__", "main")
 DEPLOYMENT_TOOL_MAX_BYTES = 700 * 1024  # base64 of it must fit the agent's 1 MiB body limit
 
 
-class BundleError(Exception):
+class BundleError(MyxError):
     """The agent bundle, wheelhouse or deployment tool cannot be built."""
 
 

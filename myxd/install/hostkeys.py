@@ -29,6 +29,8 @@ from typing import Awaitable, Callable
 
 from twisted.conch.ssh.keys import BadKeyError, Key
 
+from myxd.errors import MyxError
+
 # Host-key algorithms the client offers, in preference order. SHA-1 ``ssh-rsa``
 # and DSA are left out on purpose: OpenSSH >= 8.8 refuses them too.
 _ALGORITHMS_BY_TYPE: dict[str, list[bytes]] = {
@@ -49,7 +51,7 @@ _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9+/]{43}=?$")
 
 
-class HostKeyError(Exception):
+class HostKeyError(MyxError):
     """Base class of host-key trust failures. ``str()`` is safe to show a user."""
 
 

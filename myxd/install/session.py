@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from twisted.internet.interfaces import IReactorTime
 
 import myxd.install.remote as remote
+from myxd.errors import MyxError
 from myxd.identity import AgentIdentity
 from myxd.install.bundle import AgentFiles, TargetPlatform, agent_files
 from myxd.install.host import RemoteHost
@@ -45,7 +46,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 STDERR_TAIL = 4000
 
 
-class InstallError(Exception):
+class InstallError(MyxError):
     """One step failed. ``str()`` is safe to show; ``stderr`` is the remote's, if any."""
 
     def __init__(self, step: str, message: str, stderr: str | None = None) -> None:
@@ -55,11 +56,11 @@ class InstallError(Exception):
         self.stderr = stderr
 
 
-class InstallInProgress(Exception):
+class InstallInProgress(MyxError):
     """An install, reinstall or uninstall of this server is already running."""
 
 
-class ServerNotFound(Exception):
+class ServerNotFound(MyxError):
     pass
 
 

@@ -13,10 +13,12 @@ from typing import Generic, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from myxd.errors import MyxError
+
 T = TypeVar("T")
 
 
-class SSHError(Exception):
+class SSHError(MyxError):
     """Base of every error this module raises. ``str()`` is safe to show a user."""
 
 

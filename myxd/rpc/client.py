@@ -17,6 +17,8 @@ This module never logs a token, never turns TLS verification off, and never
 blocks the reactor.
 """
 
+# test-case-name: tests.daemon.test_rpc_client
+
 from __future__ import annotations
 
 import itertools
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.application.service import Service
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import (
@@ -278,8 +281,11 @@ class _PinnedEndpointFactory:
         return _LazyPinnedEndpoint(self, uri.host, uri.port)
 
 
-class AgentRPC:
-    """JSON-RPC client for agents. One instance per daemon (it owns the pool)."""
+class AgentRPC(Service):
+    """JSON-RPC client for agents. One instance per daemon (it owns the pool).
+
+    As a service it closes the pool's cached connections when it is stopped.
+    """
 
     log = Logger()
 
@@ -400,6 +406,10 @@ class AgentRPC:
         """Close the pool's cached connections (in-flight requests finish on their own)."""
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     # -- internals --------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
+from myxd.errors import MyxError
 from myxd.rpc.tls import PinMismatchError
 from myxd.statuses import AUTH, ERROR_KINDS, FINAL, RETRYABLE
 
@@ -64,7 +65,7 @@ KINDS = ERROR_KINDS
 T = TypeVar("T")
 
 
-class AgentRPCError(Exception):
+class AgentRPCError(MyxError):
     """An agent call failed for good (after any retries).
 
     `kind` is 'retryable' (the agent could not be reached: retries ran out),

@@ -173,6 +173,13 @@ class PluginTests(unittest.TestCase):
             )
             self.assertEqual(r.code, 200)
             await treq.content(r)
+            # the servers API is wired in (it needs the installer)
+            r = await treq.get(
+                f"{base}/api/servers",
+                persistent=False,
+                headers=Headers({"Authorization": [f"Bearer {token}"]}),
+            )
+            self.assertEqual((r.code, await treq.json_content(r)), (200, {"servers": []}))
 
             await self.stop_cleanly(first)
 
@@ -268,8 +275,10 @@ class ServiceTreeTests(unittest.TestCase):
     """makeService wiring, in process (no HTTP, so no lingering connections)."""
 
     def test_tree_starts_and_stops(self) -> Deferred[Any]:
+        from myxd.install import Installer
+        from myxd.rpc.client import AgentRPC
         from myxd.store import StoreService
-        from myxd.tap import APIListener, Options, makeService
+        from myxd.tap import APIService, Options, makeService
 
         data_dir = os.path.abspath(self.mktemp())
         options = Options()
@@ -289,19 +298,20 @@ class ServiceTreeTests(unittest.TestCase):
         )
         root = makeService(options)
         names = [s.name for s in root]
-        self.assertEqual(names[:2], ["store", "rpc"])
-        self.assertEqual(names[-3:], ["heartbeat", "commands", "api"])
-        self.assertIn(
-            names,
-            (
-                ["store", "rpc", "heartbeat", "commands", "api"],
-                ["store", "rpc", "installer", "heartbeat", "commands", "api"],
-            ),
-        )
+        # The installer is part of every daemon: without it there is no
+        # /api/servers and no auto-reinstall, so its absence must fail here.
+        self.assertEqual(names, ["store", "rpc", "installer", "heartbeat", "commands", "api"])
         store_service = root.getServiceNamed("store")
         listener = root.getServiceNamed("api")
+        rpc = root.getServiceNamed("rpc")
+        installer = root.getServiceNamed("installer")
+        heartbeat = root.getServiceNamed("heartbeat")
         assert isinstance(store_service, StoreService)
-        assert isinstance(listener, APIListener)
+        assert isinstance(listener, APIService)
+        assert isinstance(rpc, AgentRPC)
+        assert isinstance(installer, Installer)
+        # auto-reinstall is wired to this installer
+        self.assertEqual(heartbeat.reinstall_hook, installer.auto_reinstall)
         self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
         # An admin token from the settings means no token file is written.
         self.assertFalse(os.path.exists(os.path.join(data_dir, "admin-token")))
@@ -310,14 +320,22 @@ class ServiceTreeTests(unittest.TestCase):
             root.privilegedStartService()
             root.startService()
             await store_service.when_ready()
-            waited = 0.0
-            while listener.port is None and waited < WAIT:
-                await deferLater(reactor, 0.05, lambda: None)
-                waited += 0.05
-            assert listener.port is not None
-            self.assertGreater(listener.port.getHost().port, 0)  # type: ignore[attr-defined]
+            bound: Deferred[Any] = Deferred()
+            assert listener._waitingForPort is not None
+
+            def seen(port: Any) -> Any:
+                bound.callback(port)
+                return port  # the service keeps it, to stop listening later
+
+            listener._waitingForPort.addCallback(seen)
+            port = await bound
+            self.assertGreater(port.getHost().port, 0)
+            self.assertTrue(port.connected)
+            self.assertIs(listener.port, port)
             await root.stopService()
+            self.assertFalse(port.connected)
             self.assertIsNone(listener.port)
+            self.assertFalse(rpc.running)
             assert store_service.pool is not None
             self.assertFalse(store_service.pool.running)
 
