@@ -15,10 +15,23 @@ import random
 from typing import Any
 
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
 from tests.reliability.harness import FaultTestCase, expected_output, marker_runs
 from tests.support.agent_process import start_agent
-from tests.support.faultproxy import DOWN, UP
+from tests.support.faultproxy import DOWN, UP, FaultProxy
+
+log = Logger()
+
+
+def faults(proxy: FaultProxy) -> int:
+    return sum(proxy.counts[k] for k in ("reset_up", "reset_down", "half_close_down"))
+
+
+def report(test: str, proxy: FaultProxy, **extra: Any) -> None:
+    """One log line of figures per scenario, for docs/reliability.md."""
+    counts = {k: v for k, v in sorted(proxy.counts.items()) if not k.startswith("bytes_")}
+    log.info("fault figures: {test} {counts} {extra}", test=test, counts=counts, extra=extra)
 
 
 def offline_bound(settings: dict[str, Any]) -> float:
@@ -54,7 +67,7 @@ class NetworkFaultTests(FaultTestCase):
         # and the next one only after the link carried 64 KiB again: repeated
         # resets, yet each call's retries can get through.
         while True:
-            injected = proxy.counts["reset_up"] + proxy.counts["reset_down"]
+            injected = faults(proxy)
             status = (await self.command(cid))["status"]
             if status in ("success", "failed"):
                 break
@@ -67,19 +80,22 @@ class NetworkFaultTests(FaultTestCase):
                 and proxy.limit_for(DOWN) is None
                 and carried - clean_since >= 65536
             ):
-                if rng.random() < 0.75:
+                pick = rng.random()
+                if pick < 0.6:
                     proxy.reset_after(DOWN, rng.randrange(1500, 300000), times=1)
+                elif pick < 0.8:
+                    proxy.half_close(DOWN, rng.randrange(1500, 300000), times=1)
                 else:
                     proxy.reset_after(UP, rng.randrange(300, 4000), times=1)
             await deferLater(self.reactor, 0.02, lambda: None)
         final = await self.wait_final(cid)
         self.assertEqual(final["status"], "success", final["reason"])
-        injected = proxy.counts["reset_up"] + proxy.counts["reset_down"]
-        self.assertGreaterEqual(injected, 5, dict(proxy.counts))
+        self.assertGreaterEqual(faults(proxy), 5, dict(proxy.counts))
         stored = await self.read_all(cid)
         self.assertEqual(len(stored), count * 265)
         self.assertEqual(stored, expected_output(count))
         self.assertEqual(marker_runs(marker), 1)
+        report("resets", proxy, bytes_compared=len(stored), commands=1)
 
     async def test_blackhole_goes_offline_in_time_and_comes_back(self) -> None:
         settings = dict(rpc_timeout=1.0, rpc_retry_max_attempts=2, rpc_retry_base_delay=0.1)
@@ -124,6 +140,7 @@ class NetworkFaultTests(FaultTestCase):
         await self.wait_online(aid)
         self.assertEqual((await self.agent_status(other_id))["status"], "online")
         self.assertEqual(self.status_log.changes(other_id), 0)
+        report("blackhole", proxy, offline_after=round(elapsed, 2), bound=bound)
 
     async def test_slow_but_alive_never_goes_offline(self) -> None:
         daemon = await self.start_daemon(rpc_timeout=4.0)
@@ -147,6 +164,7 @@ class NetworkFaultTests(FaultTestCase):
         rec = await self.agent_status(aid)
         self.assertEqual((rec["status"], rec["total_failures"]), ("online", 0))
         self.assertGreater(proxy.counts["delayed_chunks"], 0)
+        report("slow", proxy, cycles=heartbeat.cycles - start, bytes_compared=640 * 265)
 
     async def test_flapping_link(self) -> None:
         # Down for less than the retry budget (0.2 + 0.4 + 0.8 s of backoff):
@@ -169,6 +187,13 @@ class NetworkFaultTests(FaultTestCase):
         # one online per down period (here the retries cover every one of them).
         self.assertLessEqual(self.status_log.changes(aid), flaps)
         await self.wait_online(aid)
+        report(
+            "flapping",
+            proxy,
+            commands=len(runs),
+            bytes_compared=len(runs) * 1920 * 265,
+            status_changes=self.status_log.changes(aid),
+        )
         del daemon
 
     async def test_pooled_connection_closed_while_idle(self) -> None:
@@ -192,4 +217,5 @@ class NetworkFaultTests(FaultTestCase):
             self.assertEqual(marker_runs(marker), 1)
         self.assertGreaterEqual(proxy.counts["reuse_drops"], 4)
         self.assertNotIn("offline", self.status_log.statuses.get(aid, []))
+        report("pooled", proxy, commands=len(ids), bytes_compared=len(ids) * 128 * 265)
         del daemon
