@@ -91,7 +91,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
                     result = await client.post(body)
                     statuses[result.status] += 1
                     sent += 1
-                    found = problems(result.status, result.headers, result.body)
+                    found = problems(result.status, result.headers, result.body, body)
                     if found:
                         failures.append(f"{found} for body {body[:300]!r}: {result.body[:300]!r}")
 

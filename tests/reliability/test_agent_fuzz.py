@@ -61,6 +61,28 @@ class AgentFuzzTests(TestCase):
         table = {m.name: tuple(p.name for p in m.params) for m in real_table()}
         self.assertEqual(METHODS, table)
 
+    def test_the_judge_flags_what_it_must(self) -> None:
+        ok = b'{"jsonrpc":"2.0","result":{"status":"ok"},"id":1}'
+        self.assertEqual(problems(200, {}, ok), [])
+        self.assertEqual(problems(204, {}, b""), [])
+        self.assertEqual(problems(500, {}, b""), ["HTTP 500"])
+        self.assertEqual(problems(400, {}, b""), ["unexpected HTTP 400"])
+        self.assertEqual(
+            problems(200, {}, b"<html>"),
+            ["'<html' in the body", "200 with a body that is not JSON"],
+        )
+        self.assertEqual(problems(200, {}, b"[1]"), ["200 with a body that is not JSON-RPC 2.0"])
+        leak = (
+            b'{"jsonrpc":"2.0","error":{"code":-32603,"message":"Traceback (most recent"},"id":1}'
+        )
+        self.assertEqual(problems(200, {}, leak), ["'Traceback' in the body"])
+        # An echo of the request's own words is not a leak.
+        echo = (
+            b'{"jsonrpc":"2.0","error":{"code":-32602,'
+            b'"message":"unknown param \'Traceback\'"},"id":1}'
+        )
+        self.assertEqual(problems(200, {}, echo, b'{"params":{"Traceback":1}}'), [])
+
     def test_same_seed_same_bodies(self) -> None:
         self.assertEqual(generate(30, 7), generate(30, 7))
         self.assertNotEqual(generate(30, 7), generate(30, 8))
@@ -73,7 +95,7 @@ class AgentFuzzTests(TestCase):
         kinds = {"batch": 0, "not json": 0}
         for n, body in enumerate(bodies, 1):
             result = await client.post(body)
-            found = problems(result.status, result.headers, result.body)
+            found = problems(result.status, result.headers, result.body, body)
             if found:
                 failures.append(f"{body[:200]!r}: {found}: {result.body[:200]!r}")
             kinds["batch"] += body.startswith(b"[")

@@ -253,15 +253,24 @@ def generate(count: int, seed_value: int) -> List[bytes]:
 _OK_STATUSES = (200, 204, 413)
 
 
-def problems(status: int, headers: Dict[bytes, List[bytes]], body: bytes) -> List[str]:
-    """What is wrong with one authorized answer (empty: nothing)."""
+# Signs of a Python traceback or an HTML error page. The agent may echo a
+# param name from the request ("unknown param 'Traceback'"), and hypothesis
+# does generate such words, so a sign counts only when the answer holds it more
+# often than the request did.
+_LEAK_SIGNS = (b"Traceback", b'File "', b", line ", b"Error:", b"<html")
+
+
+def problems(
+    status: int, headers: Dict[bytes, List[bytes]], body: bytes, request: bytes = b""
+) -> List[str]:
+    """What is wrong with one authorized answer to *request* (empty: nothing)."""
     found = []
     if status >= 500:
         found.append(f"HTTP {status}")
     elif status not in _OK_STATUSES:
         found.append(f"unexpected HTTP {status}")
-    for needle in (b"Traceback", b'File "', b"Error:", b"<html"):
-        if needle in body:
+    for needle in _LEAK_SIGNS:
+        if body.count(needle) > request.count(needle):
             found.append(f"{needle.decode()!r} in the body")
     if status == 200:
         try:
