@@ -31,11 +31,12 @@ import hmac
 import json
 import time
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union, cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
@@ -54,6 +55,14 @@ MAX_BODY_BYTES = 1 << 20
 # The daemon's pool keeps connections for 120 s between heartbeats up to 60 s
 # apart; the agent must keep them longer than that.
 KEEPALIVE_IDLE_TIMEOUT = 300.0
+# Slowloris bounds: the idle timeout restarts on every byte, so a client that
+# trickles a byte a second would hold a connection forever. A new connection
+# (TLS handshake included) and then each request, from its first byte, must
+# complete the request line and headers within HEADER_TIMEOUT, and the body
+# (at most 1 MiB) within BODY_TIMEOUT after that; otherwise the connection is
+# dropped. Documented in docs/protocol.md.
+HEADER_TIMEOUT = 30.0
+BODY_TIMEOUT = 60.0
 
 
 class Rejection(NamedTuple):
@@ -267,6 +276,62 @@ class AgentRequest(Request):
         _log_request(self.log, self, methods, outcome, elapsed)
 
 
+class AgentChannel(HTTPChannel):
+    """HTTP/1.1 channel with a deadline for a request's headers and one for its body.
+
+    The header deadline starts when the connection is made (so a client that
+    never finishes the TLS handshake is dropped too) and then with the first
+    byte of each later request; it is not running while a kept-alive
+    connection idles between requests (the idle timeout covers that). It is
+    cleared once the whole body is in.
+    """
+
+    header_timeout = HEADER_TIMEOUT
+    body_timeout = BODY_TIMEOUT
+    _deadline: Any = None
+    log = Logger()
+
+    def __repr__(self) -> str:
+        return "<AgentChannel>"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm(self.header_timeout, "headers")
+
+    def dataReceived(self, data: bytes) -> None:
+        if data and self._deadline is None and not getattr(self, "_handlingRequest", False):
+            self._arm(self.header_timeout, "headers")
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._arm(self.body_timeout, "body")
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, lambda: self._expired(what))
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _expired(self, what: str) -> None:
+        self._deadline = None
+        peer = getattr(self.transport.getPeer(), "host", "-") if self.transport else "-"
+        self.log.info("dropped a connection from {peer}: {what} too slow", peer=peer, what=what)
+        if self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+
 class AgentSite(Site):
     """The agent's Site: AgentRequest gate, long keep-alive, no access log.
 
@@ -275,6 +340,7 @@ class AgentSite(Site):
     """
 
     noisy = False  # no "Starting factory" lines; main logs the listener once
+    protocol = AgentChannel  # type: ignore[assignment]  # HTTP/1.1 only (ALPN never offers h2), with deadlines
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from myxd.api.auth import is_authorized
+from myxd.api.deadlines import IDLE_TIMEOUT, DeadlineChannel
 from myxd.api.inputs import MAX_BODY_BYTES, APIError, json_bytes
 
 __all__ = ["BoundedRequest", "Gate", "make_site", "request_id"]
@@ -143,10 +144,12 @@ class Gate(Resource):
 
 
 def make_site(resource: IResource, reactor: Any = None) -> Site:
-    """A Site for the admin API whose requests cap their bodies while reading them."""
+    """A Site for the admin API whose requests cap their bodies while reading them,
+    and whose connections must deliver headers and bodies in time (deadlines.py)."""
     if reactor is not None:
-        site = Site(resource, requestFactory=BoundedRequest, reactor=reactor)
+        site = Site(resource, requestFactory=BoundedRequest, reactor=reactor, timeout=IDLE_TIMEOUT)
     else:
-        site = Site(resource, requestFactory=BoundedRequest)
+        site = Site(resource, requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT)
+    site.protocol = DeadlineChannel  # type: ignore[assignment]  # HTTP/1.1, plain TCP
     site.displayTracebacks = False
     return site

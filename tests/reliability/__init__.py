@@ -1,0 +1,1 @@
+"""Reliability suite (issue #12): network faults, hostile input, floods."""
