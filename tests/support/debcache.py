@@ -2,11 +2,12 @@
 
 ``preload_debs(host, packages)`` asks apt INSIDE the host which .deb files an
 install of ``packages`` needs (``apt-get install --print-uris``: exact file
-names, versions and SHA-256 from the host's own package lists), downloads the
-missing ones on this machine with ``apt-get download NAME=VERSION`` into
-``<cache>/debs/`` (once; checked against the SHA-256, renamed into place
-atomically) and copies them into the host's ``/var/cache/apt/archives``. apt on
-the host then installs those packages without downloading anything.
+names, versions, sizes and hashes from the host's own package lists), downloads
+the missing ones on this machine with ``apt-get download NAME=VERSION`` into
+``<cache>/debs/`` (once; checked against that size and hash, renamed into
+place atomically) and copies them into the host's ``/var/cache/apt/archives``.
+apt on the host then installs those packages without downloading anything;
+``install_debs`` does that install itself (``--no-download``).
 
 Never writes outside the cache dir and the host's root; never installs
 anything on this machine.
@@ -25,17 +26,27 @@ from twisted.internet import threads
 from tests.support.testhost import CACHE_DIR, TestHost, run
 
 DEB_DIR = os.path.join(CACHE_DIR, "debs")
-_URI_RE = re.compile(
-    r"^'(?P<url>[^']+)' (?P<file>\S+\.deb) (?P<size>\d+) SHA256:(?P<sha>[0-9a-f]{64})$"
-)
+# "'URL' FILE SIZE HASH", HASH being "SHA256:<hex>", "MD5Sum:<hex>" or empty.
+_URI_RE = re.compile(r"^'(?P<url>[^']+)' (?P<file>\S+\.deb) (?P<size>\d+)\s*(?P<hash>\S*)\s*$")
+_HASHES = {"sha256": hashlib.sha256, "md5sum": hashlib.md5}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _digest(path: str, kind: str) -> str:
+    h = _HASHES[kind]()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+async def install_debs(host: TestHost, packages: list[str]) -> None:
+    """Install ``packages`` on the host from cached .debs (no network on the host)."""
+    await preload_debs(host, packages)
+    await host.sh(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+        "--no-download " + " ".join(packages),
+        timeout=600,
+    )
 
 
 async def preload_debs(host: TestHost, packages: list[str]) -> list[str]:
@@ -60,6 +71,10 @@ async def preload_debs(host: TestHost, packages: list[str]) -> list[str]:
     return [d["file"] for d in wanted]
 
 
+def _size(path: str) -> int:
+    return os.path.getsize(path)
+
+
 def _exists(path: str) -> bool:
     return os.path.exists(path)
 
@@ -76,8 +91,11 @@ async def _download(host: TestHost, deb: dict[str, str], cached: str) -> None:
         if len(got) != 1:
             raise RuntimeError(f"apt-get download {name}={version} gave {got}")
         path = os.path.join(tmp, got[0])
-        if _sha256(path) != deb["sha"]:
-            raise RuntimeError(f"{deb['file']}: SHA-256 differs from the host's package lists")
+        kind, _, want = deb["hash"].lower().partition(":")
+        if kind in _HASHES and _digest(path, kind) != want:
+            raise RuntimeError(f"{deb['file']}: {kind} differs from the host's package lists")
+        if _size(path) != int(deb["size"]):
+            raise RuntimeError(f"{deb['file']}: size differs from the host's package lists")
         os.replace(path, cached)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
