@@ -66,7 +66,12 @@ def run_playbook(playbook: str, variables: dict, *, check: bool, verbose: bool) 
             playbook=os.path.join(TOOL_DIR, "playbooks", playbook),
             inventory=os.path.join(TOOL_DIR, "inventory", "localhost.ini"),
             extravars=variables,
-            envvars={"ANSIBLE_CONFIG": os.path.join(TOOL_DIR, "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+            envvars={
+                "ANSIBLE_CONFIG": os.path.join(TOOL_DIR, "ansible.cfg"),
+                "ANSIBLE_NOCOLOR": "1",
+                # ansible-playbook lives beside this Python (the agent's venv).
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+            },
             cmdline="--check" if check else None,
             quiet=not verbose,
             suppress_env_files=True,
