@@ -269,6 +269,13 @@ class TestHost:
         etc = os.path.join(self.root, "etc")
         with open(os.path.join(etc, "hostname"), "w") as f:
             f.write(self.name + "\n")
+        # debootstrap leaves no /etc/hosts; every real server has one, and
+        # programs that resolve "localhost" (Caddy's admin endpoint) need it.
+        with open(os.path.join(etc, "hosts"), "w") as f:
+            f.write(
+                f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name}\n"
+                "::1\tlocalhost ip6-localhost ip6-loopback\n"
+            )
         for kind in ("ed25519", "ecdsa"):
             keygen(os.path.join(etc, "ssh", f"ssh_host_{kind}_key"), kind)
         self.host_key_line = self._read_host_key()
