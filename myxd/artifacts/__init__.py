@@ -1,0 +1,1 @@
+"""Release archives and other files the daemon deploys to agents."""

@@ -1,0 +1,1 @@
+"""Deployments: artifacts pushed to agents, playbook runs across the fleet, drift."""
