@@ -67,6 +67,14 @@ class Settings:
             "playbooks/ (default: the copy packaged with MyX)"
         ),
     )
+    artifact_max_bytes: int = dataclasses.field(
+        default=512 * 1024 * 1024,
+        metadata=_doc("largest artifact (release archive) the API accepts, bytes"),
+    )
+    deployment_timeout: float = dataclasses.field(
+        default=3600.0,
+        metadata=_doc("default time limit of one deployment's playbook run per agent, seconds"),
+    )
     log_level: str = dataclasses.field(
         default="info",
         metadata=_doc("lowest level logged: info or debug (debug includes SSH protocol details)"),

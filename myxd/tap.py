@@ -288,10 +288,15 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     from twisted.internet.interfaces import IReactorThreads
 
     from myxd.api.app import AdminAPI
+    from myxd.api.deployments import DeploymentsAPI
     from myxd.api.servers import ServersAPI
+    from myxd.artifacts.store import ArtifactStore
+    from myxd.deploy.service import DeploymentService, tool_playbooks
+    from myxd.deploy.transfer import ArtifactPusher
     from myxd.fleet.commands import CommandQueue
     from myxd.fleet.heartbeat import HeartbeatService
     from myxd.install import Installer
+    from myxd.install.bundle import deployment_tool_dir
     from myxd.metrics import Metrics
     from myxd.rpc.client import AgentRPC
     from myxd.store import StoreService
@@ -346,6 +351,21 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     queue.setName("commands")
     queue.setServiceParent(root)
 
+    artifacts = ArtifactStore(
+        os.path.join(data_dir, "artifacts"), settings.artifact_max_bytes, reactor
+    )
+    tool_dir = settings.deployment_tool_dir or deployment_tool_dir()
+    deployer = DeploymentService(
+        store,
+        queue,
+        artifacts,
+        ArtifactPusher(rpc, reactor),
+        lambda: tool_playbooks(tool_dir),
+        default_timeout=settings.deployment_timeout,
+    )
+    deployer.setName("deployments")
+    deployer.setServiceParent(root)
+
     api = AdminAPI(
         store,
         queue,
@@ -355,6 +375,10 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
         metrics=metrics,
         admin_token=admin_token,
         servers_api=ServersAPI(store, installer, reactor=IReactorThreads(reactor)),
+        deployments_api=DeploymentsAPI(
+            store, deployer, artifacts, lambda: tool_playbooks(tool_dir)
+        ),
+        artifact_max_bytes=settings.artifact_max_bytes,
     )
     listener = APIService(endpoints.serverFromString(reactor, settings.api), api.site())
     listener.setName("api")

@@ -36,7 +36,7 @@ from twisted.web.server import Site
 
 import myxd
 from myxd._reactor import default_reactor
-from myxd.api import errormap, models, servers, validate
+from myxd.api import deployments, errormap, models, servers, validate
 from myxd.api.console import PUBLIC_PATHS as CONSOLE_PATHS
 from myxd.api.console import Console
 from myxd.api.errormap import json_response
@@ -58,6 +58,7 @@ from myxd.metrics import Metrics
 from myxd.store.records import AgentRecord, CommandRecord, OutputChunk
 
 if TYPE_CHECKING:
+    from myxd.api.deployments import DeploymentsAPI
     from myxd.api.servers import ServersAPI
     from myxd.config import Settings
     from myxd.fleet.commands import CommandQueue
@@ -104,6 +105,8 @@ class AdminAPI:
         metrics: Metrics,
         admin_token: str,
         servers_api: ServersAPI | None = None,
+        deployments_api: DeploymentsAPI | None = None,
+        artifact_max_bytes: int = 0,
     ) -> None:
         if not admin_token:
             raise ValueError("the admin API needs a non-empty admin token")
@@ -115,6 +118,8 @@ class AdminAPI:
         self._metrics = metrics
         self._token = admin_token.encode("utf-8")
         self._servers_api = servers_api
+        self._deployments_api = deployments_api
+        self._artifact_max_bytes = artifact_max_bytes
         self._adopter = Adopter(store, rpc, self._reactor)
         self._console = Console()
         self._document = build_document(myxd.__version__, self.operations())
@@ -139,7 +144,12 @@ class AdminAPI:
 
     def site(self) -> Site:
         """A Site serving `resource()` that caps request bodies while they arrive."""
-        return make_site(self.resource(), self._reactor)
+        large = {}
+        if self._deployments_api is not None and self._artifact_max_bytes:
+            large[b"/api/artifacts"] = self._artifact_max_bytes
+        return make_site(
+            self.resource(), self._reactor, admin_token=self._token, large_bodies=large
+        )
 
     def openapi_document(self) -> dict[str, Any]:
         return self._document
@@ -526,6 +536,15 @@ class AdminAPI:
     with _app.subroute("/api/servers") as _sub:
         servers.mount(_sub, _routes, "/api/servers", _servers)
     del _sub
+
+    # -- artifacts, deployments, drift: the routes of deployments.ROUTES ----------
+
+    def _deployments(self) -> DeploymentsAPI:
+        if self._deployments_api is None:
+            raise APIError(404, "deployments are not enabled")
+        return self._deployments_api
+
+    deployments.mount(_app, _routes, _deployments)
 
     # -- web console (static files; not part of the API document) ----------------
 

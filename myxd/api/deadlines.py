@@ -24,6 +24,9 @@ __all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "IDLE_TIMEOUT", "DeadlineChannel"]
 
 HEADER_TIMEOUT = 30.0
 BODY_TIMEOUT = 60.0
+# A large authenticated upload (an artifact) gets BODY_TIMEOUT plus one second
+# per this many bytes of its length: it must average at least 256 KiB/s.
+UPLOAD_MIN_RATE = 256 * 1024
 IDLE_TIMEOUT = 60.0  # twisted.web's default, kept explicit
 
 
@@ -47,6 +50,14 @@ class DeadlineChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._arm(self.body_timeout, "body")
         super().allHeadersReceived()
+        # The request now knows its body limit (gate.BoundedRequest): a large
+        # upload gets time in proportion to its size.
+        requests = getattr(self, "requests", None)
+        req = requests[-1] if requests else None
+        limit = int(getattr(req, "max_body", 0) or 0)
+        if limit > 1024 * 1024 and not getattr(req, "body_too_large", False):
+            size = self.length if isinstance(self.length, int) and self.length > 0 else limit
+            self._arm(self.body_timeout + size / UPLOAD_MIN_RATE, "body")
 
     def allContentReceived(self) -> None:
         self._disarm()

@@ -25,6 +25,15 @@ from werkzeug.exceptions import HTTPException
 
 from myxd.api.gate import request_id
 from myxd.api.inputs import APIError, json_bytes
+from myxd.artifacts.store import (
+    ArtifactError,
+    ArtifactInvalid,
+    ArtifactMismatch,
+    ArtifactNotFound,
+    ArtifactStoreFull,
+    ArtifactTooLarge,
+)
+from myxd.deploy.service import DeploymentConflict, DeploymentInputError
 from myxd.errors import AgentCheckFailed, ConflictError, DuplicateAgent, MyxError, NotFoundError
 from myxd.install.installer import InstallInProgress, ServerNotFound
 from myxd.rpc.retry import AgentRPCError
@@ -58,6 +67,14 @@ def _check_failed(e: AgentCheckFailed) -> dict[str, Any]:
     return out
 
 
+def _input_error(e: DeploymentInputError) -> dict[str, Any]:
+    return {
+        "error": str(e),
+        "field": e.field,
+        "errors": [{"field": e.field, "error": str(e)}],
+    }
+
+
 #: exception -> (status, or None for the exception's own ``code``; JSON body)
 #: The first matching row wins, so a subclass goes before its base.
 ERROR_MAP: tuple[tuple[type[MyxError], int | None, Body], ...] = (
@@ -69,6 +86,14 @@ ERROR_MAP: tuple[tuple[type[MyxError], int | None, Body], ...] = (
     (ConflictError, 409, lambda e: {"error": "conflict with the current state"}),
     (InstallInProgress, 409, lambda e: {"error": str(e)}),
     (AgentRPCError, 502, _agent_error),
+    (ArtifactInvalid, 400, lambda e: {"error": str(e)}),
+    (ArtifactTooLarge, 413, lambda e: {"error": str(e)}),
+    (ArtifactMismatch, 422, lambda e: {"error": str(e)}),
+    (ArtifactStoreFull, 507, lambda e: {"error": str(e)}),
+    (ArtifactNotFound, 404, lambda e: {"error": str(e)}),
+    (ArtifactError, 500, lambda e: {"error": str(e)}),
+    (DeploymentInputError, 400, _input_error),
+    (DeploymentConflict, 409, lambda e: {"error": str(e)}),
 )
 
 

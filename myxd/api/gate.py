@@ -36,13 +36,39 @@ def request_id(request: IRequest) -> str:
 
 
 class BoundedRequest(Request):
-    """A Request that keeps at most `max_body` bytes of the body and flags the rest."""
+    """A Request that keeps at most `max_body` bytes of the body and flags the rest.
+
+    One exception, decided when the headers are in and before any body byte is
+    kept: an upload to a path of the site's `large_bodies` (``POST
+    /api/artifacts``) that carries the right admin token may be as large as that
+    path's limit. Twisted spools such a body to a temporary file, never to
+    memory. A client without the token keeps the small cap, so it cannot make
+    the daemon spool a large body.
+    """
 
     max_body = MAX_BODY_BYTES
     body_too_large = False
 
+    def _limit(self) -> int:
+        channel = self.channel
+        site = getattr(channel, "site", None)
+        large: dict[bytes, int] = getattr(site, "large_bodies", None) or {}
+        token: bytes = getattr(site, "admin_token", b"")
+        # The request line is parsed by now (the channel keeps it) but the
+        # Request's own method and path are set only after the body arrived.
+        command = getattr(channel, "_command", b"")
+        path = (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
+        limit = large.get(path) if command == b"POST" else None
+        # Only a raw body: Twisted would parse a form body in memory.
+        kind = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
+        raw = kind.split(b";")[0].strip().lower() in (b"", b"application/octet-stream")
+        if limit is not None and raw and token and is_authorized(self, token):
+            return limit
+        return self.max_body
+
     def gotLength(self, length: int | None) -> None:
         self._body_seen = 0
+        self.max_body = self._limit()
         if length is not None and length > self.max_body:
             self.body_too_large = True
             self.content = BytesIO()
@@ -66,6 +92,9 @@ class BoundedRequest(Request):
 def _body_too_large(request: IRequest, max_body: int) -> bool:
     if getattr(request, "body_too_large", False):
         return True
+    # A request that was allowed a larger body (see BoundedRequest) was capped
+    # while it arrived.
+    max_body = max(max_body, int(getattr(request, "max_body", max_body)))
     content = getattr(request, "content", None)
     if content is None:
         return False
@@ -143,13 +172,24 @@ class Gate(Resource):
         return NOT_DONE_YET if result is NOT_DONE_YET else result
 
 
-def make_site(resource: IResource, reactor: Any = None) -> Site:
+def make_site(
+    resource: IResource,
+    reactor: Any = None,
+    *,
+    admin_token: bytes = b"",
+    large_bodies: dict[bytes, int] | None = None,
+) -> Site:
     """A Site for the admin API whose requests cap their bodies while reading them,
-    and whose connections must deliver headers and bodies in time (deadlines.py)."""
+    and whose connections must deliver headers and bodies in time (deadlines.py).
+
+    `large_bodies`: path -> byte limit for authenticated POST uploads (artifacts).
+    """
     if reactor is not None:
         site = Site(resource, requestFactory=BoundedRequest, reactor=reactor, timeout=IDLE_TIMEOUT)
     else:
         site = Site(resource, requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT)
     site.protocol = DeadlineChannel  # type: ignore[assignment]  # HTTP/1.1, plain TCP
     site.displayTracebacks = False
+    site.admin_token = admin_token  # type: ignore[attr-defined]
+    site.large_bodies = dict(large_bodies or {})  # type: ignore[attr-defined]
     return site

@@ -39,6 +39,7 @@ _ERROR_TEXT = {
     413: "Request body too large.",
     422: "The agent could not be checked; `reason` says why.",
     502: "The agent could not be reached; `reason` says why.",
+    507: "The daemon's data dir is full; nothing was kept.",
 }
 
 #: A response is a model (JSON) or a media type (text, event streams).

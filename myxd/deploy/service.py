@@ -27,6 +27,7 @@ marks its target failed, so one broken agent cannot stop a deployment.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _TASK_RE = re.compile(r"^TASK \[(?P<task>.*)\] \**\s*$")
 _FATAL_RE = re.compile(r"^(?:fatal|failed): \[[^\]]*\]: (?:FAILED|UNREACHABLE)! => (?P<json>\{.*)$")
 LOG_TAIL_BYTES = 256 * 1024
+
+
+def tool_playbooks(tool_dir: str) -> list[str]:
+    """The playbooks an operator may deploy: ``playbooks/*.yml`` of the tool
+    (task files and templates live in subdirectories and are not playbooks)."""
+    try:
+        names = os.listdir(os.path.join(tool_dir, "playbooks"))
+    except OSError:
+        return []
+    return sorted(n for n in names if n.endswith((".yml", ".yaml")) and not n.startswith("."))
 
 
 class DeploymentInputError(MyxError, ValueError):
@@ -116,7 +127,15 @@ class Store(Protocol):
     def get_command(self, command_id: int) -> Deferred[Any]: ...
     def get_command_by_uid(self, command_uid: str) -> Deferred[Any]: ...
     def read_output(self, command_id: int, offset: int = ..., max_bytes: int = ...) -> Any: ...
-    def add_event(self, **kw: Any) -> Deferred[int]: ...
+    def add_event(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        outcome: str,
+        details: dict[str, Any] | None = None,
+    ) -> Deferred[int]: ...
 
 
 @dataclass(frozen=True)
@@ -626,7 +645,8 @@ def parse_check_service(text: str) -> dict[str, dict[str, Any]]:
 
 def normalize_service(obj: Mapping[str, Any]) -> dict[str, Any]:
     """check_service.py's object plus the flat fields the store indexes."""
-    unit = obj.get("unit") if isinstance(obj.get("unit"), dict) else {}
+    raw_unit = obj.get("unit")
+    unit: dict[str, Any] = raw_unit if isinstance(raw_unit, dict) else {}
     installed = obj.get("installed_versions")
     if isinstance(installed, list):
         installed_text = ",".join(str(v) for v in installed) or None

@@ -254,8 +254,12 @@ class CommandQueue(Service):
         timeout: float | None,
         *,
         actor: str = "api",
+        command_uid: str | None = None,
     ) -> CommandRecord:
-        """Like `add_command`, for `execute_ansible(playbook, extra_vars, timeout)`."""
+        """Like `add_command`, for `execute_ansible(playbook, extra_vars, timeout)`.
+
+        `command_uid`: the agent-side id to use (a deployment target reserved it).
+        """
         if not isinstance(playbook, str) or not playbook:
             raise ValueError("playbook must be a non-empty string")
         if extra_vars is None:
@@ -272,6 +276,7 @@ class CommandQueue(Service):
             {"extra_vars": dict(extra_vars)},
             actor,
             {"playbook": playbook, "extra_var_keys": sorted(extra_vars)},
+            command_uid=command_uid,
         )
 
     async def cancel(self, command_id: int, *, actor: str = "api") -> CommandRecord:
@@ -351,6 +356,7 @@ class CommandQueue(Service):
         extra: dict[str, Any] | None,
         actor: str,
         audit: dict[str, Any],
+        command_uid: str | None = None,
     ) -> CommandRecord:
         if self._stopping:
             raise RuntimeError("the command queue is stopping")
@@ -365,6 +371,7 @@ class CommandQueue(Service):
             timeout=timeout,
             extra=extra,
             status="running",
+            command_uid=command_uid,
         )
         self._hook(self._metrics.command_created, kind)
         await self._event(actor, f"{kind}.create", rec, "running", {"agent_id": agent_id, **audit})

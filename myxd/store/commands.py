@@ -24,7 +24,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from myxd.errors import NotFoundError, OutputGapError
+from myxd.errors import ConflictError, NotFoundError, OutputGapError
 from myxd.statuses import COMMAND_KINDS, COMMAND_STATUSES, OUTPUT_STREAMS, UNFINISHED_STATUSES
 from myxd.store.db import Database, Txn, check, counts, dumps, loads, update_row
 from myxd.store.records import CommandRecord, OutputChunk
@@ -77,10 +77,13 @@ class CommandStore:
         timeout: float | None,
         extra: dict[str, Any] | None = None,
         status: str = "running",
+        command_uid: str | None = None,
     ) -> Deferred[CommandRecord]:
-        """Record a command with a fresh ``command_uid``; NotFoundError if no such agent."""
+        """Record a command with ``command_uid`` (a fresh one by default; a
+        deployment target reserves its own); NotFoundError if no such agent,
+        ConflictError if the uid is taken."""
         now = self._db.now()
-        uid = uuid.uuid4().hex
+        uid = command_uid or uuid.uuid4().hex
 
         def txn(t: Txn) -> CommandRecord:
             check(kind, COMMAND_KINDS, "kind")
@@ -88,6 +91,10 @@ class CommandStore:
             t.execute("SELECT 1 FROM agents WHERE id = ?", (agent_id,))
             if t.fetchone() is None:
                 raise NotFoundError(f"agent {agent_id} not found")
+            t.execute("SELECT id FROM agent_commands WHERE command_uid = ?", (uid,))
+            taken = t.fetchone()
+            if taken is not None:
+                raise ConflictError(f"command_uid {uid} is already used by command {taken[0]}")
             t.execute(
                 "INSERT INTO agent_commands (agent_id, command_uid, kind, command, args,"
                 " timeout, extra, status, created_at, started_at, updated_at)"
@@ -114,6 +121,14 @@ class CommandStore:
     def get_command(self, command_id: int) -> Deferred[CommandRecord | None]:
         def txn(t: Txn) -> CommandRecord | None:
             t.execute("SELECT * FROM agent_commands WHERE id = ?", (command_id,))
+            row = t.fetchone()
+            return None if row is None else _command(row)
+
+        return self._db.run(txn)
+
+    def get_command_by_uid(self, command_uid: str) -> Deferred[CommandRecord | None]:
+        def txn(t: Txn) -> CommandRecord | None:
+            t.execute("SELECT * FROM agent_commands WHERE command_uid = ?", (command_uid,))
             row = t.fetchone()
             return None if row is None else _command(row)
 

@@ -197,7 +197,8 @@ class DeploymentStore:
         def txn(t: Txn) -> list[DeploymentRecord]:
             if limit < 0:
                 raise ValueError("limit must not be negative")
-            where, args = [], []
+            where: list[str] = []
+            args: list[Any] = []
             if before_id is not None:
                 where.append("id < ?")
                 args.append(before_id)
@@ -275,9 +276,9 @@ class DeploymentStore:
 
         def txn(t: Txn) -> TargetRecord:
             sets = [f"{k} = ?" for k in fields]
-            args = list(fields.values())
+            args: list[Any] = list(fields.values())
             if "status" in fields:
-                check(fields["status"], TARGET_STATUSES, "status")
+                check(str(fields["status"]), TARGET_STATUSES, "status")
                 if fields["status"] in ("transferring", "running"):
                     sets.append("started_at = COALESCE(started_at, ?)")
                     args.append(now)

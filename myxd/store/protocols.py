@@ -77,7 +77,10 @@ class CommandRecords(Protocol):
         timeout: float | None,
         extra: dict[str, Any] | None = None,
         status: str = "running",
+        command_uid: str | None = None,
     ) -> Deferred[CommandRecord]: ...
+
+    def get_command_by_uid(self, command_uid: str) -> Deferred[CommandRecord | None]: ...
 
     def get_command(self, command_id: int) -> Deferred[CommandRecord | None]: ...
 

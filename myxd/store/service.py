@@ -36,6 +36,7 @@ from myxd.store.agents import AgentStore
 from myxd.store.commands import CommandStore
 from myxd.store.crypto import KEY_FILE_NAME, SecretBox, load_or_create_key
 from myxd.store.db import UNSET, Database, open_connection
+from myxd.store.deployments import DeploymentStore
 from myxd.store.events import EventStore
 from myxd.store.servers import ServerStore
 
@@ -55,6 +56,7 @@ class Store:
         self.commands = CommandStore(db)
         self.events = EventStore(db)
         self.servers = ServerStore(db)
+        self.deployments = DeploymentStore(db)
 
         agents = self.agents
         self.new_agent_identity = agents.new_agent_identity
@@ -71,6 +73,7 @@ class Store:
         commands = self.commands
         self.create_command = commands.create_command
         self.get_command = commands.get_command
+        self.get_command_by_uid = commands.get_command_by_uid
         self.list_commands = commands.list_commands
         self.list_unfinished_commands = commands.list_unfinished_commands
         self.update_command = commands.update_command

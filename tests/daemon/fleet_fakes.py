@@ -22,7 +22,7 @@ from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from myxd.config import Settings
-from myxd.errors import NotFoundError, OutputGapError
+from myxd.errors import ConflictError, NotFoundError, OutputGapError
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import AgentRPCError, RemoteError
 from myxd.statuses import (
@@ -305,6 +305,7 @@ class FakeStore:
         timeout: float | None,
         extra: dict[str, Any] | None = None,
         status: str = "running",
+        command_uid: str | None = None,
     ) -> Deferred[CommandRecord]:
         def run() -> CommandRecord:
             if kind not in COMMAND_KINDS:
@@ -313,12 +314,17 @@ class FakeStore:
                 raise ValueError(f"status must be one of {', '.join(COMMAND_STATUSES)}")
             if agent_id not in self.agents:
                 raise NotFoundError(f"agent {agent_id} not found")
+            for other in self.commands.values():
+                if command_uid is not None and other.command_uid == command_uid:
+                    raise ConflictError(
+                        f"command_uid {command_uid} is already used by command {other.id}"
+                    )
             cid = next(self._ids)
             now = self.clock.seconds()
             rec = CommandRecord(
                 id=cid,
                 agent_id=agent_id,
-                command_uid=f"uid{cid}",
+                command_uid=command_uid or f"uid{cid}",
                 kind=kind,
                 command=command,
                 args=list(args),
@@ -348,6 +354,12 @@ class FakeStore:
 
     def get_command(self, command_id: int) -> Deferred[CommandRecord | None]:
         return self._d("get_command", lambda: self.commands.get(command_id))
+
+    def get_command_by_uid(self, command_uid: str) -> Deferred[CommandRecord | None]:
+        return self._d(
+            "get_command_by_uid",
+            lambda: next((c for c in self.commands.values() if c.command_uid == command_uid), None),
+        )
 
     def list_unfinished_commands(self) -> Deferred[list[CommandRecord]]:
         return self._d(

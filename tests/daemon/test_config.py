@@ -40,6 +40,8 @@ SAMPLE: dict[str, Any] = {
     # Checked at start: it must be a real deployment tool (the packaged one is).
     "deployment_tool_dir": packaged_deployment_tool_dir(),
     "log_level": "debug",
+    "artifact_max_bytes": 1048576,
+    "deployment_timeout": 600.0,
 }
 
 

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from myxd.errors import NotFoundError, OutputGapError
+from myxd.errors import ConflictError, NotFoundError, OutputGapError
 from myxd.store.protocols import FleetStore
 from myxd.store.records import CommandRecord, HeartbeatResult, OutputChunk
 from tests.daemon.fleet_fakes import FakeStore, agent_record
@@ -173,6 +173,19 @@ class FleetStoreContract(_Mixin):
             eq((pending.status, pending.started_at, pending.kind), ("pending", None, "ansible"))
             self.assertTrue(rec.command_uid and pending.command_uid != rec.command_uid)
             self.assertIsNone(await self.store.get_command(pending.id + 100))
+
+        return d(go())
+
+    def test_reserved_command_uid(self) -> Deferred[Any]:
+        async def go() -> None:
+            aid = await self.new_agent()
+            self.assertIsNone(await self.store.get_command_by_uid("reserved-1"))
+            rec = await self.command(aid, kind="ansible", command_uid="reserved-1")
+            self.assertEqual(rec.command_uid, "reserved-1")
+            self.assertEqual(await self.store.get_command_by_uid("reserved-1"), rec)
+            # At most once: a second command with that uid is refused.
+            with self.assertRaises(ConflictError):
+                await self.command(aid, command_uid="reserved-1")
 
         return d(go())
 
