@@ -132,7 +132,12 @@ def filtered_log_observer(twistd_options: Any, level: str) -> ILogObserver:
     if level != "debug":
         # Conch's classes log per channel and per SFTP packet at info; ours in
         # myxd.install.ssh subclass them, so their events carry our namespace.
-        for namespace in ("twisted.conch", "myxd.install.ssh"):
+        for namespace in (
+            "twisted.conch",
+            "myxd.install.ssh",
+            "myxd.install.sshauth",
+            "myxd.install.sshchannels",
+        ):
             predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(observer, [predicate])
 

@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("'--' is only used by 'myx run'")
         args.argv = rest
     try:
-        client = Client(args.api, _read_token(args), verbose=args.verbose)
+        client = Client(args.api, lambda: _read_token(args), verbose=args.verbose)
         code = int(args.func(client, args))
     except CLIError as e:
         sys.stderr.write(f"myx: {e}\n")

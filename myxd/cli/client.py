@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from myxd.cli.words import explain
@@ -41,12 +41,23 @@ class Client:
     """
 
     def __init__(
-        self, base: str, token: str | None, timeout: float = 60.0, verbose: bool = False
+        self,
+        base: str,
+        token: str | Callable[[], str] | None,
+        timeout: float = 60.0,
+        verbose: bool = False,
     ) -> None:
         self.base = base.rstrip("/")
+        # A callable is asked on the first request: a command's own input errors
+        # (a missing key file, say) are reported before a missing token.
         self._token = token
         self.timeout = timeout
         self.verbose = verbose
+
+    def token(self) -> str | None:
+        if callable(self._token):
+            self._token = self._token()
+        return self._token
 
     def request(
         self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
@@ -59,8 +70,9 @@ class Client:
         req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        if self._token:
-            req.add_header("Authorization", f"Bearer {self._token}")
+        token = self.token()
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
                 raw = resp.read()

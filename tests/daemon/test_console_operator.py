@@ -245,7 +245,7 @@ class OperatorConsoleTests(BrowserTestBase):
             page.locator("#srv-password").fill("not-a-real-password")
             page.locator("#srv-submit").click()
             host_error = page.locator(".row:has(#srv-host) .field-error")
-            expect(host_error).to_have_text("Host must be an IP address or a host name")
+            expect(host_error).to_have_text("Host must be a host name or an IP address")
             expect(errors).to_have_count(1)
             page.locator("#srv-host").fill("127.0.0.1")
             page.locator("#srv-submit").click()

@@ -69,7 +69,8 @@ export function operatorWords(field, message, labels) {
   if (!label) return message;
   let text = String(message);
   text = text.replace(/ must be a non-empty string$/, " is required");
-  if (text.startsWith(`${field} `)) text = `${label} ${text.slice(field.length + 1)}`;
+  if (text.startsWith(`${field}: `)) text = `${label} ${text.slice(field.length + 2)}`;
+  else if (text.startsWith(`${field} `)) text = `${label} ${text.slice(field.length + 1)}`;
   else if (text.startsWith(`unknown field ${field}`)) text = `${label} is not expected here`;
   // Elsewhere in the text, only API-looking names ("ssh_port", "auth.password") are
   // replaced: a plain word like "host" may just be English.
