@@ -150,5 +150,12 @@ class DeployTestCase(DaemonTestCase):
             return set()
         return {n for n in names if os.path.isdir(os.path.join(root, n, "ansible"))}
 
+    def runner_idents(self, ah: AgentHost, record: str) -> list[str]:
+        """ansible-runner's per-run artifact dirs inside one command record."""
+        root = os.path.join(
+            ah.host.root, STATE_DIR.lstrip("/"), "commands", record, "ansible", "artifacts"
+        )
+        return os.listdir(root)
+
     def free_ports(self, n: int) -> list[int]:
         return free_ports(n)
