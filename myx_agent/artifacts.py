@@ -39,11 +39,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from myx_agent.errors import INVALID_PARAMS, RPCError
+from myx_agent.contract import MAX_CHUNK_BYTES
+from myx_agent.errors import ARTIFACT_REJECTED, INVALID_PARAMS, RPCError
 
-MAX_CHUNK_BYTES = 512 * 1024
 DEFAULT_CACHE_MAX_BYTES = 2 << 30
-ARTIFACT_REJECTED = -32011  # a transfer was refused (size, hash); nothing was kept
 _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 _HASH_BLOCK = 1 << 20
 # A partial transfer nobody touched for this long is removed.

@@ -25,6 +25,10 @@ DEFAULT_BIND = "0.0.0.0"
 DEFAULT_STATE_DIR = "/var/lib/myx-agent"
 DEFAULT_DEPLOYMENT_TOOL_DIR = "/opt/myx-deployment-tool"
 DEFAULT_MAX_CONCURRENT_COMMANDS = 32
+# The artifact cache (<state_dir>/artifacts): least recently used files go first.
+DEFAULT_ARTIFACT_CACHE_MAX_BYTES = 2 << 30
+MIN_ARTIFACT_CACHE_MAX_BYTES = 1 << 20
+MAX_ARTIFACT_CACHE_MAX_BYTES = 1 << 50
 
 # The config is small; anything much larger is not a config file.
 _MAX_CONFIG_BYTES = 64 * 1024
@@ -53,6 +57,7 @@ class AgentConfig:
     state_dir: str
     deployment_tool_dir: str
     max_concurrent_commands: int
+    artifact_cache_max_bytes: int = DEFAULT_ARTIFACT_CACHE_MAX_BYTES
     # Keys present in the file that this version does not know. They are
     # ignored (a newer daemon may write them) but reported at start.
     unknown_keys: Tuple[str, ...] = ()
@@ -178,6 +183,21 @@ def _max_concurrent(path: str, value: Any) -> int:
     return value
 
 
+def _artifact_cache_max(path: str, value: Any) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not MIN_ARTIFACT_CACHE_MAX_BYTES <= value <= MAX_ARTIFACT_CACHE_MAX_BYTES
+    ):
+        raise _fail(
+            path,
+            "field 'artifact_cache_max_bytes'",
+            f"must be an integer from {MIN_ARTIFACT_CACHE_MAX_BYTES} "
+            f"to {MAX_ARTIFACT_CACHE_MAX_BYTES} (bytes)",
+        )
+    return value
+
+
 _REQUIRED: Dict[str, Callable[[str, Any], Any]] = {
     "agent_token": _secret("agent_token"),
     "secret_key": _secret("secret_key"),
@@ -191,6 +211,7 @@ _OPTIONAL: Dict[str, Callable[[str, Any], Any]] = {
     "state_dir": _directory("state_dir"),
     "deployment_tool_dir": _directory("deployment_tool_dir"),
     "max_concurrent_commands": _max_concurrent,
+    "artifact_cache_max_bytes": _artifact_cache_max,
 }
 
 
@@ -219,6 +240,9 @@ def load_config(path: str) -> AgentConfig:
         deployment_tool_dir=values.get("deployment_tool_dir", DEFAULT_DEPLOYMENT_TOOL_DIR),
         max_concurrent_commands=values.get(
             "max_concurrent_commands", DEFAULT_MAX_CONCURRENT_COMMANDS
+        ),
+        artifact_cache_max_bytes=values.get(
+            "artifact_cache_max_bytes", DEFAULT_ARTIFACT_CACHE_MAX_BYTES
         ),
         unknown_keys=unknown,
     )

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.agent.test_rpc_server,tests.agent.test_commands -*-
 """Values the agent contract (docs/protocol.md) fixes, defined once.
 
-Command ids, kinds, statuses and the read limits of ``get_command_log``. The
+Command ids, kinds, statuses, the read limits of ``get_command_log`` and the
+chunk size of ``put_artifact_chunk``. The
 method table (``methods.py``) checks params against these; the command runner
 and its on-disk records use them. Error codes live in ``errors.py``.
 
@@ -19,6 +20,10 @@ COMMAND_ID_DESCRIPTION = "1-128 characters of [A-Za-z0-9._:-]"
 MAX_WAIT = 30.0
 #: Most bytes one get_command_log returns.
 MAX_READ_BYTES = 1024 * 1024
+
+#: Most decoded bytes one put_artifact_chunk carries: its base64 (699,052
+#: characters) plus the JSON envelope stays well inside the 1 MiB body limit.
+MAX_CHUNK_BYTES = 512 * 1024
 
 KIND_COMMAND = "command"
 KIND_ANSIBLE = "ansible"

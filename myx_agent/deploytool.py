@@ -2,6 +2,10 @@
 """The deployment tool on the agent: install a pushed archive atomically
 (``sync_deployment_tool``, docs/protocol.md) and read its VERSION.
 
+The archive comes inline (base64 in the call, older daemons) or, since the
+artifact cache, from ``<cache_dir>/<sha256>`` where ``put_artifact_chunk``
+left it verified; either way its hash is checked again here.
+
 The archive is a ``.tar.gz`` of the deployment-tool tree with members relative
 to the tree's root (``VERSION``, ``playbooks/ping.yml``, ...; a leading ``./``
 or one common top directory holding ``VERSION`` is accepted and stripped).
@@ -49,6 +53,8 @@ HASH_FILE = ".myx-archive-sha256"
 VERSION_FILE = "VERSION"
 MAX_MEMBERS = 20000
 MAX_TOTAL_BYTES = 256 << 20
+# An archive read from the artifact cache is read whole into memory.
+MAX_ARCHIVE_BYTES = 256 << 20
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 
 _log = Logger(namespace="myx_agent.deploytool")
@@ -75,15 +81,18 @@ def _read_hash(deployment_tool_dir: str) -> Optional[str]:
 
 def sync_deployment_tool(
     deployment_tool_dir: str,
-    archive: bytes,
+    archive: Optional[bytes],
     sha256: str,
     version: str,
     *,
     reactor: Optional[Any] = None,
+    cache_dir: Optional[str] = None,
 ) -> "Deferred[Dict[str, Any]]":
     """Install ``archive`` as the deployment tool unless this version and hash
-    are already installed. Fires ``{"changed": bool, "version": str}``; errbacks
-    with RPCError -32010 when the archive is rejected."""
+    are already installed. With ``archive`` None it is read from
+    ``<cache_dir>/<sha256>`` (-32602 if it is not there). Fires ``{"changed":
+    bool, "version": str}``; errbacks with RPCError -32010 when the archive is
+    rejected."""
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -97,6 +106,7 @@ def sync_deployment_tool(
         archive,
         sha256,
         version,
+        cache_dir,
     )
 
 
@@ -104,14 +114,44 @@ def _reject(reason: str) -> RPCError:
     return RPCError(SYNC_FAILED, "deployment-tool archive rejected: " + reason)
 
 
-def _sync(dt_dir: str, archive: bytes, sha256: str, version: str) -> Dict[str, Any]:
+def _read_cached(cache_dir: Optional[str], sha256: str) -> bytes:
+    """The archive ``put_artifact_chunk`` left in the cache (it was verified there)."""
+    missing = RPCError(
+        INVALID_PARAMS,
+        f"invalid params: sha256: no artifact {sha256} in the agent's cache; "
+        "push it with put_artifact_chunk first, or pass archive",
+    )
+    if cache_dir is None:
+        raise missing
+    path = os.path.join(cache_dir, sha256)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_ARCHIVE_BYTES:
+                raise _reject(f"more than {MAX_ARCHIVE_BYTES} bytes compressed")
+            data = f.read(MAX_ARCHIVE_BYTES + 1)
+    except FileNotFoundError:
+        raise missing from None
+    try:
+        os.utime(path)  # a use, for the cache's least-recently-used eviction
+    except OSError:
+        pass
+    return data
+
+
+def _sync(
+    dt_dir: str,
+    archive: Optional[bytes],
+    sha256: str,
+    version: str,
+    cache_dir: Optional[str] = None,
+) -> Dict[str, Any]:
     import fcntl
 
     if not isinstance(sha256, str) or not _SHA256_RE.match(sha256):
         raise RPCError(INVALID_PARAMS, "invalid params: sha256 must be 64 hex digits")
     if not isinstance(version, str) or not version.strip() or "\0" in version:
         raise RPCError(INVALID_PARAMS, "invalid params: version must be a non-empty string")
-    if not isinstance(archive, (bytes, bytearray)):
+    if archive is not None and not isinstance(archive, (bytes, bytearray)):
         raise RPCError(INVALID_PARAMS, "invalid params: archive must be bytes")
     sha256 = sha256.lower()
     version = version.strip()
@@ -122,6 +162,8 @@ def _sync(dt_dir: str, archive: bytes, sha256: str, version: str) -> Dict[str, A
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if read_deployment_tool_version(dt_dir) == version and _read_hash(dt_dir) == sha256:
             return {"changed": False, "version": version}
+        if archive is None:
+            archive = _read_cached(cache_dir, sha256)
         actual = hashlib.sha256(archive).hexdigest()
         if not hmac.compare_digest(actual, sha256):
             raise _reject(f"sha256 mismatch (archive is {actual})")

@@ -20,6 +20,7 @@ UNAUTHORIZED = -32001  # missing or wrong X-Agent-Token (HTTP 401)
 UNKNOWN_COMMAND = -32004  # no command with this command_id
 COMMAND_ID_CONFLICT = -32005  # command_id already used by a different kind
 SYNC_FAILED = -32010  # deployment-tool archive rejected (hash, format)
+ARTIFACT_REJECTED = -32011  # a transfer was refused (size, hash); nothing was kept
 
 
 class RPCError(Exception):

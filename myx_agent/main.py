@@ -3,7 +3,8 @@
 
 Reads the config, makes or loads the TLS identity, and builds a service tree
 (``build_service``): a ``MultiService`` of the TLS listener
-(``StreamServerEndpointService``) and the command runner. It runs under
+(``StreamServerEndpointService``) and the command runner; the method table
+also gets the artifact cache at ``<state_dir>/artifacts``. It runs under
 ``react()`` until SIGTERM/SIGINT, then stops the tree (the runner kills the
 commands' process trees) before exiting.
 
@@ -18,6 +19,7 @@ that the idle agent stays small; nothing here runs at import time.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence, Tuple
 
@@ -104,6 +106,7 @@ def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]
     from twisted.application.service import MultiService
     from twisted.internet.endpoints import SSL4ServerEndpoint
 
+    from myx_agent.artifacts import ArtifactCache
     from myx_agent.commands import CommandRunner
     from myx_agent.deploytool import read_deployment_tool_version, sync_deployment_tool
     from myx_agent.jsonrpc import Dispatcher
@@ -127,16 +130,21 @@ def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]
         )
     except Exception as e:
         _die(f"state_dir {config.state_dir}: cannot set up the command runner: {e}", EXIT_START)
+    # Created on the first chunk; nothing is touched on disk here.
+    artifacts = ArtifactCache(
+        os.path.join(config.state_dir, "artifacts"), config.artifact_cache_max_bytes, reactor
+    )
     methods = AgentMethods(
         runner=runner,
         rpc_port=config.rpc_port,
         cert_fingerprint=fingerprint,
         deployment_tool_dir=config.deployment_tool_dir,
         sync_tool=lambda d, archive, sha, version: sync_deployment_tool(
-            d, archive, sha, version, reactor=reactor
+            d, archive, sha, version, reactor=reactor, cache_dir=artifacts.root
         ),
         read_tool_version=read_deployment_tool_version,
         system=SystemInfo(),
+        artifacts=artifacts,
         reactor=reactor,
     )
     factory = build_factory(

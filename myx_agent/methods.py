@@ -21,7 +21,14 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from myx_agent import __version__
-from myx_agent.contract import COMMAND_ID_DESCRIPTION, COMMAND_ID_RE, MAX_READ_BYTES, MAX_WAIT
+from myx_agent.contract import (
+    COMMAND_ID_DESCRIPTION,
+    COMMAND_ID_RE,
+    MAX_CHUNK_BYTES,
+    MAX_READ_BYTES,
+    MAX_WAIT,
+)
+from myx_agent.errors import INTERNAL_ERROR, RPCError
 from myx_agent.jsonrpc import (
     Method,
     Param,
@@ -76,7 +83,18 @@ class Runner(Protocol):
     def running_count(self) -> int: ...
 
 
-SyncTool = Callable[[str, bytes, str, str], "Deferred[Dict[str, Any]]"]
+class Artifacts(Protocol):
+    """The part of myx_agent.artifacts.ArtifactCache that the methods use."""
+
+    def status(self, sha256: str, size: int) -> Deferred[Dict[str, Any]]: ...
+
+    def put_chunk(
+        self, sha256: str, size: int, offset: int, data: bytes
+    ) -> Deferred[Dict[str, Any]]: ...
+
+
+# (deployment_tool_dir, archive or None for "from the artifact cache", sha256, version)
+SyncTool = Callable[[str, Optional[bytes], str, str], "Deferred[Dict[str, Any]]"]
 ReadToolVersion = Callable[[str], Optional[str]]
 
 
@@ -98,6 +116,20 @@ def _base64(name: str, value: Any) -> bytes:
         return base64.b64decode(value.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error):
         raise invalid_param(name, "is not valid base64") from None
+
+
+# The longest base64 text of MAX_CHUNK_BYTES bytes (with padding).
+_MAX_CHUNK_B64 = 4 * -(-MAX_CHUNK_BYTES // 3)
+
+
+def _chunk(name: str, value: Any) -> bytes:
+    # Length first: a longer text is refused before it is decoded.
+    if isinstance(value, str) and len(value) > _MAX_CHUNK_B64:
+        raise invalid_param(name, f"must decode to at most {MAX_CHUNK_BYTES} bytes")
+    data = _base64(name, value)
+    if len(data) > MAX_CHUNK_BYTES:
+        raise invalid_param(name, f"must decode to at most {MAX_CHUNK_BYTES} bytes")
+    return data
 
 
 def _sha256(name: str, value: Any) -> str:
@@ -125,6 +157,7 @@ class AgentMethods:
         sync_tool: SyncTool,
         read_tool_version: ReadToolVersion,
         system: SystemInfo,
+        artifacts: Optional[Artifacts] = None,
         reactor: Optional[IReactorTime] = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -140,6 +173,7 @@ class AgentMethods:
         self._sync_tool = sync_tool
         self._read_tool_version = read_tool_version
         self._system = system
+        self._artifacts = artifacts
         self._monotonic = monotonic
         self._started = monotonic()
 
@@ -201,9 +235,23 @@ class AgentMethods:
         return self._runner.execute_ansible(command_id, playbook, extra_vars, timeout)
 
     def sync_deployment_tool(
-        self, archive: bytes, sha256: str, version: str
+        self, archive: Optional[bytes], sha256: str, version: str
     ) -> Deferred[Dict[str, Any]]:
+        # archive None: the archive was pushed to the artifact cache first.
         return self._sync_tool(self._tool_dir, archive, sha256, version)
+
+    def _need_artifacts(self) -> Artifacts:
+        if self._artifacts is None:
+            raise RPCError(INTERNAL_ERROR, "internal error")
+        return self._artifacts
+
+    def artifact_status(self, sha256: str, size: int) -> Deferred[Dict[str, Any]]:
+        return self._need_artifacts().status(sha256, size)
+
+    def put_artifact_chunk(
+        self, sha256: str, size: int, offset: int, data: bytes
+    ) -> Deferred[Dict[str, Any]]:
+        return self._need_artifacts().put_chunk(sha256, size, offset, data)
 
     def table(self) -> List[Method]:
         """The allowlist, params in the positional order of docs/protocol.md."""
@@ -252,10 +300,26 @@ class AgentMethods:
             Method(
                 "sync_deployment_tool",
                 (
-                    Param("archive", _base64),
+                    # Optional since the artifact cache: by name, or null by position.
+                    Param("archive", nullable(_base64), lambda: None),
                     Param("sha256", _sha256),
                     Param("version", _version),
                 ),
                 self.sync_deployment_tool,
+            ),
+            Method(
+                "artifact_status",
+                (Param("sha256", _sha256), Param("size", integer(minimum=0))),
+                self.artifact_status,
+            ),
+            Method(
+                "put_artifact_chunk",
+                (
+                    Param("sha256", _sha256),
+                    Param("size", integer(minimum=0)),
+                    Param("offset", integer(minimum=0)),
+                    Param("data", _chunk),
+                ),
+                self.put_artifact_chunk,
             ),
         ]

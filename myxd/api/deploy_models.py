@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from myxd.api.models import MAX_ID, MAX_TIMEOUT, QueryArgs, Request, Response, choice
 from myxd.store.deployments import DEPLOYMENT_STATUSES, TARGET_STATUSES
@@ -46,6 +46,17 @@ class NewDeployment(Request):
         str, Field(min_length=1, max_length=200, description="A playbook of the tool.")
     ]
     agents: Union[Literal["all"], Annotated[list[AgentId], Field(min_length=1, max_length=10000)]]
+
+    @field_validator("agents", mode="wrap")
+    @classmethod
+    def _agents_one_field(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Errors of the union's members would be named after them
+        # ("agents.literal['all']"); report them on the field itself.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('must be "all" or a non-empty list of agent ids') from None
+
     vars: Annotated[dict[VarName, Any], Field(max_length=1000)] = {}
     artifacts: Annotated[
         dict[VarName, Sha256],

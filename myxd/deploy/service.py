@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -65,6 +71,8 @@ DEFAULT_TOOL_DIR = "/opt/myx-deployment-tool"
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _TASK_RE = re.compile(r"^TASK \[(?P<task>.*)\] \**\s*$")
 _FATAL_RE = re.compile(r"^(?:fatal|failed): \[[^\]]*\]: (?:FAILED|UNREACHABLE)! => (?P<json>\{.*)$")
+# Colour codes, in case a playbook forces colour on (the agent sets ANSIBLE_NOCOLOR).
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_TAIL_BYTES = 256 * 1024
 
 
@@ -383,9 +391,12 @@ class DeploymentService(Service):
                 break
             if rec.max_failures is not None and failures >= rec.max_failures:
                 break
+            # consumeErrors, and unwrap FirstError: a stop cancels every target of
+            # the batch, and that is a CancelledError, not a runner failure.
             outcomes = await gatherResults(
-                [Deferred.fromCoroutine(self._target(rec, t)) for t in group]
-            )
+                [Deferred.fromCoroutine(self._target(rec, t)) for t in group],
+                consumeErrors=True,
+            ).addErrback(_first_error)
             failures += sum(1 for s in outcomes if s == "failed")
         await self._finish(deployment_id)
 
@@ -452,6 +463,12 @@ class DeploymentService(Service):
                     sent += res.bytes_sent
                     extra_vars[var] = res.path
                     await self._deployments.update_target(dep, aid, bytes_sent=t.bytes_sent + sent)
+                if rec.id in self._cancelled:
+                    # Cancelled during the transfer: the run must not start.
+                    await self._deployments.update_target(
+                        dep, aid, status="cancelled", reason="deployment cancelled"
+                    )
+                    return "cancelled"
                 cmd = await self._queue.add_ansible(
                     aid,
                     rec.playbook,
@@ -588,6 +605,13 @@ class _TargetFailed(Exception):
     pass
 
 
+def _first_error(failure: Failure) -> Failure:
+    if isinstance(failure.value, FirstError):
+        sub: Failure = failure.value.subFailure
+        return sub
+    return failure
+
+
 def _positive_int(name: str, value: Any, *, minimum: int) -> int | None:
     if value is None:
         return None
@@ -607,7 +631,7 @@ def failing_task(text: str) -> str | None:
     """``"<task>: <message>"`` of the last failed task in an ansible log, if any."""
     task = None
     found = None
-    for line in text.splitlines():
+    for line in _ANSI_RE.sub("", text).splitlines():
         m = _TASK_RE.match(line.strip())
         if m:
             task = m.group("task")

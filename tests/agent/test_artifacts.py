@@ -18,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from myx_agent.artifacts import ARTIFACT_REJECTED, MAX_CHUNK_BYTES, ArtifactCache
-from myx_agent.errors import INVALID_PARAMS, RPCError
+from myx_agent.artifacts import MAX_CHUNK_BYTES, ArtifactCache
+from myx_agent.errors import ARTIFACT_REJECTED, INVALID_PARAMS, RPCError
 
 
 def d(coro: Any) -> Deferred[Any]:

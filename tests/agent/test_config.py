@@ -76,6 +76,7 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.state_dir, DEFAULT_STATE_DIR)
         self.assertEqual(config.deployment_tool_dir, DEFAULT_DEPLOYMENT_TOOL_DIR)
         self.assertEqual(config.max_concurrent_commands, DEFAULT_MAX_CONCURRENT_COMMANDS)
+        self.assertEqual(config.artifact_cache_max_bytes, 2 * 1024**3)
         self.assertEqual(config.unknown_keys, ())
 
     def test_all_fields(self) -> None:
@@ -86,6 +87,7 @@ class LoadConfigTests(SynchronousTestCase):
             state_dir="/x/state",
             deployment_tool_dir="/x/tool",
             max_concurrent_commands=4,
+            artifact_cache_max_bytes=5 * 1024**2,
             future_key=1,
         )
         config = load_config(self.write(data, mode=0o400))
@@ -94,6 +96,7 @@ class LoadConfigTests(SynchronousTestCase):
             ("::1", "/x/ssl", "/x/state", "/x/tool"),
         )
         self.assertEqual(config.max_concurrent_commands, 4)
+        self.assertEqual(config.artifact_cache_max_bytes, 5 * 1024**2)
         self.assertEqual(config.unknown_keys, ("future_key",))
 
     def test_frozen_and_secrets_not_in_repr(self) -> None:
@@ -140,6 +143,11 @@ class LoadConfigTests(SynchronousTestCase):
             ("max_concurrent_commands", 0),
             ("max_concurrent_commands", "32"),
             ("max_concurrent_commands", False),
+            ("artifact_cache_max_bytes", 1024**2 - 1),
+            ("artifact_cache_max_bytes", "2G"),
+            ("artifact_cache_max_bytes", 2.0 * 1024**3),
+            ("artifact_cache_max_bytes", True),
+            ("artifact_cache_max_bytes", 2**51),
         ]
         for name, value in cases:
             data = minimal()
@@ -152,6 +160,10 @@ class LoadConfigTests(SynchronousTestCase):
             data = minimal()
             data.update(rpc_port=port, rpc_path="A" * 64, agent_token="x" * 16)
             self.assertEqual(load_config(self.write(data)).rpc_port, port)
+        for limit in (1024**2, 2**50):
+            data = minimal()
+            data["artifact_cache_max_bytes"] = limit
+            self.assertEqual(load_config(self.write(data)).artifact_cache_max_bytes, limit)
         data = minimal()
         data["rpc_path"] = "aZ09_-" + "b" * 10
         self.assertEqual(load_config(self.write(data)).rpc_path, "aZ09_-" + "b" * 10)

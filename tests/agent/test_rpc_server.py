@@ -151,10 +151,34 @@ class StubSystem:
 FINGERPRINT = "ab" * 32
 
 
-def agent_methods(runner: StubRunner, clock: Clock, sync_calls: List[Any]) -> AgentMethods:
+class StubArtifacts:
+    """Records what reaches the artifact cache (only checked params may)."""
+
+    def __init__(self, calls: List[Any]) -> None:
+        self.calls = calls
+
+    def status(self, sha256: str, size: int) -> Deferred[Dict[str, Any]]:
+        self.calls.append(("status", sha256, size))
+        return succeed({"present": False, "offset": 0})
+
+    def put_chunk(
+        self, sha256: str, size: int, offset: int, data: bytes
+    ) -> Deferred[Dict[str, Any]]:
+        self.calls.append(("put_chunk", sha256, size, offset, data))
+        return succeed({"offset": offset + len(data), "complete": False})
+
+
+def agent_methods(
+    runner: StubRunner,
+    clock: Clock,
+    sync_calls: List[Any],
+    artifact_calls: Optional[List[Any]] = None,
+) -> AgentMethods:
     now = [100.0]
 
-    def sync(directory: str, archive: bytes, sha: str, version: str) -> Deferred[Dict[str, Any]]:
+    def sync(
+        directory: str, archive: Optional[bytes], sha: str, version: str
+    ) -> Deferred[Dict[str, Any]]:
         sync_calls.append((directory, archive, sha, version))
         return succeed({"changed": True, "version": version})
 
@@ -166,6 +190,7 @@ def agent_methods(runner: StubRunner, clock: Clock, sync_calls: List[Any]) -> Ag
         sync_tool=sync,
         read_tool_version=lambda d: "1.2.3" if d == "/opt/tool" else None,
         system=StubSystem(),  # type: ignore[arg-type]
+        artifacts=StubArtifacts([] if artifact_calls is None else artifact_calls),
         reactor=clock,
         monotonic=lambda: now[0],
     )
@@ -455,7 +480,8 @@ class MethodTableTests(SynchronousTestCase):
         self.clock.advance(1764253000.5)
         self.runner = StubRunner()
         self.sync_calls: List[Any] = []
-        self.methods = agent_methods(self.runner, self.clock, self.sync_calls)
+        self.artifact_calls: List[Any] = []
+        self.methods = agent_methods(self.runner, self.clock, self.sync_calls, self.artifact_calls)
         self.d = Dispatcher(self.methods.table())
 
     def call(self, method: str, params: Any = None) -> Dict[str, Any]:
@@ -480,6 +506,8 @@ class MethodTableTests(SynchronousTestCase):
                     "cancel_command",
                     "execute_ansible",
                     "sync_deployment_tool",
+                    "artifact_status",
+                    "put_artifact_chunk",
                 ]
             ),
         )
@@ -570,6 +598,40 @@ class MethodTableTests(SynchronousTestCase):
         self.assertEqual(r["result"], {"changed": True, "version": "1.0.0"})
         self.assertEqual(self.sync_calls, [("/opt/tool", archive, "ab" * 32, "1.0.0")])
 
+    def test_sync_deployment_tool_from_the_cache(self) -> None:
+        # The new form: no archive, by name or null by position.
+        for params in (
+            {"sha256": "cd" * 32, "version": "2.0"},
+            [None, "cd" * 32, "2.0"],
+        ):
+            r = self.call("sync_deployment_tool", params)
+            self.assertEqual(r["result"], {"changed": True, "version": "2.0"})
+        self.assertEqual(self.sync_calls, [("/opt/tool", None, "cd" * 32, "2.0")] * 2)
+
+    def test_artifact_methods(self) -> None:
+        data = bytes(range(256)) * 4
+        r = self.call("artifact_status", {"sha256": "EF" * 32, "size": 1024})
+        self.assertEqual(r["result"], {"present": False, "offset": 0})
+        r = self.call(
+            "put_artifact_chunk", ["ef" * 32, 4096, 1024, base64.b64encode(data).decode()]
+        )
+        self.assertEqual(r["result"], {"offset": 2048, "complete": False})
+        self.assertEqual(
+            self.artifact_calls,
+            [("status", "ef" * 32, 1024), ("put_chunk", "ef" * 32, 4096, 1024, data)],
+        )
+
+    def test_chunk_size_limit(self) -> None:
+        # 512 KiB decoded is the limit; one byte more is refused before any write.
+        top = b"\0" * (512 * 1024)
+        ok = {"sha256": "a" * 64, "size": 1 << 20, "offset": 0}
+        r = self.call("put_artifact_chunk", {**ok, "data": base64.b64encode(top).decode()})
+        self.assertEqual(r["result"]["offset"], len(top))
+        r = self.call("put_artifact_chunk", {**ok, "data": base64.b64encode(top + b"x").decode()})
+        self.assertEqual(r["error"]["code"], -32602)
+        self.assertIn("'data'", r["error"]["message"])
+        self.assertEqual(len(self.artifact_calls), 1)
+
     def test_runner_errors_reach_the_client(self) -> None:
         self.runner.raise_on_execute = RPCError(BUSY, "busy")
         r = self.call("execute_command", {"command": "x", "command_id": "c"})
@@ -633,6 +695,38 @@ class MethodTableTests(SynchronousTestCase):
             ("sync_deployment_tool", {"archive": "", "sha256": "a" * 63, "version": "1"}, "sha256"),
             ("sync_deployment_tool", {"archive": "", "sha256": "g" * 64, "version": "1"}, "sha256"),
             ("sync_deployment_tool", {"archive": "", "sha256": "a" * 64, "version": ""}, "version"),
+            ("artifact_status", {"sha256": "../../etc/passwd", "size": 1}, "sha256"),
+            ("artifact_status", {"sha256": "a" * 64 + "/x", "size": 1}, "sha256"),
+            ("artifact_status", {"sha256": "a" * 64}, "size"),
+            ("artifact_status", {"sha256": "a" * 64, "size": -1}, "size"),
+            ("artifact_status", {"sha256": "a" * 64, "size": 1.0}, "size"),
+            ("artifact_status", {"sha256": "a" * 64, "size": True}, "size"),
+            ("put_artifact_chunk", {"sha256": "a" * 64, "size": 1, "offset": 0}, "data"),
+            (
+                "put_artifact_chunk",
+                {"sha256": "a" * 64, "size": 1, "offset": -1, "data": "AA=="},
+                "offset",
+            ),
+            (
+                "put_artifact_chunk",
+                {"sha256": "a" * 64, "size": 1, "offset": False, "data": "AA=="},
+                "offset",
+            ),
+            (
+                "put_artifact_chunk",
+                {"sha256": "a" * 64, "size": 1, "offset": 0, "data": "not base64!"},
+                "data",
+            ),
+            (
+                "put_artifact_chunk",
+                {"sha256": "a" * 64, "size": 1, "offset": 0, "data": 5},
+                "data",
+            ),
+            (
+                "put_artifact_chunk",
+                {"sha256": "..", "size": 1, "offset": 0, "data": "AA=="},
+                "sha256",
+            ),
             ("health_check", {"x": 1}, "x"),
         ]
         for method, params, name in cases:
@@ -642,6 +736,7 @@ class MethodTableTests(SynchronousTestCase):
             self.assertIn(f"'{name}'", r["error"]["message"], (method, params))
         self.assertEqual(self.runner.calls, [])
         self.assertEqual(self.sync_calls, [])
+        self.assertEqual(self.artifact_calls, [])
 
     def test_boundaries_accepted(self) -> None:
         self.call("get_command_log", {"command_id": "x" * 128, "wait": 30, "max_bytes": 1048576})

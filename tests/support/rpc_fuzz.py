@@ -41,6 +41,8 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "cancel_command": ("command_id",),
     "execute_ansible": ("playbook", "extra_vars", "timeout", "command_id"),
     "sync_deployment_tool": ("archive", "sha256", "version"),
+    "artifact_status": ("sha256", "size"),
+    "put_artifact_chunk": ("sha256", "size", "offset", "data"),
 }
 HARMLESS_COMMANDS = ("true", "echo", "/nonexistent/myx-fuzz")
 MAX_BATCH = 50
@@ -108,6 +110,8 @@ VALID: Dict[str, Any] = {
     "archive": st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
     "sha256": st.from_regex(r"[0-9a-fA-F]{64}", fullmatch=True),
     "version": st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),
+    "size": st.integers(min_value=0, max_value=10**6),
+    "data": st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
 }
 
 
