@@ -77,6 +77,12 @@ def deployment_json(rec: DeploymentRecord, names: dict[int, str]) -> dict[str, A
     }
 
 
+def _check_id(value: int, what: str) -> None:
+    """Ids beyond SQLite's integer range exist nowhere: 404, not an overflow."""
+    if not 1 <= value <= models.MAX_ID:
+        raise APIError(404, f"there is no {what} {value}")
+
+
 class DeploymentsAPI:
     """The handlers; `mount` routes requests to them."""
 
@@ -170,12 +176,14 @@ class DeploymentsAPI:
         )
 
     async def get_deployment(self, request: IRequest, deployment_id: int) -> bytes:
+        _check_id(deployment_id, "deployment")
         rec = await self._store.deployments.get_deployment(deployment_id)
         if rec is None:
             raise APIError(404, f"there is no deployment {deployment_id}")
         return json_response(request, deployment_json(rec, await self._names()))
 
     async def cancel_deployment(self, request: IRequest, deployment_id: int) -> bytes:
+        _check_id(deployment_id, "deployment")
         if await self._store.deployments.get_deployment(deployment_id) is None:
             raise APIError(404, f"there is no deployment {deployment_id}")
         rec = await self._deployments.cancel(deployment_id)
@@ -184,6 +192,7 @@ class DeploymentsAPI:
     # -- services and drift ----------------------------------------------------
 
     async def refresh_services(self, request: IRequest, agent_id: int) -> bytes:
+        _check_id(agent_id, "agent")
         if await self._store.get_agent(agent_id) is None:
             raise APIError(404, f"there is no agent {agent_id}")
         services = await self._deployments.refresh_services(agent_id)

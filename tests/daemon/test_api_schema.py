@@ -28,8 +28,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from myxd.api import AdminAPI
+from myxd.api.deployments import DeploymentsAPI
 from myxd.api.servers import ServersAPI
+from myxd.artifacts.store import ArtifactStore
 from myxd.config import Settings
+from myxd.deploy.service import DeploymentService
+from myxd.deploy.transfer import ArtifactPusher
 from myxd.install import Installer
 from myxd.metrics import Metrics
 from myxd.rpc.retry import AgentRPCError
@@ -86,6 +90,7 @@ class SchemathesisTests(TestCase):
         await ss.when_ready()
         self.addCleanup(ss.stopService)
         rpc = RefusingRPC()
+        artifacts = ArtifactStore(os.path.join(base, "artifacts"), 1 << 20, reactor)
         installer = RecordingInstaller(ss.store, rpc, settings, reactor)
         api = AdminAPI(
             ss.store,
@@ -96,6 +101,21 @@ class SchemathesisTests(TestCase):
             metrics=Metrics(),
             admin_token=TOKEN,
             servers_api=ServersAPI(ss.store, installer, reactor=IReactorThreads(reactor)),
+            # No playbooks: a generated deployment is always refused before it
+            # starts anything. Artifacts are real files under the test's dir.
+            deployments_api=DeploymentsAPI(
+                ss.store,
+                DeploymentService(
+                    ss.store,
+                    FakeQueue(ss.store),  # type: ignore[arg-type]
+                    artifacts,
+                    ArtifactPusher(rpc, reactor),
+                    lambda: [],
+                ),
+                artifacts,
+                lambda: [],
+            ),
+            artifact_max_bytes=1 << 20,
         )
         # A few records so that generated ids sometimes hit something real.
         agent = await ss.store.add_agent(
@@ -135,6 +155,9 @@ class SchemathesisTests(TestCase):
             f"Authorization: Bearer {TOKEN}",
             "--exclude-path",
             "/api/commands/{command_id}/stream",
+            # It runs check_service.py on the agent: a command, never generated.
+            "--exclude-path",
+            "/api/agents/{agent_id}/services/refresh",
         ]
         out, err, code = await getProcessOutputAndValue(
             _st(), args, env={**os.environ, "NO_COLOR": "1"}, path=self.base
