@@ -48,6 +48,11 @@ class Client:
         self.timeout = timeout
         self.verbose = verbose
 
+    @property
+    def token(self) -> str | None:
+        """For requests this client cannot make with urllib (a streamed upload)."""
+        return self._token
+
     def request(
         self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
     ) -> Any:
