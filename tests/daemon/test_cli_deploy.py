@@ -192,6 +192,10 @@ class CLIDeployTest(DaemonTestCase):
         self.assertIn(b"one of the arguments --agents --all is required", err)
         code, body = await self.api("GET", "/api/deployments")
         self.assertEqual(body["deployments"], [])
+        code, out, err = await self.myx("playbooks")
+        self.assertEqual(code, 0, err)
+        self.assertIn("ping.yml", out.decode().splitlines())
+        self.assertIn("deploy_xray.yml", out.decode().splitlines())
 
     async def test_deploy_ping_to_real_agents_then_list_show_and_drift(self) -> None:
         await self.daemon.start()
