@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from myxd.cli import servers
+from myxd.cli import artifacts, deploy, servers
 from myxd.cli.agents import (
     SHELL,
     cmd_adopt,
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
     s.set_defaults(func=cmd_events)
 
     servers.add_parsers(sub)
+    artifacts.add_parsers(sub)
+    deploy.add_parsers(sub)
     return p
 
 

@@ -54,7 +54,9 @@ class Client:
         self.timeout = timeout
         self.verbose = verbose
 
+    @property
     def token(self) -> str | None:
+        """The admin token, read on first use (also for streamed uploads)."""
         if callable(self._token):
             self._token = self._token()
         return self._token
@@ -70,7 +72,7 @@ class Client:
         req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        token = self.token()
+        token = self.token
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:

@@ -116,3 +116,9 @@ export function decodeBase64(data) {
   for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
   return out;
 }
+
+/** A deployment's targets by status: "2 success \u00B7 1 failed". */
+export function countsText(counts) {
+  return Object.entries(counts || {}).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`)
+    .join(" \u00B7 ") || "no targets";
+}

@@ -9,6 +9,8 @@
  */
 import { agentView } from "./views/agent.js";
 import { commandView } from "./views/command.js";
+import { deploymentView } from "./views/deployment.js";
+import { deploymentsView } from "./views/deployments.js";
 import { openCommandView } from "./views/commands.js";
 import { eventsView } from "./views/events.js";
 import { fleetView } from "./views/fleet.js";
@@ -23,6 +25,10 @@ export const ROUTES = [
   { section: "run", render: (main, view, id, params) => runView(main, view, params) },
   { section: "commands", render: (main, view) => openCommandView(main, view) },
   { section: "commands", withId: true, render: (main, view, id) => commandView(main, view, id) },
+  { section: "deployments",
+    render: (main, view, id, params) => deploymentsView(main, view, params) },
+  { section: "deployments", withId: true,
+    render: (main, view, id) => deploymentView(main, view, id) },
   { section: "events", render: (main, view, id, params) => eventsView(main, view, params) },
   { section: "servers", render: (main, view) => serversView(main, view) },
   { section: "servers", withId: true, render: (main, view, id) => serverView(main, view, id) },

@@ -1,12 +1,44 @@
 /**
- * The Fleet page: agents (with their names) by status, paged, selectable for a run.
+ * The Fleet page: agents (with their names) by status, paged, selectable for a run,
+ * with the Xray and Caddy version each runs and a drift badge (GET api/fleet/services:
+ * a version or config that differs from the last deployment, or the service down).
  */
+import { ApiError } from "../api.js";
 import { badge, h, page, safeClass, swap, timeAgo } from "../dom.js";
 import { dash } from "../format.js";
 import { agentLabel, agentName, serverNamesByAgent } from "../names.js";
 import { PAGE, REFRESH_MS, report } from "../view.js";
 
 const AGENT_STATUSES = ["online", "offline", "installing", "error"];
+const SERVICES = [["xray", "Xray"], ["caddy", "Caddy"]];
+
+/** service -> agent id -> its drift row; empty when the daemon has no deployments. */
+async function servicesByAgent(view) {
+  const out = new Map(SERVICES.map(([s]) => [s, new Map()]));
+  try {
+    const data = await view.api("GET", "api/fleet/services");
+    for (const [s] of SERVICES) {
+      for (const r of (data.services[s] || { agents: [] }).agents) out.get(s).set(r.agent_id, r);
+    }
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) throw e;
+  }
+  return out;
+}
+
+/** The version an agent runs, and a drift badge that says why on hover. */
+function serviceCell(service, r) {
+  const cell = h("td", { class: `svc svc-${service}` });
+  if (!r) return add(cell, dash);
+  cell.append(r.active_version || (r.active === false ? "down" : dash));
+  if (r.drift && r.drift.length) {
+    cell.append(badge("drift", { title: r.drift.join("; "), "aria-label":
+      `${service} drift: ${r.drift.join("; ")}` }));
+  }
+  return cell;
+}
+
+function add(el, text) { el.append(text); return el; }
 
 export function fleetView(main, view, params) {
   const status = AGENT_STATUSES.includes(params.get("status")) ? params.get("status") : null;
@@ -30,13 +62,15 @@ export function fleetView(main, view, params) {
     h("caption", { class: "visually-hidden" }, "Agents"),
     h("thead", {}, h("tr", {},
       h("th", { class: "sel", scope: "col" }, selectAll),
-      ["ID", "Name", "Host", "Port", "Status", "Version", "Last heartbeat", "Reason"].map(
+      ["ID", "Name", "Host", "Port", "Status", "Version", "Xray", "Caddy", "Last heartbeat",
+        "Reason"].map(
         (t) => h("th", { scope: "col", class: t === "ID" || t === "Port" ? "num" : null }, t)))),
     tbody);
   const pager = h("div", { class: "pager" });
   main.append(counts, error, h("div", { class: "table-wrap" }, table), pager);
   let rows = [];
   let serverNames = new Map();
+  let services = new Map();
 
   function syncSelection() {
     runSelected.disabled = selected.size === 0;
@@ -86,19 +120,22 @@ export function fleetView(main, view, params) {
       h("td", { class: "num" }, String(agent.rpc_port)),
       h("td", { class: "status" }, badge(agent.status)),
       h("td", {}, agent.version || dash),
+      ...SERVICES.map(([s]) => serviceCell(s, services.get(s).get(agent.id))),
       h("td", { class: "nowrap heartbeat" }, timeAgo(agent.last_heartbeat)),
       h("td", { class: "reason" }, agent.status_reason || ""));
   }
 
   async function refresh() {
     const filter = status ? `&status=${status}` : "";
-    const [list, servers, ...perStatus] = await Promise.all([
+    const [list, servers, svc, ...perStatus] = await Promise.all([
       view.api("GET", `api/agents?limit=${PAGE}&offset=${offset}${filter}`),
       serverNamesByAgent(view),
+      servicesByAgent(view),
       ...AGENT_STATUSES.map((s) => view.api("GET", `api/agents?limit=1&status=${s}`)),
     ]);
     error.textContent = "";
     serverNames = servers;
+    services = svc;
     if (list.agents.length === 0 && offset > 0 && list.total > 0) {
       offset = Math.max(0, Math.floor((list.total - 1) / PAGE) * PAGE);
       return refresh();
@@ -108,7 +145,7 @@ export function fleetView(main, view, params) {
       ...AGENT_STATUSES.map((s, i) => countLink(s, s, perStatus[i].total))]);
     rows = list.agents;
     swap(tbody, rows.length ? rows.map(row) : [h("tr", {}, h("td", {
-      class: "empty", colspan: "9",
+      class: "empty", colspan: "11",
     }, status ? `No ${status} agents.` : "No agents yet. Adopt one with POST /api/agents, " +
       "or add a server on the Servers page."))]);
     syncSelection();
