@@ -199,6 +199,7 @@ class AgentMethods:
             "disk": system.disk(),
             "running_commands": self._runner.running_count,
             "deployment_tool_version": self._read_tool_version(self._tool_dir),
+            "deployment_tool_dir": self._tool_dir,
             "rpc_port": self._rpc_port,
             "cert_fingerprint": self._fingerprint,
         }

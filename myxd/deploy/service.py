@@ -331,9 +331,8 @@ class DeploymentService(Service):
         agent = await self._store.get_agent(agent_id)
         if agent is None:
             raise NotFoundError(f"there is no agent {agent_id}")
-        tool_dir = ((agent.details or {}).get("deployment_tool") or {}).get(
-            "dir"
-        ) or DEFAULT_TOOL_DIR
+        reported = (agent.details or {}).get("deployment_tool_dir")
+        tool_dir = reported if isinstance(reported, str) and reported else DEFAULT_TOOL_DIR
         cmd = await self._queue.add_command(
             agent_id,
             f"{tool_dir}/scripts/check_service.py",

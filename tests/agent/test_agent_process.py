@@ -108,6 +108,7 @@ class EveryMethodTests(TestCase):
                     "disk",
                     "running_commands",
                     "deployment_tool_version",
+                    "deployment_tool_dir",
                     "rpc_port",
                     "cert_fingerprint",
                 ]
@@ -119,6 +120,7 @@ class EveryMethodTests(TestCase):
         self.assertEqual(status["python"], "{}.{}.{}".format(*sys.version_info[:3]))
         self.assertEqual(status["running_commands"], 0)
         self.assertIsNone(status["deployment_tool_version"])
+        self.assertTrue(os.path.isabs(status["deployment_tool_dir"]))
         self.assertEqual(len(status["load_avg"]), 3)
         self.assertGreater(status["memory"]["total"], status["memory"]["available"] or 0)
         self.assertEqual(status["disk"]["path"], "/")

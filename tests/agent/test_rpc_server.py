@@ -536,6 +536,7 @@ class MethodTableTests(SynchronousTestCase):
                 "disk": {"path": "/", "total": 1000, "free": 400},
                 "running_commands": 3,
                 "deployment_tool_version": "1.2.3",
+                "deployment_tool_dir": "/opt/tool",
                 "rpc_port": 24351,
                 "cert_fingerprint": FINGERPRINT,
             },
