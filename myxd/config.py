@@ -114,6 +114,13 @@ class Settings:
     log_poll_interval: float = dataclasses.field(
         default=1.0, metadata=_doc("pause between command log polls, seconds")
     )
+    log_unreachable_limit: float = dataclasses.field(
+        default=600.0,
+        metadata=_doc(
+            "how long a running command's log is retried while its agent is unreachable "
+            "before the command is marked failed, seconds (at least its own timeout)"
+        ),
+    )
     log_poll_wait: float = dataclasses.field(
         default=10.0,
         metadata=_doc(

@@ -471,6 +471,12 @@ class CommandQueue(Service):
         wait = min(MAX_AGENT_WAIT, max(0.0, float(self._settings.log_poll_wait)))
         interval = max(0.0, float(self._settings.log_poll_interval))
         call_timeout = float(self._settings.rpc_timeout) + wait
+        # While the agent is unreachable the command may well still run and
+        # write output there: keep asking (backing off) for this long before
+        # giving up on it, never less than the command's own time limit.
+        patience = max(float(self._settings.log_unreachable_limit), float(rec.timeout or 0) + 60.0)
+        unreachable_since: float | None = None
+        misses = 0
         due = clock.seconds()
         while True:
             await self._slots.acquire()
@@ -478,6 +484,7 @@ class CommandQueue(Service):
             self._hook(self._metrics.poll_lag, max(0.0, started - due))
             self.polls_in_flight += 1
             self.max_polls_in_flight = max(self.max_polls_in_flight, self.polls_in_flight)
+            retry_in: float | None = None
             try:
                 reply = await self._rpc.call(
                     ep,
@@ -495,15 +502,37 @@ class CommandQueue(Service):
                 await self._fail(rec, f"get_command_log failed: {e.reason}")
                 return
             except AgentRPCError as e:
-                await self._fail(
-                    rec,
-                    f"agent unreachable while reading the log: {e.reason}",
-                    unreachable=e.kind == RETRYABLE,
+                now = clock.seconds()
+                if unreachable_since is None:
+                    unreachable_since = now
+                if e.kind != RETRYABLE or now - unreachable_since >= patience:
+                    await self._fail(
+                        rec,
+                        f"agent unreachable while reading the log: {e.reason}"
+                        + (
+                            f" (for {now - unreachable_since:.0f} s)" if e.kind == RETRYABLE else ""
+                        ),
+                        unreachable=e.kind == RETRYABLE,
+                    )
+                    return
+                misses += 1
+                self.log.info(
+                    "command {command_id}: agent unreachable while reading the log "
+                    "({reason}); trying again",
+                    command_id=rec.id,
+                    reason=e.reason,
                 )
-                return
+                retry_in = min(30.0, max(interval, 1.0) * 2 ** min(misses - 1, 5))
             finally:
                 self.polls_in_flight -= 1
                 self._slots.release()
+            if retry_in is not None:
+                # Outside the slot: a waiting poller holds no poll slot.
+                due = clock.seconds() + retry_in
+                await deferLater(clock, retry_in, lambda: None)
+                continue
+            unreachable_since = None
+            misses = 0
             try:
                 piece = _parse_log(reply, offset)
             except ProtocolError as e:

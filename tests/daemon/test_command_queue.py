@@ -361,15 +361,48 @@ class FailureTests(QueueTestCase):
         self.assertIn("agent.unreachable", [e["action"] for e in self.store.events])
         self.assertFalse(q.is_polling(rec.id))
 
-    def test_unreachable_while_polling_fails(self) -> None:
-        q = self.queue()
-        rec = self.add(q)
+    def test_unreachable_while_polling_fails_after_the_limit(self) -> None:
+        q = self.queue(log_unreachable_limit=120)
+        rec = self.add(q)  # timeout 10 s: the limit is max(120, 10 + 60)
         self.rpc.handlers["get_command_log"] = lambda ep, p: unreachable(3)
         self.clock.advance(10)  # the pending long-poll returns empty; next poll fails
+        self.assertEqual(self.record(rec.id).status, "running")
+        for _ in range(200):
+            if self.record(rec.id).status != "running":
+                break
+            self.clock.advance(5)
         final = self.record(rec.id)
         self.assertEqual(final.status, "failed")
         self.assertIn("unreachable", final.reason or "")
+        # Asked again and again, backing off, for the whole limit; not forever.
+        fails = len(self.log_calls())
+        self.assertGreater(fails, 4)
+        self.assertLess(fails, 40)
+        assert final.finished_at is not None and final.started_at is not None
+        self.assertGreaterEqual(final.finished_at - final.started_at, 120)
         self.assertEqual(len(self.store.heartbeat_writes), 1)
+
+    def test_output_written_while_unreachable_is_read_when_the_agent_is_back(self) -> None:
+        # Found by the flapping-link scenario: one failed read used to fail a
+        # command that was still running, and its later output was never read.
+        q = self.queue()
+        rec = self.add(q)
+        log = self.log_for(rec.command_uid)
+        log.write("stdout", b"before ")
+        self.clock.advance(0)
+        read = self.rpc.handlers["get_command_log"]
+        self.rpc.handlers["get_command_log"] = lambda ep, p: unreachable(3)
+        self.clock.advance(10)
+        log.write("stdout", b"during ")
+        self.clock.advance(20)
+        self.assertEqual(self.record(rec.id).status, "running")
+        self.rpc.handlers["get_command_log"] = read
+        log.write("stdout", b"after")
+        log.finish(OK_RESULT)
+        self.clock.advance(60)
+        final = self.record(rec.id)
+        self.assertEqual(final.status, "success")
+        self.assertEqual(bytes(self.store.output[rec.id]), b"before during after")
 
     def test_auth_failure_while_polling_does_not_count_as_unreachable(self) -> None:
         from myxd.rpc import AgentRPCError

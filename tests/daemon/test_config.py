@@ -42,6 +42,7 @@ SAMPLE: dict[str, Any] = {
     "log_level": "debug",
     "artifact_max_bytes": 1048576,
     "deployment_timeout": 600.0,
+    "log_unreachable_limit": 300.0,
 }
 
 

@@ -196,6 +196,25 @@ class NetworkFaultTests(FaultTestCase):
         )
         del daemon
 
+    async def test_link_down_longer_than_the_retry_budget_loses_no_output(self) -> None:
+        # Down for 2.5 s, longer than one call's retries (0.2 + 0.4 + 0.8 s of
+        # backoff): a read fails for good, and the poller must keep asking
+        # (log_unreachable_limit) instead of failing a command that still runs.
+        # This lost output before: 118,720 of 508,800 bytes stored, "failed".
+        daemon = await self.start_daemon()
+        agent, proxy, aid = await self.proxied_agent()
+        cid, marker = await self.run_script(aid, 1920, 0.3)
+        proxy.flap(up_for=1.0, down_for=2.5)
+        await self.wait_final(cid)
+        proxy.stop_flapping()
+        final = await self.command(cid)
+        self.assertEqual(final["status"], "success", final["reason"])
+        self.assertEqual(await self.read_all(cid), expected_output(1920))
+        self.assertEqual(marker_runs(marker), 1)
+        self.assertGreaterEqual(proxy.counts["flaps"], 2)
+        report("long_down", proxy, bytes_compared=1920 * 265)
+        del daemon
+
     async def test_pooled_connection_closed_while_idle(self) -> None:
         # Heartbeats rare enough that the pooled connection really sits idle.
         daemon = await self.start_daemon(heartbeat_min_interval=30, heartbeat_max_interval=31)
