@@ -46,7 +46,6 @@ AGENT_PACKAGE = "myx_agent"
 # deployment-tool/ of the source tree, shipped under an importable name.
 DEPLOYMENT_TOOL_PACKAGE = "myx_deployment_tool"
 ENTRY_MODULES = ("__init__", "__main__", "main")
-DEPLOYMENT_TOOL_MAX_BYTES = 700 * 1024  # base64 of it must fit the agent's 1 MiB body limit
 
 
 class BundleError(MyxError):
@@ -253,11 +252,6 @@ def deployment_tool_archive(tool_dir: str | None = None) -> tuple[bytes, str, st
                 tar.addfile(info, io.BytesIO(data))
     # gzip with mtime 0 so that identical trees give identical bytes.
     archive = gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
-    if len(archive) > DEPLOYMENT_TOOL_MAX_BYTES:
-        raise BundleError(
-            f"the deployment tool archive is {len(archive)} bytes; the agent accepts at most "
-            f"about {DEPLOYMENT_TOOL_MAX_BYTES} bytes"
-        )
     return archive, hashlib.sha256(archive).hexdigest(), version
 
 

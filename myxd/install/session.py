@@ -3,9 +3,10 @@
 
 ``InstallSession`` is one install's state (server, agent, connection, staging
 dir, facts, fingerprint); ``InstallEnv`` is what every install of one daemon
-shares (store, RPC client, clock, options, wheelhouse, the cached agent files,
-the journal). ``InstallStore`` and ``AgentCaller`` name the slice of the store
-and of the RPC client that installs use, so tests can pass fakes.
+shares (store, RPC client, the artifact pusher built on it, clock, options,
+wheelhouse, the cached agent files, the journal). ``InstallStore`` and
+``AgentCaller`` name the slice of the store and of the RPC client that installs
+use, so tests can pass fakes.
 
 This module holds data and seams only: it performs no I/O and never holds a
 secret beyond the records it was given (whose reprs hide them).
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, cast
 
 from twisted.internet.interfaces import IReactorTime
 
 import myxd.install.remote as remote
+from myxd.deploy.transfer import ArtifactPusher
 from myxd.errors import MyxError
 from myxd.identity import AgentIdentity
 from myxd.install.bundle import AgentFiles, TargetPlatform, agent_files
@@ -242,6 +244,17 @@ class InstallEnv:
     # The journal's ``progress``: record a running step's log line and event.
     progress: Callable[[InstallSession, str, str], Awaitable[None]]
     stopping: Callable[[], bool]
+    # Sends files to agents in chunks (sync_tool); built from ``rpc`` by default.
+    pusher: ArtifactPusher | None = None
+
+    def __post_init__(self) -> None:
+        if self.pusher is None:
+            # The clock is the reactor in a daemon: the pusher reads files in its threads.
+            self.pusher = ArtifactPusher(cast(Any, self.rpc), self.clock)
+
+    def need_pusher(self) -> ArtifactPusher:
+        assert self.pusher is not None  # set by __post_init__
+        return self.pusher
 
 
 @dataclass

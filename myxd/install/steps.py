@@ -9,7 +9,8 @@
     service       myx-agent.service (Restart=always), daemon-reload, enable, restart
     wait          RPC checked every 3 s (progress logged every 10 s) until it answers
     pin           the certificate fingerprint read over SSH is pinned in the store
-    sync_tool     deployment-tool tar.gz through the agent's sync_deployment_tool
+    sync_tool     deployment-tool tar.gz pushed in chunks to the agent's artifact
+                  cache (ArtifactPusher), then installed by sync_deployment_tool
 
 and the uninstall's ``stop`` and ``remove``. Each step talks to the target only
 through ``RemoteHost`` and returns a ``StepResult`` or raises ``InstallError``;
@@ -21,8 +22,8 @@ A step never logs or records a secret (the agent's config goes by SFTP with mode
 
 from __future__ import annotations
 
-import base64
 import os
+import tempfile
 from typing import Awaitable
 
 from twisted.internet.interfaces import IReactorTime
@@ -30,6 +31,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 import myxd.install.remote as remote
+from myxd.deploy.transfer import TransferError
 from myxd.install.agents import new_agent
 from myxd.install.bundle import deployment_tool_archive
 from myxd.install.host import RemoteHost
@@ -44,7 +46,7 @@ from myxd.install.session import (
 )
 from myxd.install.ssh import CommandResult, Credentials
 from myxd.install.ssh import connect as ssh_connect
-from myxd.rpc.retry import AgentRPCError, CertificateMismatch
+from myxd.rpc.retry import AgentRPCError, CertificateMismatch, RemoteError
 from myxd.store.records import ServerRecord
 
 log = Logger()
@@ -376,26 +378,50 @@ async def pin(s: InstallSession) -> StepResult:
     )
 
 
+INVALID_PARAMS = -32602
+
+
 async def sync_tool(s: InstallSession) -> StepResult:
     fingerprint = s.need_fingerprint()
     archive, digest, version = deployment_tool_archive(s.env.options.deployment_tool_dir)
-    result = await s.env.rpc.call(
-        s.endpoint(fingerprint),
-        "sync_deployment_tool",
-        {
-            "archive": base64.b64encode(archive).decode("ascii"),
-            "sha256": digest,
-            "version": version,
-        },
-        retry=True,
-        timeout=120,
-    )
+    ep = s.endpoint(fingerprint)
+    # The pusher reads from a file; the archive is small (it was just built in
+    # memory on the reactor too), and the file lives only for this step.
+    fd, path = tempfile.mkstemp(prefix="myx-deployment-tool-", suffix=".tar.gz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(archive)
+        sent = 0
+        # A second round only if the agent evicted the archive between the push
+        # and the sync (its cache is shared with deployments' artifacts).
+        for attempt in (1, 2):
+            try:
+                pushed = await s.env.need_pusher().push(ep, path, digest, len(archive))
+            except TransferError as e:
+                raise InstallError("sync_tool", f"pushing the deployment tool: {e}") from None
+            sent += pushed.bytes_sent
+            try:
+                result = await s.env.rpc.call(
+                    ep,
+                    "sync_deployment_tool",
+                    {"sha256": digest, "version": version},
+                    retry=True,
+                    timeout=120,
+                )
+                break
+            except RemoteError as e:
+                if e.code != INVALID_PARAMS or attempt == 2:
+                    raise
+    finally:
+        os.unlink(path)
     if isinstance(result, dict) and result.get("changed") is False:
         return StepResult(
             "skipped", f"deployment tool {version} (sha256 {digest[:16]}) already in place"
         )
     return StepResult(
-        "ok", f"synced deployment tool {version} ({len(archive)} bytes, sha256 {digest})"
+        "ok",
+        f"synced deployment tool {version} ({len(archive)} bytes, {sent} sent in chunks, "
+        f"sha256 {digest})",
     )
 
 

@@ -1,5 +1,5 @@
 """The deployment-tool tree itself: ansible-lint (production profile), syntax
-checks with no warning, the agent's sync cap, and the scripts that need no host.
+checks with no warning, and the scripts that need no host.
 
 ansible-lint and ansible-playbook run as child processes (never blocking the
 reactor), with this checkout's venv, on a copy-free read of deployment-tool/.
@@ -15,7 +15,6 @@ import zipfile
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from myxd.install.bundle import DEPLOYMENT_TOOL_MAX_BYTES, deployment_tool_archive
 from tests.support.testhost import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,10 +43,6 @@ class TreeTests(unittest.TestCase):
             self.assertTrue(os.access(path, os.X_OK), path)
         for name in ("VERSION", "README.md", "ansible.cfg", "inventory/localhost.ini"):
             self.assertTrue(os.path.isfile(os.path.join(TOOL, name)), name)
-
-    def test_fits_the_agent_sync_cap(self) -> None:
-        archive, _, _ = deployment_tool_archive(TOOL)
-        self.assertLess(len(archive), DEPLOYMENT_TOOL_MAX_BYTES)
 
     async def test_ansible_lint_production_profile(self) -> None:
         out = await run(

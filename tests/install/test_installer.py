@@ -81,6 +81,8 @@ class InstallerTests(unittest.TestCase):
         assert agent is not None
         self.rpc.answer("health_check", {"ok": True})
         self.rpc.answer("get_status", {"cert_fingerprint": FP, "rpc_port": agent.rpc_port})
+        # The agent already holds the tool's archive in its cache: nothing to push.
+        self.rpc.answer("artifact_status", {"present": True, "path": "/var/lib/a/x", "offset": 0})
         self.rpc.answer("sync_deployment_tool", {"changed": True})
 
     async def test_install_runs_every_step_in_order(self) -> None:

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from myxd.deploy.transfer import ArtifactPusher
 from myxd.install import remote, steps
 from myxd.install.agents import new_agent
 from myxd.install.bundle import AgentFiles, BundleError, TargetPlatform
@@ -30,7 +31,7 @@ from myxd.install.session import (
     InstallSession,
 )
 from myxd.install.ssh import Sudo, SudoError
-from myxd.rpc.retry import AgentRPCError, CertificateMismatch
+from myxd.rpc.retry import AgentRPCError, CertificateMismatch, RemoteError
 from myxd.store import StoreService
 from myxd.store.records import ServerRecord
 from tests.install.fakes import FakeHost, FakeRPC, result
@@ -129,6 +130,8 @@ class StepTestCase(unittest.TestCase):
             agent_files=lambda: FILES,
             progress=progress,
             stopping=lambda: self.stopping,
+            # The real pusher, reading chunks in the real reactor's threads.
+            pusher=ArtifactPusher(self.rpc, reactor),
         )
 
     async def session(
@@ -503,15 +506,62 @@ class PinAndSyncTests(StepTestCase):
 
     async def test_sync_tool(self) -> None:
         s = await self.pinned()
+        self.rpc.answer("artifact_status", {"present": False, "offset": 0})
+        self.rpc.answer("put_artifact_chunk", {"offset": 0, "complete": True, "path": "/c/x"})
         self.rpc.answer("sync_deployment_tool", {"changed": True})
         result = await steps.sync_tool(s)
         self.assertEqual(result.status, "ok")
-        ((_, method, params),) = self.rpc.calls
+        (status, chunk, sync) = self.rpc.calls
+        self.assertEqual([status[1], chunk[1], sync[1]], list(METHODS_PUSHED))
+        params = chunk[2]
         assert isinstance(params, dict)
-        archive = base64.b64decode(params["archive"])
+        # The whole (small) archive in one chunk, hashed and sized as declared.
+        archive = base64.b64decode(params["data"])
+        self.assertEqual(params["offset"], 0)
+        self.assertEqual(params["size"], len(archive))
         self.assertEqual(hashlib.sha256(archive).hexdigest(), params["sha256"])
+        self.assertEqual(status[2], {"sha256": params["sha256"], "size": len(archive)})
+        # The new form: no inline archive, the agent reads its cache.
+        self.assertEqual(sorted(sync[2]), ["sha256", "version"])
+        self.assertEqual(sync[2]["sha256"], params["sha256"])
+        self.assertIn(f"{len(archive)} sent in chunks", result.log)
+
+        self.rpc.calls.clear()
+        self.rpc.answers["artifact_status"] = [{"present": True, "path": "/c/x", "offset": 0}]
         self.rpc.answers["sync_deployment_tool"] = [{"changed": False}]
         self.assertEqual((await steps.sync_tool(s)).status, "skipped")
+        self.assertEqual(
+            [m for _, m, _ in self.rpc.calls], ["artifact_status", "sync_deployment_tool"]
+        )
+
+    async def test_sync_tool_pushes_again_when_evicted_meanwhile(self) -> None:
+        s = await self.pinned()
+        missing = RemoteError(-32602, "invalid params: sha256: no artifact in the agent's cache")
+        self.rpc.answer("artifact_status", {"present": True, "path": "/c/x", "offset": 0})
+        self.rpc.answer("sync_deployment_tool", missing, {"changed": True})
+        self.assertEqual((await steps.sync_tool(s)).status, "ok")
+        self.assertEqual(
+            [m for _, m, _ in self.rpc.calls],
+            ["artifact_status", "sync_deployment_tool"] * 2,
+        )
+        # Twice missing is an error, not a loop.
+        self.rpc.calls.clear()
+        self.rpc.answers["sync_deployment_tool"] = [missing]
+        with self.assertRaises(RemoteError):
+            await steps.sync_tool(s)
+        self.assertEqual(len(self.rpc.calls), 4)
+
+    async def test_sync_tool_refused_push_is_an_install_error(self) -> None:
+        s = await self.pinned()
+        self.rpc.answer("artifact_status", RemoteError(-32011, "artifact too large"))
+        with self.assertRaises(InstallError) as e:
+            await steps.sync_tool(s)
+        self.assertEqual(e.exception.step, "sync_tool")
+        self.assertIn("pushing the deployment tool", e.exception.message)
+        self.assertNotIn("sync_deployment_tool", [m for _, m, _ in self.rpc.calls])
+
+
+METHODS_PUSHED = ("artifact_status", "put_artifact_chunk", "sync_deployment_tool")
 
 
 class UninstallStepTests(StepTestCase):
