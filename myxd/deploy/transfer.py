@@ -58,7 +58,7 @@ class RPC(Protocol):
 @dataclass(frozen=True)
 class PushResult:
     path: str  # on the agent
-    bytes_sent: int  # payload bytes (before base64) sent this time
+    bytes_sent: int  # payload bytes (before base64) put on the wire this time
     resumed_from: int  # offset the agent reported first
     already_present: bool
 
@@ -98,12 +98,12 @@ class ArtifactPusher:
         if status.get("present"):
             return PushResult(str(status["path"]), 0, size, True)
         first = offset = _offset(status, size)
-        sent = 0
+        # Every chunk the agent took counts, also those of a window that then failed.
+        sent = _Counter()
         resumes = 0
         while True:
             try:
-                reply, n = await self._send_from(ep, path, sha256, size, offset, progress)
-                sent += n
+                reply = await self._send_from(ep, path, sha256, size, offset, progress, sent)
             except (AgentRPCError, OSError) as e:
                 if isinstance(e, RemoteError):
                     # The agent refused (hash mismatch, size over its limit):
@@ -117,7 +117,7 @@ class ArtifactPusher:
                     ) from None
                 status = await self._status(ep, sha256, size)
                 if status.get("present"):
-                    return PushResult(str(status["path"]), sent, first, False)
+                    return PushResult(str(status["path"]), sent.n, first, False)
                 offset = _offset(status, size)
                 self.log.info(
                     "transfer of {sha256} to {target} resumes at {offset}",
@@ -127,12 +127,12 @@ class ArtifactPusher:
                 )
                 continue
             if reply.get("complete"):
-                return PushResult(str(reply["path"]), sent, first, False)
+                return PushResult(str(reply["path"]), sent.n, first, False)
             # Every byte sent but the agent's prefix has a hole (a chunk lost in
             # a reset): ask where it stands and send the rest.
             status = await self._status(ep, sha256, size)
             if status.get("present"):
-                return PushResult(str(status["path"]), sent, first, False)
+                return PushResult(str(status["path"]), sent.n, first, False)
             offset = _offset(status, size)
 
     async def _status(self, ep: AgentEndpoint, sha256: str, size: int) -> dict[str, Any]:
@@ -154,13 +154,12 @@ class ArtifactPusher:
         size: int,
         offset: int,
         progress: Callable[[int, int], None] | None,
-    ) -> tuple[dict[str, Any], int]:
-        """Send ``[offset, size)`` a window at a time; the last reply and bytes sent."""
+        sent: _Counter,
+    ) -> dict[str, Any]:
+        """Send ``[offset, size)`` a window at a time; the last reply."""
         last: dict[str, Any] = {"offset": offset, "complete": False}
-        sent = 0
         if size == 0:
-            last = await self._chunk(ep, sha256, size, 0, b"")
-            return last, 0
+            return await self._chunk(ep, sha256, size, 0, b"", sent)
         pos = offset
         while pos < size:
             spans = []
@@ -173,26 +172,27 @@ class ArtifactPusher:
             blocks = await self._read(path, spans)
             replies = await gatherResults(
                 [
-                    Deferred.fromCoroutine(self._chunk(ep, sha256, size, off, data))
+                    Deferred.fromCoroutine(self._chunk(ep, sha256, size, off, data, sent))
                     for (off, _n), data in zip(spans, blocks)
                 ],
                 consumeErrors=True,
             ).addErrback(_first_error)
-            for (_off, n), reply in zip(spans, replies):
-                sent += n
-                if self._on_bytes is not None:
-                    self._on_bytes(n)
+            for reply in replies:
                 if reply.get("complete") or reply.get("offset", 0) >= last.get("offset", 0):
                     last = reply
             if progress is not None:
                 progress(min(pos, size), size)
             if last.get("complete"):
                 break
-        return last, sent
+        return last
 
     async def _chunk(
-        self, ep: AgentEndpoint, sha256: str, size: int, offset: int, data: bytes
+        self, ep: AgentEndpoint, sha256: str, size: int, offset: int, data: bytes, sent: _Counter
     ) -> dict[str, Any]:
+        # Counted when sent: a chunk whose reply is lost still went over the wire.
+        sent.n += len(data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
         reply = await self._rpc.call(
             ep,
             "put_artifact_chunk",
@@ -216,6 +216,10 @@ class ArtifactPusher:
             return out
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read)
+
+
+class _Counter:
+    n = 0
 
 
 def _offset(status: dict[str, Any], size: int) -> int:

@@ -37,7 +37,8 @@ class CacheRPC:
     def __init__(self, cache: ArtifactCache) -> None:
         self.cache = cache
         self.calls: list[tuple[str, int | None]] = []
-        self.chunk_bytes = 0
+        self.chunk_bytes = 0  # received by the cache
+        self.offered_bytes = 0  # put on the wire, received or not
         self.drop_before: set[int] = set()  # chunk call numbers lost on the way in
         self.drop_after: set[int] = set()  # written, but the reply is lost
         self._n = 0
@@ -54,6 +55,7 @@ class CacheRPC:
             assert method == "put_artifact_chunk", method
             self._n += 1
             n = self._n
+            self.offered_bytes += len(base64.b64decode(params["data"]))
             if n in self.drop_before:
                 raise AgentRPCError(RETRYABLE, "connection lost", attempts=4)
             data = base64.b64decode(params["data"])
@@ -113,8 +115,10 @@ class PusherTests(TestCase):
             self.rpc.drop_after = {6}
             res = await self.pusher(window=2).push(self.ep, path, sha, len(data))
             self.assertEqual(_read(res.path), data)
-            # Resumed, not restarted: less than twice the file went over the wire.
+            # Resumed, not restarted: less than twice the file went over the wire,
+            # and the result counts every chunk the agent took.
             self.assertLess(self.rpc.chunk_bytes, 2 * len(data))
+            self.assertEqual(res.bytes_sent, self.rpc.offered_bytes)
             self.assertGreater(self.rpc.chunk_bytes, len(data) - 1)
             statuses = [c for c in self.rpc.calls if c[0] == "artifact_status"]
             self.assertGreaterEqual(len(statuses), 3)
