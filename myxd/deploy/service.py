@@ -22,11 +22,16 @@ runs twice: the uid is unique in the store, and the agent de-duplicates it.
 
 Never blocks the reactor; every per-target task logs its own failure and
 marks its target failed, so one broken agent cannot stop a deployment.
+
+It runs past 500 lines on purpose: creation, the batch loop, a target's
+steps, cancel and resume are one state machine over the same per-deployment
+state, and splitting it would pass that state between rooms. What is pure
+lives apart: reading ansible logs and service reports (`reports`), drift
+(`drift`), pushing files (`transfer`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from myxd.artifacts.store import ArtifactNotFound, ArtifactStore
+from myxd.deploy.reports import failing_task, parse_check_service
 from myxd.deploy.transfer import ArtifactPusher, TransferError
 from myxd.errors import MyxError, NotFoundError
 from myxd.rpc.client import AgentEndpoint
@@ -69,10 +75,7 @@ PLAYBOOK_SERVICES = {
 CHECKED_SERVICES = ("xray", "caddy")
 DEFAULT_TOOL_DIR = "/opt/myx-deployment-tool"
 _VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
-_TASK_RE = re.compile(r"^TASK \[(?P<task>.*)\] \**\s*$")
-_FATAL_RE = re.compile(r"^(?:fatal|failed): \[[^\]]*\]: (?:FAILED|UNREACHABLE)! => (?P<json>\{.*)$")
 # Colour codes, in case a playbook forces colour on (the agent sets ANSIBLE_NOCOLOR).
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_TAIL_BYTES = 256 * 1024
 
 
@@ -624,64 +627,3 @@ def _stat(stats: Mapping[str, Any], key: str) -> int:
     if isinstance(value, dict):
         return sum(int(v) for v in value.values() if isinstance(v, int))
     return 0
-
-
-def failing_task(text: str) -> str | None:
-    """``"<task>: <message>"`` of the last failed task in an ansible log, if any."""
-    task = None
-    found = None
-    for line in _ANSI_RE.sub("", text).splitlines():
-        m = _TASK_RE.match(line.strip())
-        if m:
-            task = m.group("task")
-            continue
-        m = _FATAL_RE.match(line.strip())
-        if m:
-            msg = m.group("json")
-            try:
-                data = json.loads(msg)
-                msg = str(data.get("msg") or data.get("stderr") or msg)
-            except ValueError:
-                pass
-            msg = " ".join(msg.split())
-            if len(msg) > 500:
-                msg = msg[:497] + "..."
-            found = f"{task or 'a task'}: {msg}"
-    return found
-
-
-def parse_check_service(text: str) -> dict[str, dict[str, Any]]:
-    """``check_service.py``'s output (one JSON object per service) by service name."""
-    out: dict[str, dict[str, Any]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("service"), str):
-            out[obj["service"]] = normalize_service(obj)
-    return out
-
-
-def normalize_service(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """check_service.py's object plus the flat fields the store indexes."""
-    raw_unit = obj.get("unit")
-    unit: dict[str, Any] = raw_unit if isinstance(raw_unit, dict) else {}
-    installed = obj.get("installed_versions")
-    if isinstance(installed, list):
-        installed_text = ",".join(str(v) for v in installed) or None
-    else:
-        installed_text = None if installed is None else str(installed)
-    state = unit.get("active_state")
-    sub = unit.get("sub_state")
-    return {
-        **obj,
-        "installed_version": installed_text,
-        "active_version": obj.get("active_version"),
-        "active": state == "active",
-        "unit_state": f"{state}/{sub}" if state else None,
-        "config_sha256": obj.get("config_sha256"),
-    }

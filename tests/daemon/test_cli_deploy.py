@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.utils import getProcessOutputAndValue
 
-from myxd.deploy.service import normalize_service
+from myxd.deploy.reports import normalize_service
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import Daemon, DaemonTestCase, read_bytes, write_text
 from tests.support import installed

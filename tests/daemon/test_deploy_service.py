@@ -16,7 +16,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from myxd.artifacts.store import ArtifactStore
-from myxd.deploy.service import DeploymentInputError, DeploymentService, failing_task
+from myxd.deploy.reports import failing_task
+from myxd.deploy.service import DeploymentInputError, DeploymentService
 from myxd.deploy.transfer import PushResult
 from myxd.fleet.commands import CommandUpdate
 from tests.daemon.test_store import StoreTestBase, d
