@@ -275,6 +275,7 @@ class ServiceTreeTests(unittest.TestCase):
     """makeService wiring, in process (no HTTP, so no lingering connections)."""
 
     def test_tree_starts_and_stops(self) -> Deferred[Any]:
+        from myxd.deploy.service import DeploymentService
         from myxd.install import Installer
         from myxd.rpc.client import AgentRPC
         from myxd.store import StoreService
@@ -300,7 +301,9 @@ class ServiceTreeTests(unittest.TestCase):
         names = [s.name for s in root]
         # The installer is part of every daemon: without it there is no
         # /api/servers and no auto-reinstall, so its absence must fail here.
-        self.assertEqual(names, ["store", "rpc", "installer", "heartbeat", "commands", "api"])
+        self.assertEqual(
+            names, ["store", "rpc", "installer", "heartbeat", "commands", "deployments", "api"]
+        )
         store_service = root.getServiceNamed("store")
         listener = root.getServiceNamed("api")
         rpc = root.getServiceNamed("rpc")
@@ -310,6 +313,7 @@ class ServiceTreeTests(unittest.TestCase):
         assert isinstance(listener, APIService)
         assert isinstance(rpc, AgentRPC)
         assert isinstance(installer, Installer)
+        assert isinstance(root.getServiceNamed("deployments"), DeploymentService)
         # auto-reinstall is wired to this installer
         self.assertEqual(heartbeat.reinstall_hook, installer.auto_reinstall)
         self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)

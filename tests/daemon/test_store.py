@@ -23,7 +23,7 @@ from myxd.errors import (
 )
 from myxd.store import StoreService
 from myxd.store.crypto import SecretBox, load_or_create_key
-from myxd.store.migrate import DEFAULT_SCHEMA_DIR
+from myxd.store.migrate import DEFAULT_SCHEMA_DIR, find_migrations
 
 FP = "ab" * 32
 AUTH = {
@@ -89,7 +89,7 @@ class OpenTests(StoreTestBase):
         async def go() -> None:
             self.assertEqual(await self.sql("PRAGMA journal_mode"), [("wal",)])
             self.assertEqual(await self.sql("PRAGMA foreign_keys"), [(1,)])
-            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(1,)])
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(LATEST,)])
             assert self.service.migration is not None
             self.assertEqual(self.service.migration.from_version, 0)
             for name in os.listdir(self.dir):
@@ -106,7 +106,9 @@ class OpenTests(StoreTestBase):
             await self.service.stopService()
             svc = await self.open()
             assert svc.migration is not None
-            self.assertEqual((svc.migration.from_version, svc.migration.to_version), (1, 1))
+            self.assertEqual(
+                (svc.migration.from_version, svc.migration.to_version), (LATEST, LATEST)
+            )
             self.assertIsNone(svc.migration.backup_path)
             rec = await self.store.get_agent(aid)
             self.assertEqual(rec.token, "token-20001-secret")
@@ -214,6 +216,10 @@ class SecretsAtRestTests(StoreTestBase):
             load_or_create_key(bad)
 
 
+# The shipped schema's version, and the one a test's extra migration takes.
+LATEST = len(find_migrations(DEFAULT_SCHEMA_DIR))
+NEXT = LATEST + 1
+
 V2_SQL = """
 ALTER TABLE agents ADD COLUMN region TEXT NOT NULL DEFAULT 'unknown';
 CREATE TABLE notes (id INTEGER PRIMARY KEY, agent_id INTEGER REFERENCES agents (id));
@@ -236,17 +242,19 @@ class MigrationTests(StoreTestBase):
         async def go() -> None:
             aid = await self.agent(20001)
             await self.service.stopService()
-            svc = await self.open(schema_dir=self.schema_dir(("002_region.sql", V2_SQL)))
+            svc = await self.open(schema_dir=self.schema_dir((f"{NEXT:03d}_region.sql", V2_SQL)))
             report = svc.migration
             assert report is not None
-            self.assertEqual((report.from_version, report.to_version), (1, 2))
+            self.assertEqual((report.from_version, report.to_version), (LATEST, NEXT))
             assert report.backup_path is not None
             self.assertRegex(
-                os.path.basename(report.backup_path), r"^myxd\.sqlite\.bak-v1-\d{8}T\d{6}Z$"
+                os.path.basename(report.backup_path),
+                rf"^myxd\.sqlite\.bak-v{LATEST}-\d{{8}}T\d{{6}}Z$",
             )
             self.assertEqual(stat.S_IMODE(os.stat(report.backup_path).st_mode), 0o600)
             self.assertEqual(
-                await self.sql("SELECT version FROM schema_version ORDER BY 1"), [(1,), (2,)]
+                await self.sql("SELECT version FROM schema_version ORDER BY 1"),
+                [(v,) for v in range(1, NEXT + 1)],
             )
             self.assertEqual(await self.sql("SELECT region FROM agents"), [("unknown",)])
             self.assertEqual((await self.store.get_agent(aid)).token, "token-20001-secret")
@@ -254,7 +262,7 @@ class MigrationTests(StoreTestBase):
             bak = sqlite3.connect(report.backup_path)
             try:
                 self.assertEqual(
-                    bak.execute("SELECT MAX(version) FROM schema_version").fetchone(), (1,)
+                    bak.execute("SELECT MAX(version) FROM schema_version").fetchone(), (LATEST,)
                 )
                 self.assertEqual(bak.execute("SELECT rpc_port FROM agents").fetchall(), [(20001,)])
                 cols = [r[1] for r in bak.execute("PRAGMA table_info(agents)")]
@@ -269,20 +277,20 @@ class MigrationTests(StoreTestBase):
             await self.agent(20001)
             await self.service.stopService()
             broken = self.schema_dir(
-                ("002_broken.sql", "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;\n")
+                (f"{NEXT:03d}_broken.sql", "CREATE TABLE half (x INTEGER);\nTHIS IS NOT SQL;\n")
             )
             svc = StoreService(self.path, reactor, schema_dir=broken)
             svc.startService()
             self.addCleanup(self.stop, svc)
             with self.assertRaises(SchemaError) as e:
                 await svc.when_ready()
-            self.assertIn("002_broken.sql", str(e.exception))
+            self.assertIn(f"{NEXT:03d}_broken.sql", str(e.exception))
             self.flushLoggedErrors(SchemaError)
             await svc.stopService()
             conn = sqlite3.connect(self.path)
             try:
                 self.assertEqual(
-                    conn.execute("SELECT MAX(version) FROM schema_version").fetchone(), (1,)
+                    conn.execute("SELECT MAX(version) FROM schema_version").fetchone(), (LATEST,)
                 )
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
                 self.assertNotIn("half", tables)
@@ -325,7 +333,7 @@ class MigrationTests(StoreTestBase):
     def test_schema_files_numbered(self) -> None:
         from myxd.store.migrate import find_migrations
 
-        gap = self.schema_dir(("003_x.sql", "SELECT 1;"))
+        gap = self.schema_dir((f"{NEXT + 1:03d}_x.sql", "SELECT 1;"))
         with self.assertRaises(SchemaError):
             find_migrations(gap)
         found = find_migrations(DEFAULT_SCHEMA_DIR)
