@@ -12,6 +12,10 @@ Rules this module keeps:
   transaction that advances it.
 - Grouping never changes a result: every append and read is checked and
   answered on its own, and one that fails stops no other.
+- A command's ``env`` values (often credentials) are never stored in clear:
+  ``extra`` keeps the names readable and each value encrypted with the
+  store's SecretBox (``env_enc``); rows written before that, with a plain
+  ``env``, still read back.
 """
 
 from __future__ import annotations
@@ -34,7 +38,34 @@ MAX_READ_BYTES = 16 * 1024 * 1024
 CommandOutput = tuple[CommandRecord | None, list[OutputChunk]]
 
 
-def _command(row: sqlite3.Row) -> CommandRecord:
+# Key in the stored ``extra`` of the encrypted env: {name: Fernet token}.
+_ENV_ENC = "env_enc"
+
+
+def _seal_extra(extra: dict[str, Any] | None, db: Database) -> str | None:
+    """``extra`` as stored: the env values encrypted, their names readable."""
+    if extra is None:
+        return None
+    out = dict(extra)
+    env = out.pop("env", None)
+    if isinstance(env, dict) and env:
+        box = db.box()
+        out[_ENV_ENC] = {str(k): box.encrypt_json(v).decode("ascii") for k, v in env.items()}
+    elif env is not None:
+        out["env"] = env
+    return dumps(out)
+
+
+def _open_extra(raw: str | None, db: Database) -> dict[str, Any] | None:
+    extra = loads(raw)
+    if isinstance(extra, dict) and isinstance(extra.get(_ENV_ENC), dict):
+        box = db.box()
+        sealed = extra.pop(_ENV_ENC)
+        extra["env"] = {k: box.decrypt_json(v.encode("ascii")) for k, v in sealed.items()}
+    return extra
+
+
+def _command(row: sqlite3.Row, db: Database) -> CommandRecord:
     return CommandRecord(
         id=row["id"],
         agent_id=row["agent_id"],
@@ -43,7 +74,7 @@ def _command(row: sqlite3.Row) -> CommandRecord:
         command=row["command"],
         args=loads(row["args"]),
         timeout=row["timeout"],
-        extra=loads(row["extra"]),
+        extra=_open_extra(row["extra"], db),
         status=row["status"],
         exit_code=row["exit_code"],
         reason=row["reason"],
@@ -65,7 +96,7 @@ class CommandStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._appends = db.batcher(_append_batch)
-        self._reads = db.batcher(_read_batch)
+        self._reads = db.batcher(self._read_batch)
 
     def create_command(
         self,
@@ -106,7 +137,7 @@ class CommandStore:
                     command,
                     dumps(list(args)),
                     timeout,
-                    None if extra is None else dumps(extra),
+                    _seal_extra(extra, self._db),
                     status,
                     now,
                     now if status == "running" else None,
@@ -114,7 +145,7 @@ class CommandStore:
                 ),
             )
             t.execute("SELECT * FROM agent_commands WHERE id = ?", (t.lastrowid,))
-            return _command(t.fetchone())
+            return _command(t.fetchone(), self._db)
 
         return self._db.run(txn)
 
@@ -122,7 +153,7 @@ class CommandStore:
         def txn(t: Txn) -> CommandRecord | None:
             t.execute("SELECT * FROM agent_commands WHERE id = ?", (command_id,))
             row = t.fetchone()
-            return None if row is None else _command(row)
+            return None if row is None else _command(row, self._db)
 
         return self._db.run(txn)
 
@@ -130,7 +161,7 @@ class CommandStore:
         def txn(t: Txn) -> CommandRecord | None:
             t.execute("SELECT * FROM agent_commands WHERE command_uid = ?", (command_uid,))
             row = t.fetchone()
-            return None if row is None else _command(row)
+            return None if row is None else _command(row, self._db)
 
         return self._db.run(txn)
 
@@ -153,7 +184,7 @@ class CommandStore:
                     " ORDER BY id DESC LIMIT ? OFFSET ?",
                     (agent_id, limit, offset),
                 )
-            return [_command(r) for r in t.fetchall()]
+            return [_command(r, self._db) for r in t.fetchall()]
 
         return self._db.run(txn)
 
@@ -166,7 +197,7 @@ class CommandStore:
                 f"SELECT * FROM agent_commands WHERE status IN ({marks}) ORDER BY id",  # noqa: S608
                 UNFINISHED_STATUSES,
             )
-            return [_command(r) for r in t.fetchall()]
+            return [_command(r, self._db) for r in t.fetchall()]
 
         return self._db.run(txn)
 
@@ -251,6 +282,11 @@ class CommandStore:
         """
         return self._reads.submit((command_id, offset, max_bytes))
 
+    def _read_batch(
+        self, t: Txn, batch: list[tuple[int, int, int]]
+    ) -> list[CommandOutput | Exception]:
+        return _read_batch(t, batch, self._db)
+
     def command_counts_by_status(self) -> Deferred[dict[str, int]]:
         """Every status (zero-filled) -> number of commands."""
         return self._db.run(counts, "agent_commands", COMMAND_STATUSES)
@@ -278,7 +314,9 @@ def _append_batch(t: Txn, batch: list[_Append]) -> list[int | Exception]:
     return out
 
 
-def _read_batch(t: Txn, batch: list[tuple[int, int, int]]) -> list[CommandOutput | Exception]:
+def _read_batch(
+    t: Txn, batch: list[tuple[int, int, int]], db: Database
+) -> list[CommandOutput | Exception]:
     out: list[CommandOutput | Exception] = []
     for command_id, offset, max_bytes in batch:
         try:
@@ -286,7 +324,7 @@ def _read_batch(t: Txn, batch: list[tuple[int, int, int]]) -> list[CommandOutput
             row = t.fetchone()
             # The argument checks apply to an unknown id too.
             chunks = _read_chunks(t, command_id, offset, max_bytes)
-            out.append((None, []) if row is None else (_command(row), chunks))
+            out.append((None, []) if row is None else (_command(row, db), chunks))
         except ValueError as e:
             # A bad offset or size answers its own read only.
             out.append(e)

@@ -133,9 +133,14 @@ class AnsibleTests(RunnerTestCase):
         # extra_vars never reach a command line, and their file is gone.
         pdd = os.path.join(runner._state_dir, "commands", "c-an-1", "ansible")
         self.assertFalse(exists(os.path.join(pdd, "env", "extravars")))
+        # The walk below must check something: the dir exists and holds files.
+        self.assertTrue(exists(os.path.join(pdd, "artifacts")), pdd)
+        walked = 0
         for root, _dirs, files in os.walk(os.path.join(pdd, "artifacts")):
             for name in files:
+                walked += 1
                 self.assertNotIn("world", read_text(os.path.join(root, name)))
+        self.assertGreater(walked, 0)
         # At most once.
         again = runner.execute_ansible("an-1", "ping.yml", {"who": "world"}, None)
         self.assertEqual(again, {"status": "success", "command_id": "an-1", "duplicate": True})

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,6 +27,49 @@ class CommandTests(StoreTestBase):
         )
         args.update(kw)
         return await self.store.create_command(**args)
+
+    def test_env_values_are_stored_encrypted(self) -> Deferred[Any]:
+        async def go() -> None:
+            secret = "s3cr3t-env-value-0123456789"
+            cmd = await self.command(extra={"env": {"DB_PASSWORD": secret}, "cwd": "/srv"})
+            self.assertEqual(cmd.extra, {"env": {"DB_PASSWORD": secret}, "cwd": "/srv"})
+            self.assertEqual(await self.store.get_command(cmd.id), cmd)
+            rec, _ = await self.store.read_command_output(cmd.id)
+            self.assertEqual(rec.extra["env"], {"DB_PASSWORD": secret})
+            self.assertEqual([c.extra for c in await self.store.list_commands()], [cmd.extra])
+            conn = sqlite3.connect(self.path)
+            try:
+                (raw,) = conn.execute(
+                    "SELECT extra FROM agent_commands WHERE id = ?", (cmd.id,)
+                ).fetchone()
+                everything = "\n".join(conn.iterdump())
+            finally:
+                conn.close()
+            # The name stays readable, the value is in no row of the file's dump.
+            stored = json.loads(raw)
+            self.assertEqual(stored["cwd"], "/srv")
+            self.assertEqual(list(stored["env_enc"]), ["DB_PASSWORD"])
+            self.assertNotIn("env", stored)
+            self.assertNotIn(secret, raw)
+            self.assertNotIn(secret, everything)
+
+        return d(go())
+
+    def test_plain_env_rows_of_older_versions_still_read(self) -> Deferred[Any]:
+        async def go() -> None:
+            cmd = await self.command()
+            conn = sqlite3.connect(self.path)
+            try:
+                conn.execute(
+                    "UPDATE agent_commands SET extra = ? WHERE id = ?",
+                    (json.dumps({"env": {"A": "1"}}), cmd.id),
+                )
+                conn.commit()
+            finally:
+                conn.close()
+            self.assertEqual((await self.store.get_command(cmd.id)).extra, {"env": {"A": "1"}})
+
+        return d(go())
 
     def test_create_get_update(self) -> Deferred[Any]:
         async def go() -> None:
