@@ -26,6 +26,7 @@ else:  # pragma: no cover - the daemon targets 3.11, tomli is the backport
     import tomli as tomllib
 
 from myxd.errors import ConfigError
+from myxd.netpolicy import parse_networks
 
 # The agent keeps idle HTTP connections for at least this long (docs/protocol.md);
 # the daemon's pool must drop its idle connections before the agent does.
@@ -65,6 +66,13 @@ class Settings:
         metadata=_doc(
             "deployment tool synced to agents: a directory with VERSION and "
             "playbooks/ (default: the copy packaged with MyX)"
+        ),
+    )
+    allowed_target_networks: str = dataclasses.field(
+        default="0.0.0.0/0, ::/0",
+        metadata=_doc(
+            "networks (comma-separated CIDR) the daemon may reach for SSH installs and "
+            "agent adoption; default any"
         ),
     )
     artifact_max_bytes: int = dataclasses.field(
@@ -267,6 +275,10 @@ def _validate(s: Settings, source: str) -> None:
             raise bad("admin_token", "must be printable ASCII without spaces")
     if s.deployment_tool_dir is not None and not s.deployment_tool_dir.strip():
         raise bad("deployment_tool_dir", "must not be empty")
+    try:
+        parse_networks(s.allowed_target_networks)
+    except ValueError as e:
+        raise bad("allowed_target_networks", str(e)) from None
     if s.log_level not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     if s.install_dependency_mode not in DEPENDENCY_MODES:

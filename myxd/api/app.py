@@ -55,6 +55,7 @@ from myxd.api.watch import OutputWatch
 from myxd.fleet.adopt import Adopter
 from myxd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from myxd.metrics import Metrics
+from myxd.netpolicy import TargetPolicy
 from myxd.store.records import AgentRecord, CommandRecord, OutputChunk
 
 if TYPE_CHECKING:
@@ -120,7 +121,12 @@ class AdminAPI:
         self._servers_api = servers_api
         self._deployments_api = deployments_api
         self._artifact_max_bytes = artifact_max_bytes
-        self._adopter = Adopter(store, rpc, self._reactor)
+        self._adopter = Adopter(
+            store,
+            rpc,
+            self._reactor,
+            TargetPolicy(settings.allowed_target_networks, self._reactor),
+        )
         self._console = Console()
         self._document = build_document(myxd.__version__, self.operations())
 

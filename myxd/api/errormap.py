@@ -36,6 +36,7 @@ from myxd.artifacts.store import (
 from myxd.deploy.service import DeploymentConflict, DeploymentInputError
 from myxd.errors import AgentCheckFailed, ConflictError, DuplicateAgent, MyxError, NotFoundError
 from myxd.install.installer import InstallInProgress, ServerNotFound
+from myxd.netpolicy import TargetNotAllowed
 from myxd.rpc.retry import AgentRPCError
 
 __all__ = ["ERROR_MAP", "install", "json_response", "status_of"]
@@ -93,6 +94,7 @@ ERROR_MAP: tuple[tuple[type[MyxError], int | None, Body], ...] = (
     (ArtifactNotFound, 404, lambda e: {"error": str(e)}),
     (ArtifactError, 500, lambda e: {"error": str(e)}),
     (DeploymentInputError, 400, _input_error),
+    (TargetNotAllowed, 400, lambda e: {"error": str(e), "field": "host"}),
     (DeploymentConflict, 409, lambda e: {"error": str(e)}),
 )
 

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from myxd.errors import AgentCheckFailed, ConflictError, DuplicateAgent, NotFoundError
+from myxd.netpolicy import TargetNotAllowed, TargetPolicy
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import AgentRPCError, CertificateMismatch
 from myxd.store.records import AgentRecord, HeartbeatResult
@@ -34,10 +35,17 @@ __all__ = ["Adopter"]
 class Adopter:
     log = Logger()
 
-    def __init__(self, store: Store, rpc: AgentRPC, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rpc: AgentRPC,
+        reactor: IReactorTime,
+        policy: TargetPolicy | None = None,
+    ) -> None:
         self._store = store
         self._rpc = rpc
         self._reactor = reactor
+        self._policy = policy
 
     async def _event(self, action: str, target: str, outcome: str, details: Any) -> None:
         try:
@@ -53,6 +61,12 @@ class Adopter:
     ) -> AgentRecord:
         """Check the agent, then save it; `AgentCheckFailed` or `DuplicateAgent` if not."""
         target = f"{host}:{port}"
+        if self._policy is not None:
+            try:
+                await self._policy.check(host)
+            except TargetNotAllowed as e:
+                await self._event("agent.adopt", target, "refused", {"reason": str(e)})
+                raise
         endpoint = AgentEndpoint(
             host=host, port=port, path=path, token=token, fingerprint=fingerprint
         )

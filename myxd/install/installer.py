@@ -54,6 +54,7 @@ from myxd.install.session import (
     WheelSource,
 )
 from myxd.install.ssh import Sudo
+from myxd.netpolicy import TargetPolicy
 from myxd.store.records import AgentRecord
 
 KINDS = ("install", "reinstall", "uninstall")
@@ -124,6 +125,7 @@ class Installer(Service):
             )
         self.wheelhouse = wheelhouse
         self.journal = InstallJournal(store)
+        self.target_policy = TargetPolicy(settings.allowed_target_networks, reactor)
         self.env = InstallEnv(
             store=store,
             rpc=rpc,
@@ -139,6 +141,7 @@ class Installer(Service):
             agent_files=AgentFilesCache(read_agent_files),
             progress=self.journal.progress,
             stopping=lambda: self._stopping,
+            target_policy=self.target_policy,
         )
         self.reinstaller = AutoReinstall(
             store,
@@ -273,7 +276,11 @@ class Installer(Service):
         sudo: dict[str, Any],
         host_key_fingerprint: str | None = None,
     ) -> tuple[int, int]:
-        """Save a server and its agent identity (port, path, token). Returns (server, agent) ids."""
+        """Save a server and its agent identity (port, path, token). Returns (server, agent) ids.
+
+        TargetNotAllowed (nothing saved) when the host is outside allowed_target_networks.
+        """
+        await self.target_policy.check(host)
         server_id = await self._store.add_server(
             name=name,
             host=host,

@@ -28,6 +28,7 @@ from myxd.install.bundle import AgentFiles, TargetPlatform, agent_files
 from myxd.install.host import RemoteHost
 from myxd.install.hostkeys import HostKeyPolicy
 from myxd.install.ssh import Sudo
+from myxd.netpolicy import TargetPolicy
 from myxd.rpc.client import AgentEndpoint
 from myxd.store.records import AgentRecord, ServerRecord
 
@@ -246,6 +247,8 @@ class InstallEnv:
     stopping: Callable[[], bool]
     # Sends files to agents in chunks (sync_tool); built from ``rpc`` by default.
     pusher: ArtifactPusher | None = None
+    # allowed_target_networks; None: any.
+    target_policy: TargetPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.pusher is None:

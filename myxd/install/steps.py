@@ -46,6 +46,7 @@ from myxd.install.session import (
 )
 from myxd.install.ssh import CommandResult, Credentials
 from myxd.install.ssh import connect as ssh_connect
+from myxd.netpolicy import TargetNotAllowed
 from myxd.rpc.retry import AgentRPCError, CertificateMismatch, RemoteError
 from myxd.store.records import ServerRecord
 
@@ -97,6 +98,11 @@ async def connect(s: InstallSession) -> StepResult:
     server = s.server
     if not server.auth:
         raise InstallError("connect", "no SSH credentials are stored for this server")
+    if s.env.target_policy is not None:
+        try:
+            await s.env.target_policy.check(server.host)
+        except TargetNotAllowed as e:
+            raise InstallError("connect", str(e)) from None
     store = s.env.store
 
     def remember(line: str) -> Awaitable[None]:

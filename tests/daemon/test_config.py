@@ -43,6 +43,7 @@ SAMPLE: dict[str, Any] = {
     "artifact_max_bytes": 1048576,
     "deployment_timeout": 600.0,
     "log_unreachable_limit": 300.0,
+    "allowed_target_networks": "127.0.0.0/8, ::1/128",
 }
 
 
