@@ -17,6 +17,10 @@ Two layers, both in this module:
   else it is asked for (other routes, routing redirects, its own errors) gets
   the gate's answers, never a Klein or werkzeug page and never a traceback.
 
+It is a little over 500 lines because the gate and the app answer the same
+refusals with the same bytes and must be read together; the dispatcher
+(``jsonrpc``) and the method table (``methods``) live beside it.
+
 One log event per request: method(s), outcome, duration, peer. Never log the
 token, the rpc_path or a request body. Never add a Server header or any other
 detail that tells one agent version from another.

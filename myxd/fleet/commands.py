@@ -11,6 +11,10 @@ On `is_final` the status, exit code and result are stored.
 Resume: `startService` restarts a poller for every unfinished command from its
 stored offset, so a restart of myxd loses and duplicates no byte.
 
+It is about 700 lines, over the house ~500, because dispatch, the per-command
+log poller (with its unreachable-agent backoff) and resume on start share one
+state per command (its offset, its subscribers, its final status).
+
 This module never blocks the reactor, never logs tokens or a command's
 environment values, and never lets one command's failure stop the others.
 """

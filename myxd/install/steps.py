@@ -16,6 +16,10 @@ and the uninstall's ``stop`` and ``remove``. Each step talks to the target only
 through ``RemoteHost`` and returns a ``StepResult`` or raises ``InstallError``;
 recording them is the journal's job, ordering them the installer's.
 
+It is a little over 500 lines because the nine steps read as one sequence,
+each beside the checks it makes; the SSH plumbing they share lives in
+``session``, ``host`` and ``sshauth``.
+
 A step never logs or records a secret (the agent's config goes by SFTP with mode
 600, sudo passwords on stdin) and never blocks the reactor.
 """

@@ -13,6 +13,11 @@ the injected reactor, and retries follow `myxd.rpc.retry`: only idempotent
 methods and `execute_*` (whose `command_id` the agent de-duplicates) are
 retried.
 
+It is a little over 500 lines because the pinned connection pool, the call
+with its timeout, and the per-method wrappers (each with its result checks)
+are one client; TLS pinning (``tls``) and the retry policy (``retry``) are
+its own modules.
+
 This module never logs a token, never turns TLS verification off, and never
 blocks the reactor.
 """
