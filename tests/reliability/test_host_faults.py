@@ -179,6 +179,7 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         final = await self.until(f"/api/commands/{cid}", lambda c: c["final"], "a final status")
         self.assertEqual(final["status"], "failed", final)
         self.assertTrue(final["reason"], final)
+        self.assertIs(final["result"]["interrupted"], True, final)
         self.assertIn("restart", final["reason"])
         new_pid, new_restarts = await self.main_pid()
         self.assertEqual(new_restarts, restarts + 1, "systemd restarted the agent once")
@@ -220,7 +221,7 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
             )
             if chunk["is_final"]:
                 break
-        self.assertEqual(chunk["result"]["exit_code"], 0, chunk)
+        self.assertEqual(chunk["result"]["return_code"], 0, chunk)
         self.assertEqual(_runs(host_marker), 2, "the original run and the control, nothing else")
         again = await client.call("execute_command", params)
         self.assertTrue(again.get("duplicate"), again)
@@ -360,7 +361,12 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         code, events = await self.call("GET", "/api/events?limit=500")
         auto = self.events(events, "server.auto_reinstall")
         self.assertEqual([e["outcome"] for e in auto], ["started"], auto)
-        self.assertEqual(auto[0]["actor"], "auto")
+        reinstalls = [
+            e["details"]["actor"]
+            for e in self.events(events, "server.reinstall")
+            if e["outcome"] == "started"
+        ]
+        self.assertEqual(reinstalls, ["auto"], "one reinstall, started by the auto-reinstaller")
         self.assertEqual(auto[0]["details"]["attempt"], 1)
         self.assertEqual(auto[0]["details"]["agent_id"], before["id"])
         self.assertTrue(self.events(events, "agent.reinstall_requested"))
