@@ -140,6 +140,20 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         data = b"".join(base64.b64decode(c["data"]) for c in done["output"])
         self.assertEqual(data, text.encode() + b"\n")
 
+    async def read_all(self, command_id: int) -> bytes:
+        """The daemon's whole stored output, page by page, offsets contiguous."""
+        out = b""
+        while True:
+            code, body = await self.call(
+                "GET", f"/api/commands/{command_id}?offset={len(out)}&max_bytes=65536"
+            )
+            self.assertEqual(code, 200, body)
+            if not body["output"]:
+                return out
+            for chunk in body["output"]:
+                self.assertEqual(chunk["offset"], len(out))
+                out += base64.b64decode(chunk["data"])
+
     async def agent_config(self) -> dict[str, Any]:
         return dict(json.loads(await self.host.sh(f"cat {CONFIG_PATH}")))
 
@@ -170,7 +184,7 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         cid = cmd["id"]
         running = await self.until(
             f"/api/commands/{cid}?max_bytes=1",
-            lambda c: c["status"] == "running" and c["output_offset"] > 0,
+            lambda c: c["status"] == "running" and c["output_offset"] > 1000,
             "the command to stream output",
         )
         pid, restarts = await self.main_pid()
@@ -189,6 +203,14 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         self.assertEqual(left.strip(), "0")
         host_marker = os.path.join(self.host.root, marker.lstrip("/"))
         self.assertEqual(_runs(host_marker), 1)
+
+        # The output up to the kill: whole lines, in order, none lost or doubled,
+        # and the daemon's copy is byte-identical to the agent's log.
+        stored = await self.read_all(cid)
+        lines = stored.count(b"\n")
+        self.assertGreater(len(stored), running["output_offset"] - 1)
+        expected = b"".join(b"relhost-loop line %d\n" % i for i in range(lines))
+        self.assertTrue(stored == expected, f"stored output differs: {stored[-200:]!r}")
 
         # The daemon's retry: the same command_id sent to the agent again.
         config = await self.agent_config()
@@ -210,6 +232,17 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
             "get_command_log", {"command_id": final["command_uid"], "offset": 0}
         )
         self.assertTrue(logged["is_final"])
+        agent_log = base64.b64decode(logged["log_data"])
+        while True:
+            more = await client.call(
+                "get_command_log",
+                {"command_id": final["command_uid"], "offset": logged["new_offset"]},
+            )
+            if not more["log_data"]:
+                break
+            agent_log += base64.b64decode(more["log_data"])
+            logged = more
+        self.assertTrue(agent_log == stored, "the daemon's copy differs from the agent's log")
         # Positive control: a new id with the same command does run, once.
         control = dict(params, command_id="relhost-control", args=["-c", f"echo run >> {marker}"])
         started = await client.call("execute_command", control)
@@ -227,11 +260,14 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         self.assertTrue(again.get("duplicate"), again)
         self.assertEqual(_runs(host_marker), 2)
         log.info(
-            "fault figures: kill -9 of the agent (pid {pid}) mid-command after {stored} bytes;"
+            "fault figures: kill -9 of the agent (pid {pid}) mid-command after {stored} bytes"
+            " stored, {compared} bytes compared ({lines} lines);"
             " systemd restarts {restarts}; command {status}: {reason}; marker runs"
             " {runs} (1 + control)",
             pid=pid,
             stored=running["output_offset"],
+            compared=len(stored),
+            lines=lines,
             restarts=new_restarts - restarts,
             status=final["status"],
             reason=final["reason"],
