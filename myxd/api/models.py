@@ -377,6 +377,8 @@ class Health(Response):
 
 class Agent(Response):
     id: int
+    name: str = Field(description="The linked server's name; an adopted agent's own, or its host.")
+    tags: list[str] = Field(description="The agent's tags and its server's.")
     server_id: Optional[int]
     host: str
     rpc_port: int
@@ -413,6 +415,7 @@ class Deleted(Response):
 class Command(Response):
     id: int
     agent_id: int
+    agent_name: Optional[str]
     command_uid: str
     kind: choice(COMMAND_KINDS)  # type: ignore[valid-type]
     command: str
@@ -488,6 +491,7 @@ class SudoView(Response):
 class Server(Response):
     id: int
     name: str
+    tags: list[str]
     host: str
     ssh_port: int
     username: str

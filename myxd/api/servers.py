@@ -54,6 +54,7 @@ def server_json(server: Any, agent: Any = None, *, install_running: bool = False
     return {
         "id": server.id,
         "name": server.name,
+        "tags": list(getattr(server, "tags", ())),
         "host": server.host,
         "ssh_port": server.ssh_port,
         "username": server.username,

@@ -72,6 +72,21 @@ def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def like(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped (ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def tags_text(tags: Sequence[str]) -> str:
+    """Tags as stored: ",a,b," (lower-cased, sorted, unique); no tags is ''."""
+    clean = sorted({t.lower() for t in tags})
+    return f",{','.join(clean)}," if clean else ""
+
+
+def tags_of(text: str | None) -> tuple[str, ...]:
+    return tuple(t for t in (text or "").split(",") if t)
+
+
 def check(value: str, allowed: Sequence[str], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
