@@ -91,6 +91,7 @@ class Store:
         self.add_server = servers.add_server
         self.get_server = servers.get_server
         self.list_servers = servers.list_servers
+        self.list_servers_filtered = servers.list_servers
         self.update_server = servers.update_server
         self.delete_server = servers.delete_server
         self.start_install = servers.start_install
