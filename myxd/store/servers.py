@@ -227,7 +227,12 @@ class ServerStore:
     def finish_install(
         self, install_id: int, status: str, error: str | None = None
     ) -> Deferred[None]:
-        """Close an install with ``ok``, ``failed`` or ``cancelled``."""
+        """Close an install with ``ok``, ``failed`` or ``cancelled``.
+
+        A step still ``running`` (the daemon was killed in it) is closed as
+        ``failed`` with the install's error, in the same transaction: a closed
+        install never shows a step running forever.
+        """
         now = self._db.now()
 
         def txn(t: Txn) -> None:
@@ -238,6 +243,11 @@ class ServerStore:
             )
             if not t.rowcount:
                 raise NotFoundError(f"install {install_id} not found")
+            t.execute(
+                "UPDATE install_steps SET status = 'failed', error = COALESCE(error, ?),"
+                " finished_at = ? WHERE install_id = ? AND status = 'running'",
+                (error or f"install {status}", now, install_id),
+            )
 
         return self._db.run(txn)
 
