@@ -25,6 +25,15 @@ Modes, side by side in one run (one after the other, same agents and load):
 The daemon's poll-lag histogram (how late each log poll ran after it was due)
 shows whether its poll loop keeps up at 1,000 streams.
 
+Daemon CPU per unit of work (issue 14 §3), from ``/proc/PID/stat``: per streamed
+line, the daemon's CPU during the counted window over the lines written in it;
+per agent long-poll wake-up, its CPU over the whole phase over the
+``get_command_log`` calls it made to agents in the phase (each is one wake-up of
+a command's poller: the agent answered with output, or at the end of ``wait``);
+and per API long-poll answered (one ``GET /api/commands/{id}?wait=`` of the
+client), the same CPU over those answers. Each figure charges all of the
+daemon's CPU to one kind of work, so they are upper bounds, not a split.
+
 Targets (issue 5): long-poll p50 <= 50 ms, p99 <= 250 ms at 100 streams; the
 poll loop does not slip at 1,000.
 """
@@ -112,8 +121,10 @@ async def follow(
     seen: List[Tuple[float, float]],
     first: Dict[str, Any],
     deadline: float,
-) -> int:
+) -> Tuple[int, int]:
     """Long-poll one command until complete; note (written, latency) of each line.
+
+    Returns (lines read, API requests answered).
 
     ``first`` tracks which commands delivered a line: once all have, its
     ``ready`` is set (lines before that moment include the start-up of the
@@ -123,10 +134,12 @@ async def follow(
     offset = 0
     pending = b""
     lines = 0
+    gets = 0
     try:
         while time.time() < deadline:
             status, raw = await client.get(f"/api/commands/{command_id}?offset={offset}&wait=25")
             now = time.time()
+            gets += 1
             if status != 200:
                 raise RuntimeError(f"GET /api/commands/{command_id}: {status} {raw[:200]!r}")
             body = json.loads(raw)
@@ -149,7 +162,7 @@ async def follow(
                 break
     finally:
         client.close()
-    return lines
+    return lines, gets
 
 
 def histogram(text: str, name: str) -> Tuple[List[Tuple[float, float]], float, float]:
@@ -228,7 +241,8 @@ async def run_streams(
     latencies = [lat for written, lat in seen if lo <= written <= hi]
     return {
         "latencies": latencies,
-        "lines": sum(counts),
+        "lines": sum(c[0] for c in counts),
+        "gets": sum(c[1] for c in counts),
         "commands": len(command_ids),
         "elapsed": time.time() - t_start,
         "ready_after": ready - t_start,
@@ -300,6 +314,8 @@ def main(argv: List[str] | None = None) -> int:
                     lat = r["latencies"]
                     w0, w1 = r["window"]
                     polls = after[1] - before[1]
+                    phase_cpu = sampler.cpu_between(t0, t1)
+                    window_cpu = sampler.cpu_between(w0, w1)
                     row = {
                         "p50": percentile(lat, 50),
                         "p99": percentile(lat, 99),
@@ -309,7 +325,10 @@ def main(argv: List[str] | None = None) -> int:
                         "lag_p99": hist_quantile(before[0], after[0], 0.99),
                         "lag_mean": (after[2] - before[2]) / polls if polls else float("nan"),
                         "polls_per_s": polls / (t1 - t0),
-                        "cpu_pct": 100 * sampler.cpu_between(w0, w1) / (w1 - w0),
+                        "cpu_pct": 100 * window_cpu / (w1 - w0),
+                        "ms_per_line": 1000 * window_cpu / len(lat) if lat else float("nan"),
+                        "ms_per_poll": 1000 * phase_cpu / polls if polls else float("nan"),
+                        "ms_per_get": 1000 * phase_cpu / r["gets"] if r["gets"] else float("nan"),
                         "sim_pct": 100
                         * sum(x.cpu_between(w0, w1) for x in sim_samplers)
                         / (w1 - w0),
@@ -327,6 +346,12 @@ def main(argv: List[str] | None = None) -> int:
                         f"{row['sim_pct']:.0f}, API client {row['client_pct']:.0f}; "
                         f"all streams up after {row['ready_after']:.1f}s, phase {t1 - t0:.0f}s "
                         f"(load {load()})"
+                    )
+                    print(
+                        f"{'':9s} {'':5s}          daemon CPU: {row['ms_per_line']:.3f} ms per "
+                        f"streamed line, {row['ms_per_poll']:.3f} ms per agent long-poll wake-up "
+                        f"({polls:.0f} in the phase), {row['ms_per_get']:.3f} ms per API "
+                        f"long-poll answered ({r['gets']} in the phase)"
                     )
                     sys.stdout.flush()
                 sampler.stop()
@@ -351,6 +376,12 @@ def main(argv: List[str] | None = None) -> int:
             return "-" if row is None else f"<= {row['lag_p99']:g}s"
 
         print(f"  {n:7d} | {cell(lp)} | {cell(pl)} | {lag(lp)} / {lag(pl)}")
+    print("  daemon CPU per streamed line / per agent long-poll wake-up / per API answer:")
+    for (mode, n), row in table.items():
+        print(
+            f"  {mode:9s} {n:5d}: {row['ms_per_line']:.3f} / {row['ms_per_poll']:.3f} / "
+            f"{row['ms_per_get']:.3f} ms"
+        )
     lp100 = table.get(("long-poll", 100))
     if lp100:
         ok = lp100["p50"] <= 0.050 and lp100["p99"] <= 0.250

@@ -1,6 +1,7 @@
 """B7: the same command on 20 and on 100 hosts, Ansible ad hoc vs MyX through agents.
 
     .venv/bin/python -m bench.b7_peer_ansible [--hosts 20,100] [--runs 3]
+        [--ansible default,pipelined]
 
 Ansible: ``ansible all -m command -a hostname -f 50`` (the venv's ansible-core),
 over a loopback OpenSSH ``sshd`` on 127.0.0.1 (its own temp dir, host keys and
@@ -15,12 +16,22 @@ fixed interpreter saves Ansible a discovery step), key authentication as root,
 and host key checking off for the throwaway loopback keys. Timed: the whole ``ansible``
 process, which prints every host's output.
 
+``--ansible`` names the Ansible configurations measured in the same run:
+``default`` (as above) and ``pipelined`` (the same plus ``ANSIBLE_PIPELINING=True``,
+the strongest setting operators commonly use: the module is fed to the remote
+python over the SSH session's stdin, with no temp file, no sftp/scp transfer and
+no separate chmod/cleanup round trips).
+
 MyX: a simulator process serves the same number of agents, adopted through the
 API; ONE ``POST /api/commands {agents, command: "hostname"}``, then a client
 long-polls every command through the API until it has read each output and
-exit code. Timed: from the POST to the last output read.
+exit code. Timed: from the POST to the last output read. For each MyX run the
+daemon's CPU and the simulated agents' CPU (their commands included) are
+sampled from ``/proc`` and printed per command, as is this client's own CPU (it
+shares the machine's cores).
 
-Target (issue 5): MyX >= 30x faster on 100 hosts.
+Targets: MyX >= 30x faster than Ansible's defaults on 100 hosts (issue 5) and
+>= 100x faster than pipelined Ansible (issue 14).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
 from bench.fanout import fanout
-from bench.harness import BIN, Daemon, Sim, adopt_api, load, median, print_header
+from bench.harness import BIN, Daemon, Sampler, Sim, adopt_api, load, median, print_header
 
 SSHD = "/usr/sbin/sshd"
 
@@ -140,13 +151,18 @@ ssh_args = -C -o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=
     return {"inventory": inventory, "config": cfg}
 
 
-def run_ansible(files: Dict[str, str], base: str) -> float:
+CONFIGS = {"default": {}, "pipelined": {"ANSIBLE_PIPELINING": "True"}}
+
+
+def run_ansible(files: Dict[str, str], base: str, config: str = "default") -> float:
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=files["config"],
         ANSIBLE_HOME=os.path.join(base, "ansible-home"),
         ANSIBLE_NOCOLOR="1",
     )
+    env.pop("ANSIBLE_PIPELINING", None)
+    env.update(CONFIGS[config])
     # A fresh control path dir per run: no master connection survives between runs.
     cp = os.path.join(base, "cp")
     shutil.rmtree(cp, ignore_errors=True)
@@ -197,11 +213,22 @@ def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="B7 Ansible vs MyX")
     p.add_argument("--hosts", default="20,100")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--ansible",
+        default="default,pipelined",
+        help="Ansible configurations to measure, comma-separated: " + ", ".join(CONFIGS),
+    )
     args = p.parse_args(argv)
+    configs = [c for c in args.ansible.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        p.error(f"--ansible: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     print_header("B7 peer: Ansible ad hoc vs MyX")
     sizes = [int(s) for s in args.hosts.split(",")]
     base = tempfile.mkdtemp(prefix="myx-b7-")
-    results: Dict[str, Dict[int, List[float]]] = {"ansible": {}, "myx": {}}
+    results: Dict[str, Dict[int, List[float]]] = {c: {} for c in configs}
+    results["myx"] = {}
+    cost: Dict[int, Dict[str, List[float]]] = {}
     try:
         sshd = LoopbackSSHD(base)
         sshd.start()
@@ -209,10 +236,14 @@ def main(argv: List[str] | None = None) -> int:
             for n in sizes:
                 files = write_ansible(base, sshd, n)
                 for run in range(1, args.runs + 1):
-                    t = run_ansible(files, base)
-                    results["ansible"].setdefault(n, []).append(t)
-                    print(f"ansible {n:3d} hosts run {run}: {t:.2f}s (load {load()})")
-                    sys.stdout.flush()
+                    # Alternate the configurations within each run so load drifts hit both.
+                    for config in configs:
+                        t = run_ansible(files, base, config)
+                        results[config].setdefault(n, []).append(t)
+                        print(
+                            f"ansible {config:9s} {n:3d} hosts run {run}: {t:.2f}s (load {load()})"
+                        )
+                        sys.stdout.flush()
         finally:
             sshd.stop()
         with (
@@ -222,32 +253,73 @@ def main(argv: List[str] | None = None) -> int:
             sim.start()
             daemon.start()
             ids = adopt_api(daemon, sim.entries)
+            daemon_s = Sampler(daemon.pid, 0.02)
+            sim_s = [Sampler(pid, 0.02, children=True) for pid in sim.pids]
             time.sleep(1.0)
             with ThreadPoolExecutor(max_workers=max(sizes)) as pool:
                 for n in sizes:
                     for run in range(1, args.runs + 1):
+                        c0 = time.process_time()
                         r = fanout(daemon, ids[:n], "hostname", [], done="api", pool=pool)
+                        client = time.process_time() - c0
+                        t1 = time.time()
+                        t0 = t1 - r["total"]
                         good = sum(
                             1 for x in r["results"] if x["status"] == "success" and x["output"]
                         )
                         if good != n:
                             raise RuntimeError(f"MyX: {good}/{n} commands succeeded")
+                        time.sleep(0.1)  # let the samplers pass t1
+                        d_ms = daemon_s.cpu_between(t0, t1) * 1000 / n
+                        a_ms = sum(s.cpu_between(t0, t1) for s in sim_s) * 1000 / n
+                        c_ms = client * 1000 / n
                         results["myx"].setdefault(n, []).append(r["total"])
-                        print(f"myx     {n:3d} hosts run {run}: {r['total']:.3f}s (load {load()})")
+                        for key, v in (("daemon", d_ms), ("agents", a_ms), ("client", c_ms)):
+                            cost.setdefault(n, {}).setdefault(key, []).append(v)
+                        print(
+                            f"myx               {n:3d} hosts run {run}: {r['total']:.3f}s; "
+                            f"CPU per command: daemon {d_ms:.2f} ms, agents {a_ms:.2f} ms "
+                            f"(incl. the command), bench client {c_ms:.2f} ms (load {load()})"
+                        )
                         sys.stdout.flush()
                         time.sleep(1.0)
+            daemon_s.stop()
+            for s in sim_s:
+                s.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print()
     print(f"B7 result (median of {args.runs} runs):")
-    print("  hosts | ansible -f 50 | MyX      | MyX speed-up")
+    print("  hosts | " + " | ".join(f"ansible {c:9s}" for c in configs) + " | MyX     | speed-up")
     for n in sizes:
-        a = median(results["ansible"][n])
         m = median(results["myx"][n])
-        print(f"  {n:5d} | {a:11.2f}s | {m:6.3f}s | {a / m:6.1f}x")
+        ans = [median(results[c][n]) for c in configs]
+        print(
+            f"  {n:5d} | "
+            + " | ".join(f"{a:16.2f}s" for a in ans)
+            + f" | {m:6.3f}s | "
+            + ", ".join(f"{c} {a / m:.1f}x" for c, a in zip(configs, ans))
+        )
+        k = cost[n]
+        print(
+            f"        MyX CPU per command (median): daemon {median(k['daemon']):.2f} ms, "
+            f"agents {median(k['agents']):.2f} ms incl. the command, "
+            f"bench client {median(k['client']):.2f} ms"
+        )
     if 100 in sizes:
-        ratio = median(results["ansible"][100]) / median(results["myx"][100])
-        print(f"  target MyX >= 30x faster on 100 hosts: {'MET' if ratio >= 30 else 'NOT MET'}")
+        m = median(results["myx"][100])
+        if "default" in configs:
+            ratio = median(results["default"][100]) / m
+            print(
+                f"  target MyX >= 30x Ansible defaults on 100 hosts: "
+                f"{'MET' if ratio >= 30 else 'NOT MET'} ({ratio:.1f}x)"
+            )
+        if "pipelined" in configs:
+            ratio = median(results["pipelined"][100]) / m
+            print(
+                f"  target MyX >= 100x pipelined Ansible on 100 hosts: "
+                f"{'MET' if ratio >= 100 else 'NOT MET'} ({ratio:.1f}x)"
+            )
     print(f"load average at end: {load()}")
     return 0
 

@@ -36,6 +36,14 @@ class SecretKeyError(StoreError):
     """The at-rest encryption key is missing, unreadable or does not decrypt the data."""
 
 
+class StoreFull(StoreError):
+    """SQLite could not write: the data dir's disk is full or over quota (HTTP 507).
+
+    Nothing of the failed transaction was kept; reads still work, and writes
+    succeed again once space frees (no restart needed).
+    """
+
+
 class NotFoundError(StoreError):
     """A record that an operation needs does not exist (e.g. an unknown command id)."""
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 AGENT_STATUSES = ("online", "offline", "installing", "error")
 
-COMMAND_STATUSES = ("pending", "running", "success", "failed")
+COMMAND_STATUSES = ("pending", "running", "success", "failed", "cancelled", "timed_out")
 # A command in one of these is over: its status, exit code and output are final.
-FINAL_STATUSES = frozenset({"success", "failed"})
+FINAL_STATUSES = frozenset({"success", "failed", "cancelled", "timed_out"})
 UNFINISHED_STATUSES = ("pending", "running")
 COMMAND_KINDS = ("command", "ansible")
 OUTPUT_STREAMS = ("stdout", "stderr")
@@ -34,3 +34,8 @@ ERROR_KINDS = (RETRYABLE, AUTH, FINAL)
 # JSON-RPC error the agent answers for a command id it does not know
 # (docs/protocol.md, the error code table).
 UNKNOWN_COMMAND = -32004
+
+# Tags on servers and agents (issue #9): 1-32 of these characters, lower-cased,
+# at most MAX_TAGS per object.
+TAG_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
+MAX_TAGS = 32

@@ -171,7 +171,7 @@ class AdminAPI:
     async def _command_or_404(self, command_id: int) -> CommandRecord:
         rec = await self._store.get_command(_check_id(command_id))
         if rec is None:
-            raise APIError(404, f"no command {command_id}")
+            raise APIError(404, f"There is no command {command_id}.")
         return rec
 
     async def _command_output_or_404(
@@ -181,7 +181,7 @@ class AdminAPI:
             _check_id(command_id), offset, max_bytes
         )
         if rec is None:
-            raise APIError(404, f"no command {command_id}")
+            raise APIError(404, f"There is no command {command_id}.")
         return rec, chunks
 
     async def _event(
@@ -244,9 +244,11 @@ class AdminAPI:
     )
     async def list_agents(self, request: IRequest) -> bytes:
         q = validate.query(request, models.AgentListQuery)
-        agents = await self._store.list_agents(limit=q.limit, offset=q.offset, status=q.status)
-        counts = await self._store.agent_counts_by_status()
-        total = counts.get(q.status, 0) if q.status is not None else sum(counts.values())
+        # Agents whose install never finished are not listed (issue #9): their
+        # server shows the install's error instead.
+        agents, total = await self._store.search_agents(
+            q=q.q, status=q.status, tag=q.tag, limit=q.limit, offset=q.offset
+        )
         page = {
             "agents": [agent_json(a) for a in agents],
             "limit": q.limit,
@@ -265,6 +267,25 @@ class AdminAPI:
     )
     async def get_agent(self, request: IRequest, agent_id: int) -> bytes:
         return json_response(request, agent_json(await self._agent_or_404(agent_id)))
+
+    @_routes.route(
+        _app,
+        "PATCH",
+        "/api/agents/<int:agent_id>",
+        summary="Rename an agent or set its tags.",
+        body=models.AgentEdit,
+        responses={200: models.Agent},
+        errors=(400, 404, 413),
+    )
+    async def edit_agent(self, request: IRequest, agent_id: int) -> bytes:
+        b = validate.body(request, models.AgentEdit)
+        rec = await self._agent_or_404(agent_id)
+        changes = b.model_dump(exclude_unset=True)
+        if not changes or any(v is None for v in changes.values()):
+            raise APIError(400, "give a name or tags to change", "name")
+        await self._store.update_agent(rec.id, **changes)
+        await self._event("agent.edit", f"agent:{rec.id}", "ok", {"fields": sorted(changes)})
+        return json_response(request, agent_json(await self._agent_or_404(rec.id)))
 
     @_routes.route(
         _app,
@@ -300,6 +321,9 @@ class AdminAPI:
             token=b.token,
             fingerprint=b.cert_fingerprint,
         )
+        if b.name is not None or b.tags:
+            await self._store.update_agent(rec.id, name=b.name, tags=b.tags or [])
+            rec = await self._agent_or_404(rec.id)
         return json_response(request, agent_json(rec), 201)
 
     # -- commands ----------------------------------------------------------------
@@ -376,14 +400,22 @@ class AdminAPI:
     )
     async def create_commands(self, request: IRequest) -> bytes:
         spec = validate.body(request, models.BulkCommand)
+        if (spec.command is None) == (spec.shell is None):
+            raise APIError(400, "command: give either a command or a shell line", "command")
+        if spec.shell is not None and spec.args:
+            raise APIError(400, "args: a shell line takes no separate arguments", "args")
+        command, args = (
+            ("sh", ["-c", spec.shell]) if spec.shell is not None else (spec.command, spec.args)
+        )
+        assert command is not None
         agent_ids = await self._bulk_targets(spec.agents)
 
         async def one(agent_id: int) -> dict[str, Any]:
             try:
                 rec = await self._queue.add_command(
                     agent_id,
-                    spec.command,
-                    spec.args,
+                    command,
+                    args,
                     spec.timeout,
                     env=spec.env,
                     cwd=spec.cwd,
@@ -398,10 +430,83 @@ class AdminAPI:
         results = await gatherResults([ensureDeferred(one(a)) for a in agent_ids])
         return json_response(request, {"commands": results}, 201)
 
+    @_routes.route(
+        _app,
+        "POST",
+        "/api/ansible",
+        summary="Run a playbook of the deployment tool on many agents (one command each).",
+        body=models.BulkAnsible,
+        responses={201: models.BulkResult},
+        errors=(400, 404, 413, 422),
+    )
+    async def create_ansible_runs(self, request: IRequest) -> bytes:
+        spec = validate.body(request, models.BulkAnsible)
+        if self._deployments_api is not None:
+            known = sorted(self._deployments_api.playbook_names())
+            if spec.playbook not in known:
+                raise APIError(
+                    422,
+                    f"playbook '{spec.playbook}' is not in the deployment tool"
+                    f" (available: {', '.join(known) or 'none'})",
+                    "playbook",
+                )
+        agent_ids = await self._bulk_targets(spec.agents)
+
+        async def one(agent_id: int) -> dict[str, Any]:
+            try:
+                rec = await self._queue.add_ansible(
+                    agent_id, spec.playbook, spec.extra_vars, spec.timeout, actor="admin-api"
+                )
+            except Exception:
+                self.log.failure("bulk ansible for agent {agent_id} failed", agent_id=agent_id)
+                return {"agent_id": agent_id, "error": "could not create the command"}
+            return {"agent_id": agent_id, "id": rec.id, "status": rec.status}
+
+        results = await gatherResults([ensureDeferred(one(a)) for a in agent_ids])
+        return json_response(request, {"commands": results}, 201)
+
+    @_routes.route(
+        _app,
+        "GET",
+        "/api/commands",
+        summary="Commands of every agent, newest first, with filters.",
+        query=models.CommandListQuery,
+        responses={200: models.CommandList},
+        errors=(400,),
+    )
+    async def list_commands(self, request: IRequest) -> bytes:
+        q = validate.query(request, models.CommandListQuery)
+        rows, total = await self._store.search_commands(
+            agent_id=q.agent_id,
+            status=q.status,
+            kind=q.kind,
+            q=q.q,
+            since=q.since,
+            until=q.until,
+            limit=q.limit,
+            offset=q.offset,
+        )
+        page = {
+            "commands": [command_json(c) for c in rows],
+            "limit": q.limit,
+            "offset": q.offset,
+            "total": total,
+        }
+        return json_response(request, page)
+
     async def _bulk_targets(self, wanted: str | list[int]) -> list[int]:
-        if isinstance(wanted, str):  # "all", the only string the model lets through
-            return [a.id for a in await self._store.list_agents()]
-        ids: list[int] = list(dict.fromkeys(wanted))  # first occurrence order, no duplicates
+        if isinstance(wanted, str):  # "all" or "tag:NAME", what the model lets through
+            tag = wanted[4:].lower() if wanted.startswith("tag:") else None
+            ids: list[int] = []
+            while True:
+                page, total = await self._store.search_agents(tag=tag, limit=1000, offset=len(ids))
+                ids += [a.id for a in page]
+                if not page or len(ids) >= total:
+                    break
+            if tag is not None and not ids:
+                raise APIError(404, f"agents: no agent has the tag {tag!r}", "agents")
+            return ids
+        ids = list(dict.fromkeys(wanted))  # first occurrence order, no duplicates
         records = await gatherResults([ensureDeferred(self._store.get_agent(i)) for i in ids])
         missing = [i for i, rec in zip(ids, records) if rec is None]
         if missing:
@@ -524,7 +629,9 @@ class AdminAPI:
     )
     async def list_events(self, request: IRequest) -> bytes:
         q = validate.query(request, models.EventListQuery)
-        rows = await self._store.list_events(limit=q.limit, before_id=q.before_id)
+        rows = await self._store.list_events(
+            limit=q.limit, before_id=q.before_id, kind=q.kind, target=q.target, actor=q.actor
+        )
         page = {
             "events": [event_json(e) for e in rows],
             "limit": q.limit,

@@ -144,6 +144,10 @@ class DeploymentsAPI:
 
     # -- deployments -----------------------------------------------------------
 
+    def playbook_names(self) -> list[str]:
+        """The deployment tool's playbooks (POST /api/ansible checks against them)."""
+        return sorted(self._playbooks())
+
     async def list_playbooks(self, request: IRequest) -> bytes:
         return json_response(request, {"playbooks": sorted(self._playbooks())})
 

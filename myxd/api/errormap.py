@@ -34,7 +34,14 @@ from myxd.artifacts.store import (
     ArtifactTooLarge,
 )
 from myxd.deploy.service import DeploymentConflict, DeploymentInputError
-from myxd.errors import AgentCheckFailed, ConflictError, DuplicateAgent, MyxError, NotFoundError
+from myxd.errors import (
+    AgentCheckFailed,
+    ConflictError,
+    DuplicateAgent,
+    MyxError,
+    NotFoundError,
+    StoreFull,
+)
 from myxd.install.installer import InstallInProgress, ServerNotFound
 from myxd.netpolicy import TargetNotAllowed
 from myxd.rpc.retry import AgentRPCError
@@ -91,6 +98,7 @@ ERROR_MAP: tuple[tuple[type[MyxError], int | None, Body], ...] = (
     (ArtifactTooLarge, 413, lambda e: {"error": str(e)}),
     (ArtifactMismatch, 422, lambda e: {"error": str(e)}),
     (ArtifactStoreFull, 507, lambda e: {"error": str(e)}),
+    (StoreFull, 507, lambda e: {"error": str(e)}),
     (ArtifactNotFound, 404, lambda e: {"error": str(e)}),
     (ArtifactError, 500, lambda e: {"error": str(e)}),
     (DeploymentInputError, 400, _input_error),

@@ -37,6 +37,7 @@ from pydantic import (
 from myxd.api.inputs import valid_host
 from myxd.install.hostkeys import InvalidFingerprint, parse_fingerprint
 from myxd.rpc.tls import normalize_fingerprint
+from myxd.statuses import MAX_TAGS, TAG_PATTERN
 from myxd.store.records import (
     AGENT_STATUSES,
     COMMAND_KINDS,
@@ -55,6 +56,7 @@ _TEXT = 131072
 # Header-safe token characters: visible ASCII, no spaces (it goes into X-Agent-Token).
 TOKEN_PATTERN = r"^[\x21-\x7e]{1,1024}$"  # noqa: S105 - a pattern, not a secret
 RPC_PATH_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_TAG_RE = re.compile(TAG_PATTERN)
 _RPC_PATH_RE = re.compile(RPC_PATH_PATTERN)
 
 
@@ -175,6 +177,11 @@ class AdoptAgent(Request):
         AfterValidator(_fingerprint),
     ]
 
+    name: Optional[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_nul)]] = (
+        None
+    )
+    tags: Optional[Tags] = None
+
     field_messages: ClassVar[dict[str, str]] = {
         "token": "must be visible ASCII characters without spaces",
     }
@@ -198,6 +205,16 @@ class NewAnsibleRun(Request):
     timeout: Timeout = None
 
 
+def _tag(value: str) -> str:
+    if not _TAG_RE.match(value):
+        raise ValueError("must be 1-32 characters of letters, digits, '.', '_' or '-'")
+    return value.lower()
+
+
+Tag_ = Annotated[str, Field(max_length=32), AfterValidator(_tag)]
+Tags = Annotated[list[Tag_], Field(max_length=MAX_TAGS)]
+
+
 def _targets_tag(value: Any) -> Optional[str]:
     if isinstance(value, str):
         return "=all"
@@ -208,19 +225,101 @@ def _targets_tag(value: Any) -> Optional[str]:
 
 AgentTargets = Annotated[
     Union[
-        Annotated[Literal["all"], Tag("=all")],
+        Annotated[
+            str,
+            Field(pattern=r"^(all|tag:[A-Za-z0-9._-]{1,32})$"),
+            Tag("=all"),
+        ],
         Annotated[list[Id], Field(min_length=1, max_length=MAX_BULK_AGENTS), Tag("=ids")],
     ],
     Discriminator(_targets_tag),
 ]
 
 
-class BulkCommand(NewCommand):
+class BulkCommand(Request):
+    """Either `command` (+ `args`) or `shell` (run as `sh -c`)."""
+
     agents: AgentTargets
+    command: Optional[NonEmpty] = None
+    shell: Optional[
+        Annotated[str, Field(min_length=1, max_length=_TEXT), AfterValidator(_no_nul)]
+    ] = Field(None, description="A shell command line, run as sh -c.")
+    args: Annotated[list[Text], Field(max_length=4096)] = []
+    timeout: Timeout = None
+    env: Optional[Annotated[dict[EnvName, Text], Field(max_length=1024)]] = None
+    cwd: Optional[Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]] = None
 
     field_messages: ClassVar[dict[str, str]] = {
-        "agents": 'must be a non-empty array of agent ids or "all"',
+        "agents": 'must be a non-empty array of agent ids, "all" or "tag:NAME"',
     }
+
+
+class BulkAnsible(Request):
+    agents: AgentTargets
+    playbook: Annotated[
+        str,
+        Field(min_length=1, max_length=1024, description="Relative to playbooks/."),
+        AfterValidator(_playbook),
+    ]
+    extra_vars: dict[str, Any] = {}
+    timeout: Timeout = None
+
+    field_messages: ClassVar[dict[str, str]] = BulkCommand.field_messages
+
+
+class AgentEdit(Request):
+    name: Optional[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_nul)]] = (
+        None
+    )
+    tags: Optional[Tags] = None
+
+
+class ServerEdit(Request):
+    name: Optional[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_nul)]] = (
+        None
+    )
+    host: Optional[Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_host)]] = (
+        None
+    )
+    ssh_port: Optional[Annotated[int, Field(ge=1, le=65535)]] = None
+    username: Optional[
+        Annotated[
+            str,
+            Field(min_length=1, max_length=64),
+            AfterValidator(_no_nul),
+            AfterValidator(_username),
+        ]
+    ] = None
+    auth: Optional[
+        Annotated[
+            Union[Annotated[PasswordAuth, Tag("=password")], Annotated[KeyAuth, Tag("=key")]],
+            Discriminator(_auth_tag),
+        ]
+    ] = None
+    sudo: Optional[
+        Annotated[
+            Union[
+                Annotated[Optional[Literal["none", "sudo"]], Tag("=word")],
+                Annotated[SudoSettings, Tag("=object")],
+            ],
+            Discriminator(_sudo_tag),
+        ]
+    ] = None
+    host_key_fingerprint: Optional[
+        Annotated[str, Field(max_length=200), AfterValidator(_ssh_pin)]
+    ] = None
+    tags: Optional[Tags] = None
+
+    field_messages: ClassVar[dict[str, str]] = {
+        "auth": "must be an object with exactly one of password or private_key",
+        "sudo": "must be 'none', 'sudo' or {mode, password}",
+    }
+
+
+class ServerBulk(Request):
+    action: Literal["reinstall", "uninstall", "delete", "tag", "untag"]
+    ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
+    tag: Optional[Tag_] = None
 
 
 class CancelCommand(Request):
@@ -310,12 +409,41 @@ Limit = Annotated[int, Field(ge=1, le=1000, description="Page size.")]
 Offset = Annotated[int, Field(ge=0, le=MAX_ID, description="Rows to skip.")]
 
 
+Search = Annotated[str, Field(max_length=200), AfterValidator(_no_nul)]
+
+
 class AgentListQuery(QueryArgs):
     limit: Limit = 50
     offset: Offset = 0
     status: Optional[choice(AGENT_STATUSES)] = Field(  # type: ignore[valid-type]
         None, description="Only agents with this status."
     )
+    q: Optional[Search] = Field(None, description="Part of the name or host (any case).")
+    tag: Optional[Tag_] = Field(None, description="Only agents with this tag.")
+
+
+class CommandListQuery(QueryArgs):
+    limit: Limit = 50
+    offset: Offset = 0
+    agent_id: Optional[Id] = Field(None, description="Only this agent's commands.")
+    status: Optional[choice(COMMAND_STATUSES)] = Field(  # type: ignore[valid-type]
+        None, description="Only commands with this status."
+    )
+    kind: Optional[choice(COMMAND_KINDS)] = Field(  # type: ignore[valid-type]
+        None, description="command or ansible."
+    )
+    q: Optional[Search] = Field(None, description="Part of the command line.")
+    since: Optional[Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]] = Field(
+        None, description="Created at or after (unix seconds)."
+    )
+    until: Optional[Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]] = Field(
+        None, description="Created at or before (unix seconds)."
+    )
+
+
+class ServerListQuery(QueryArgs):
+    q: Optional[Search] = Field(None, description="Part of the name or host (any case).")
+    tag: Optional[Tag_] = Field(None, description="Only servers with this tag.")
 
 
 class PageQuery(QueryArgs):
@@ -342,6 +470,15 @@ class StreamQuery(QueryArgs):
 
 class EventListQuery(QueryArgs):
     limit: Limit = 50
+    kind: Optional[Annotated[str, Field(max_length=200)]] = Field(
+        None, description="Only events with this action (exact)."
+    )
+    target: Optional[Annotated[str, Field(max_length=200)]] = Field(
+        None, description="Only events on this target, e.g. agent:3 (exact)."
+    )
+    actor: Optional[Annotated[str, Field(max_length=200)]] = Field(
+        None, description="Only events by this actor (exact)."
+    )
     before_id: Optional[
         Annotated[int, Field(ge=1, le=MAX_ID, description="Only events older than this id.")]
     ] = None
@@ -377,6 +514,8 @@ class Health(Response):
 
 class Agent(Response):
     id: int
+    name: str = Field(description="The linked server's name; an adopted agent's own, or its host.")
+    tags: list[str] = Field(description="The agent's tags and its server's.")
     server_id: Optional[int]
     host: str
     rpc_port: int
@@ -413,6 +552,7 @@ class Deleted(Response):
 class Command(Response):
     id: int
     agent_id: int
+    agent_name: Optional[str]
     command_uid: str
     kind: choice(COMMAND_KINDS)  # type: ignore[valid-type]
     command: str
@@ -438,6 +578,15 @@ class CommandPage(Response):
     limit: int
     offset: int
     next_offset: Optional[int]
+
+
+class CommandList(Response):
+    """A page of commands, newest first, and the filtered total."""
+
+    commands: list[Command]
+    limit: int
+    offset: int
+    total: int
 
 
 class OutputChunk(Response):
@@ -488,6 +637,7 @@ class SudoView(Response):
 class Server(Response):
     id: int
     name: str
+    tags: list[str]
     host: str
     ssh_port: int
     username: str
@@ -541,6 +691,18 @@ class InstallStarted(Response):
     server_id: int
     install_id: Optional[int]
     kind: choice(INSTALL_KINDS)  # type: ignore[valid-type]
+
+
+class BulkServerResult(Response):
+    id: int
+    ok: bool
+    error: Optional[str]
+
+
+class ServerBulkResult(Response):
+    """One result per id."""
+
+    results: list[BulkServerResult]
 
 
 class ServerDeleted(Response):

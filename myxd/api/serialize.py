@@ -32,7 +32,10 @@ _RESULT_DROP = frozenset({"stdout", "stderr"})
 
 
 def agent_json(rec: AgentRecord) -> dict[str, Any]:
-    return {name: getattr(rec, name, None) for name in _AGENT_FIELDS}
+    out = {name: getattr(rec, name, None) for name in _AGENT_FIELDS}
+    out["tags"] = list(rec.tags)
+    out["name"] = rec.name or rec.host
+    return out
 
 
 def _extra_json(extra: dict[str, Any] | None) -> dict[str, Any] | None:

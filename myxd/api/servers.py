@@ -54,6 +54,7 @@ def server_json(server: Any, agent: Any = None, *, install_running: bool = False
     return {
         "id": server.id,
         "name": server.name,
+        "tags": list(getattr(server, "tags", ())),
         "host": server.host,
         "ssh_port": server.ssh_port,
         "username": server.username,
@@ -127,7 +128,11 @@ class ServersAPI:
 
     # -- handlers ------------------------------------------------------------
     async def list_servers(self, request: IRequest) -> bytes:
-        servers = await self._store.list_servers()
+        q = validate.query(request, models.ServerListQuery)
+        if q.q or q.tag:
+            servers = await self._store.list_servers_filtered(tag=q.tag, q=q.q)
+        else:
+            servers = await self._store.list_servers()
         return json_response(request, {"servers": [await self._view(s) for s in servers]})
 
     async def create_server(self, request: IRequest) -> bytes:
@@ -157,6 +162,80 @@ class ServersAPI:
         await self._server_or_404(server_id)
         await self._installer.delete_server(server_id)
         return json_response(request, {"deleted": True, "id": server_id})
+
+    async def edit_server(self, request: IRequest, server_id: int) -> bytes:
+        b = validate.body(request, models.ServerEdit)
+        changes = b.model_dump(exclude_unset=True)
+        if not changes:
+            raise APIError(400, "give at least one field to change", "name")
+        nulls = [k for k, v in changes.items() if v is None and k != "host_key_fingerprint"]
+        if nulls:
+            raise APIError(400, f"{nulls[0]}: must not be null", nulls[0])
+        server = await self._server_or_404(server_id)
+        if self._installer.is_running(server_id):
+            raise InstallInProgress(f"an install of server {server_id} is running")
+        fields: dict[str, Any] = {
+            k: v
+            for k, v in changes.items()
+            if k in ("name", "host", "ssh_port", "username", "tags")
+        }
+        if "auth" in changes:
+            auth = b.auth.model_dump(exclude_none=True) if b.auth is not None else None
+            if auth is not None:
+                await self._check_key(auth)
+            fields["auth"] = auth
+        if "sudo" in changes:
+            fields["sudo"] = _sudo(b.sudo)
+        if "host_key_fingerprint" in changes:
+            fields["host_key_fingerprint"] = b.host_key_fingerprint
+        moved = ("host" in changes and b.host != server.host) or (
+            "ssh_port" in changes and b.ssh_port != server.ssh_port
+        )
+        if moved or "host_key_fingerprint" in changes:
+            # A new address is checked again on the next connect: against the
+            # given fingerprint, or trusted on first use.
+            fields["host_key"] = None
+        await self._store.update_server(server_id, **fields)
+        self.log.info(
+            "server {server_id} edited: {fields}", server_id=server_id, fields=sorted(changes)
+        )
+        return json_response(request, await self._view(await self._server_or_404(server_id)))
+
+    async def bulk(self, request: IRequest) -> bytes:
+        b = validate.body(request, models.ServerBulk)
+        if b.action in ("tag", "untag") and b.tag is None:
+            raise APIError(400, f"tag: is needed to {b.action} servers", "tag")
+        results = []
+        for server_id in dict.fromkeys(b.ids):
+            try:
+                server = await self._store.get_server(server_id)
+                if server is None:
+                    raise ServerNotFound(str(server_id))
+                if b.action == "delete":
+                    await self._installer.delete_server(server_id)
+                elif b.action in ("reinstall", "uninstall"):
+                    await self._installer.start(server_id, b.action, actor="api")
+                else:
+                    tags = set(server.tags)
+                    assert b.tag is not None
+                    tags = tags | {b.tag} if b.action == "tag" else tags - {b.tag}
+                    await self._store.update_server(server_id, tags=sorted(tags))
+            except ServerNotFound:
+                results.append({"id": server_id, "ok": False, "error": f"no server {server_id}"})
+            except InstallInProgress:
+                results.append(
+                    {"id": server_id, "ok": False, "error": "an install of it is running"}
+                )
+            except Exception as e:
+                self.log.failure(
+                    "bulk {action} of server {server_id}", action=b.action, server_id=server_id
+                )
+                results.append(
+                    {"id": server_id, "ok": False, "error": f"failed: {type(e).__name__}"}
+                )
+            else:
+                results.append({"id": server_id, "ok": True, "error": None})
+        return json_response(request, {"results": results})
 
     async def get_install(self, request: IRequest, server_id: int) -> bytes:
         await self._server_or_404(server_id)
@@ -192,7 +271,12 @@ ROUTES: tuple[tuple[str, str, Callable[..., Any], dict[str, Any]], ...] = (
         "GET",
         "/",
         ServersAPI.list_servers,
-        {"summary": "List servers.", "responses": {200: models.ServerList}},
+        {
+            "summary": "List servers (q: part of name or host; tag: one tag).",
+            "query": models.ServerListQuery,
+            "responses": {200: models.ServerList},
+            "errors": (400,),
+        },
     ),
     (
         "POST",
@@ -203,6 +287,29 @@ ROUTES: tuple[tuple[str, str, Callable[..., Any], dict[str, Any]], ...] = (
             "body": models.NewServer,
             "responses": {201: models.ServerCreated},
             "errors": (400, 409, 413),
+        },
+    ),
+    (
+        "POST",
+        "/bulk",
+        ServersAPI.bulk,
+        {
+            "summary": "Reinstall, uninstall, delete, tag or untag many servers.",
+            "body": models.ServerBulk,
+            "responses": {200: models.ServerBulkResult},
+            "errors": (400, 413),
+        },
+    ),
+    (
+        "PATCH",
+        "/<int:server_id>",
+        ServersAPI.edit_server,
+        {
+            "summary": "Edit a server. A new host or port drops the stored host key: the next "
+            "connect checks it again (against host_key_fingerprint if given).",
+            "body": models.ServerEdit,
+            "responses": {200: models.Server},
+            "errors": (400, 404, 409, 413),
         },
     ),
     (

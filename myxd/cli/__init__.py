@@ -25,6 +25,7 @@ from myxd.cli.agents import (
     cmd_agents,
     cmd_ansible,
     cmd_cancel,
+    cmd_commands,
     cmd_events,
     cmd_logs,
     cmd_remove,
@@ -55,8 +56,21 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
 
     s = sub.add_parser("agents", help="list agents")
     s.add_argument("--status", choices=["online", "offline", "installing", "error"])
+    s.add_argument("--tag", help="only agents with this tag (theirs or their server's)")
+    s.add_argument("--search", help="part of the name or host")
     s.add_argument("--json", action="store_true", help="rows as JSON")
     s.set_defaults(func=cmd_agents)
+
+    s = sub.add_parser("commands", help="list commands, newest first")
+    s.add_argument("--agent", type=int, help="only this agent's")
+    s.add_argument(
+        "--status", choices=["pending", "running", "success", "failed", "cancelled", "timed_out"]
+    )
+    s.add_argument("--kind", choices=["command", "ansible"])
+    s.add_argument("--search", help="part of the command line")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true", help="the page as JSON")
+    s.set_defaults(func=cmd_commands)
 
     s = sub.add_parser("agent", help="show one agent as JSON")
     s.add_argument("id", type=int)
@@ -80,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
         help="run a command on agents and stream its output",
         usage="myx run AGENT [AGENT ...] [--timeout S] (--sh 'SCRIPT' | -- COMMAND [ARG ...])",
     )
-    s.add_argument("agent", nargs="+", help="agent ids, or 'all'")
+    s.add_argument("agent", nargs="+", help="agent ids, 'all' or 'tag:NAME'")
     s.add_argument(
         "--sh",
         metavar="SCRIPT",
@@ -110,16 +124,20 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
     s.add_argument("id", type=int)
     s.set_defaults(func=cmd_cancel)
 
-    s = sub.add_parser("ansible", help="run a playbook of the deployment tool on an agent")
-    s.add_argument("agent", type=int)
+    s = sub.add_parser("ansible", help="run a playbook of the deployment tool on agents")
+    s.add_argument("agent", nargs="+", help="agent ids, 'all' or 'tag:NAME'")
     s.add_argument("playbook", help="path inside deployment-tool/playbooks, e.g. ping.yml")
     s.add_argument("--extra-vars", default="{}", help="JSON object")
     s.add_argument("--timeout", type=float)
     s.add_argument("--no-follow", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the final command records as JSON")
     s.set_defaults(func=cmd_ansible)
 
     s = sub.add_parser("events", help="recent audit events")
     s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--kind", help="only this action, e.g. command.cancel")
+    s.add_argument("--target", help="only this target, e.g. agent:3")
+    s.add_argument("--actor", help="only this actor, e.g. admin-api")
     s.set_defaults(func=cmd_events)
 
     servers.add_parsers(sub)

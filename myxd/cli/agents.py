@@ -1,5 +1,6 @@
-"""`myx` commands for agents and commands: agents, agent, adopt, remove, run, logs, show,
-cancel, ansible, events. Thin wrappers over the admin API; they never touch the store."""
+"""`myx` commands for agents and commands: agents, agent, adopt, remove, run, commands,
+logs, show, cancel, ansible, events. Thin wrappers over the admin API; they never touch
+the store."""
 
 from __future__ import annotations
 
@@ -18,19 +19,29 @@ SHELL = "/bin/sh"
 
 
 def cmd_agents(client: Client, args: argparse.Namespace) -> int:
-    rows = [["ID", "HOST", "PORT", "STATUS", "VERSION", "HEARTBEAT", "REASON"]]
+    rows = [["ID", "NAME", "HOST", "PORT", "STATUS", "TAGS", "VERSION", "HEARTBEAT", "REASON"]]
     offset = 0
     while True:
         page = client.request(
-            "GET", "/api/agents", query={"limit": 1000, "offset": offset, "status": args.status}
+            "GET",
+            "/api/agents",
+            query={
+                "limit": 1000,
+                "offset": offset,
+                "status": args.status,
+                "tag": args.tag,
+                "q": args.search,
+            },
         )
         for a in page["agents"]:
             rows.append(
                 [
                     str(a["id"]),
+                    a.get("name") or a["host"],
                     a["host"],
                     str(a["rpc_port"]),
                     a["status"],
+                    ",".join(a.get("tags") or []) or "-",
                     a.get("version") or "-",
                     _ago(a.get("last_heartbeat")),
                     a.get("status_reason") or "",
@@ -43,6 +54,42 @@ def cmd_agents(client: Client, args: argparse.Namespace) -> int:
         _dump(rows[1:])
     else:
         _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_commands(client: Client, args: argparse.Namespace) -> int:
+    page = client.request(
+        "GET",
+        "/api/commands",
+        query={
+            "agent_id": args.agent,
+            "status": args.status,
+            "kind": args.kind,
+            "q": args.search,
+            "limit": args.limit,
+        },
+    )
+    if args.json:
+        _dump(page)
+        return 0
+    rows = [["ID", "AGENT", "KIND", "STATUS", "EXIT", "CREATED", "COMMAND"]]
+    for c in page["commands"]:
+        line = " ".join([c["command"], *(str(a) for a in c.get("args") or [])])
+        rows.append(
+            [
+                str(c["id"]),
+                f"{c.get('agent_name') or '-'} ({c['agent_id']})",
+                c["kind"],
+                c["status"],
+                "-" if c.get("exit_code") is None else str(c["exit_code"]),
+                _ago(c.get("created_at")),
+                line if len(line) <= 60 else line[:57] + "...",
+            ]
+        )
+    _table(rows, sys.stdout)
+    shown = len(page["commands"])
+    if page.get("total", shown) > shown:
+        sys.stdout.write(f"({shown} of {page['total']}; use --limit for more)\n")
     return 0
 
 
@@ -104,30 +151,6 @@ def _reason(rec: dict[str, Any], verbose: bool) -> str:
     return explain(raw, verbose)
 
 
-def _agent_names(client: Client) -> dict[int, str]:
-    """agent id -> name: the server's name, else the host name the agent reported.
-    (The API has no agent name field yet; see docs/operations.md.)"""
-    names: dict[int, str] = {}
-    page = client.request("GET", "/api/agents", query={"limit": 1000})
-    for a in page.get("agents", []):
-        details = a.get("details")
-        if isinstance(details, dict) and isinstance(details.get("hostname"), str):
-            names[a["id"]] = details["hostname"]
-    try:
-        servers = client.request("GET", "/api/servers")
-    except CLIError:
-        servers = None  # server management not enabled (404): host names only
-    for srv in (servers or {}).get("servers", []):
-        if srv.get("agent_id"):
-            names[srv["agent_id"]] = srv["name"]
-    return names
-
-
-def _label(agent_id: int, names: dict[int, str]) -> str:
-    name = names.get(agent_id)
-    return f"{name} (agent {agent_id})" if name else f"agent {agent_id}"
-
-
 def _finish(rec: dict[str, Any], verbose: bool) -> int:
     if rec["status"] == "success":
         return 0
@@ -154,21 +177,30 @@ def _run_argv(args: argparse.Namespace) -> list[str]:
     raise CLIError("nothing to run: give --sh 'SCRIPT' or the command after --")
 
 
+def _targets(values: list[str]) -> str | list[int]:
+    """Agent targets as the API takes them: "all", "tag:NAME" or ids."""
+    if values == ["all"]:
+        return "all"
+    if len(values) == 1 and values[0].startswith("tag:"):
+        return values[0]
+    return [_int(t, "agent") for t in values]
+
+
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     argv = _run_argv(args)
     body: dict[str, Any] = {"command": argv[0], "args": argv[1:], "timeout": args.timeout}
     if args.cwd:
         body["cwd"] = args.cwd
-    targets = args.agent
-    if len(targets) == 1 and targets[0] != "all" and not args.json:
-        rec = client.request("POST", f"/api/agents/{_int(targets[0], 'agent')}/commands", body)
+    targets = _targets(args.agent)
+    if isinstance(targets, list) and len(targets) == 1 and not args.json:
+        rec = client.request("POST", f"/api/agents/{targets[0]}/commands", body)
         if args.no_follow:
             print(rec["id"])
             return 0
         return _finish(
             _follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer), client.verbose
         )
-    body["agents"] = "all" if targets == ["all"] else [_int(t, "agent") for t in targets]
+    body["agents"] = targets
     created = client.request("POST", "/api/commands", body)["commands"]
     if args.no_follow:
         for c in created:
@@ -177,19 +209,29 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     return _follow_many(client, created, args.json)
 
 
+def _heading(rec: dict[str, Any], verbose: bool) -> str:
+    """ "NAME (agent 2, command 11, failed, exit 1): reason" (exit "-" when none)."""
+    code = rec.get("exit_code")
+    name = rec.get("agent_name") or f"agent {rec['agent_id']}"
+    reason = _reason(rec, verbose)
+    return (
+        f"{name} (agent {rec['agent_id']}, command {rec['id']}, {rec['status']}, "
+        f"exit {'-' if code is None else code})" + (f": {reason}" if reason else "")
+    )
+
+
 def _follow_many(client: Client, created: list[dict[str, Any]], as_json: bool) -> int:
-    """Each agent's output under a "--- name (agent N): ..." line, or with ``as_json``
-    the final records (raw reasons, with an ``agent_name``); exit 1 if any failed."""
-    names = _agent_names(client)
+    """Each agent's output under a "--- NAME (agent N, command M, status, exit X): reason"
+    line, or with ``as_json`` the final records (raw reasons); exit 1 if any failed."""
     worst = 0
     finals: list[dict[str, Any]] = []
     for c in created:
-        label = _label(c["agent_id"], names)
         if "id" not in c:
             finals.append(dict(c))
             if not as_json:
                 sys.stderr.write(
-                    f"--- {label}: not started: {operator_words(str(c.get('error')))}\n"
+                    f"--- agent {c['agent_id']}: not started: "
+                    f"{operator_words(str(c.get('error')))}\n"
                 )
             worst = max(worst, 1)
             continue
@@ -200,17 +242,10 @@ def _follow_many(client: Client, created: list[dict[str, Any]], as_json: bool) -
         worst = max(worst, 0 if rec["status"] == "success" else 1)
         if as_json:
             rec.pop("output", None)
-            finals.append({**rec, "agent_name": names.get(c["agent_id"])})
+            finals.append(rec)
             continue
         text = buf.getvalue().decode("utf-8", "replace")
-        code = rec.get("exit_code")
-        reason = _reason(rec, client.verbose)
-        sys.stdout.write(
-            f"--- {label}: command {c['id']} {rec['status']}, "
-            + (f"exit code {code}" if code is not None else "no exit code")
-            + (f": {reason}" if reason else "")
-            + f"\n{text}"
-        )
+        sys.stdout.write(f"--- {_heading(rec, client.verbose)}\n{text}")
         if text and not text.endswith("\n"):
             sys.stdout.write("\n")
     if as_json:
@@ -253,21 +288,37 @@ def cmd_ansible(client: Client, args: argparse.Namespace) -> int:
         extra = json.loads(args.extra_vars)
     except ValueError as e:
         raise CLIError(f"--extra-vars is not JSON: {e}") from None
-    rec = client.request(
-        "POST",
-        f"/api/agents/{args.agent}/ansible",
-        {"playbook": args.playbook, "extra_vars": extra, "timeout": args.timeout},
-    )
+    if not isinstance(extra, dict):
+        raise CLIError("--extra-vars must be a JSON object")
+    body = {"playbook": args.playbook, "extra_vars": extra, "timeout": args.timeout}
+    targets = _targets(args.agent)
+    if isinstance(targets, list) and len(targets) == 1 and not args.json:
+        rec = client.request("POST", f"/api/agents/{targets[0]}/ansible", body)
+        if args.no_follow:
+            print(rec["id"])
+            return 0
+        return _finish(
+            _follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer), client.verbose
+        )
+    created = client.request("POST", "/api/ansible", {**body, "agents": targets})["commands"]
     if args.no_follow:
-        print(rec["id"])
+        for c in created:
+            print(f"{c['agent_id']}\t{c.get('id', c.get('error'))}")
         return 0
-    return _finish(
-        _follow(client, rec["id"], 0, sys.stdout.buffer, sys.stderr.buffer), client.verbose
-    )
+    return _follow_many(client, created, args.json)
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
-    page = client.request("GET", "/api/events", query={"limit": args.limit})
+    page = client.request(
+        "GET",
+        "/api/events",
+        query={
+            "limit": args.limit,
+            "kind": args.kind,
+            "target": args.target,
+            "actor": args.actor,
+        },
+    )
     rows = [["ID", "WHEN", "ACTOR", "ACTION", "TARGET", "OUTCOME"]]
     for e in page["events"]:
         rows.append(
@@ -288,4 +339,4 @@ def _int(value: str, what: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise CLIError(f"{what} must be a number or 'all', not {value!r}") from None
+        raise CLIError(f"{what} must be a number, 'all' or 'tag:NAME', not {value!r}") from None

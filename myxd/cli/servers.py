@@ -110,11 +110,15 @@ def _outcome(latest: dict[str, Any], server_id: int) -> int:
 
 
 def cmd_servers(client: Client, args: argparse.Namespace) -> int:
-    servers = client.request("GET", "/api/servers")["servers"]
+    servers = client.request("GET", "/api/servers", query={"tag": args.tag, "q": args.search})[
+        "servers"
+    ]
     if args.json:
         _dump(servers)
         return 0
-    rows = [["ID", "NAME", "HOST", "PORT", "USER", "STATUS", "AGENT", "AGENT STATUS", "UPDATED"]]
+    rows = [
+        ["ID", "NAME", "HOST", "PORT", "USER", "STATUS", "AGENT", "AGENT STATUS", "TAGS", "UPDATED"]
+    ]
     for s in servers:
         rows.append(
             [
@@ -126,6 +130,7 @@ def cmd_servers(client: Client, args: argparse.Namespace) -> int:
                 s["status"] + (" (running)" if s.get("install_running") else ""),
                 str(s["agent_id"]) if s.get("agent_id") is not None else "-",
                 s.get("agent_status") or "-",
+                ",".join(s.get("tags") or []) or "-",
                 _ago(s.get("updated_at") or s.get("created_at")),
             ]
         )
@@ -190,9 +195,41 @@ def cmd_server_remove(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server_edit(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    for key, value in (
+        ("name", args.name),
+        ("host", args.host),
+        ("ssh_port", args.port),
+        ("username", args.user),
+    ):
+        if value is not None:
+            body[key] = value
+    if args.tag or args.untag:
+        current = client.request("GET", f"/api/servers/{args.id}")
+        tags = (set(current.get("tags") or []) | {t.lower() for t in args.tag}) - {
+            t.lower() for t in args.untag
+        }
+        body["tags"] = sorted(tags)
+    if not body:
+        raise CLIError("nothing to change: give --name, --host, --port, --user, --tag or --untag")
+    srv = client.request("PATCH", f"/api/servers/{args.id}", body)
+    if args.json:
+        _dump(srv)
+    else:
+        shown = ",".join(srv.get("tags") or []) or "-"
+        print(
+            f"server {srv['id']} {srv['name']}: {srv['username']}@{srv['host']}:"
+            f"{srv['ssh_port']}, tags {shown}"
+        )
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("servers", help="list servers with their install and agent status")
     s.add_argument("--json", action="store_true", help="the servers as JSON")
+    s.add_argument("--tag", help="only servers with this tag")
+    s.add_argument("--search", help="part of the name or host")
     s.set_defaults(func=cmd_servers)
 
     server = sub.add_parser("server", help="add, show, reinstall, uninstall or remove a server")
@@ -240,6 +277,20 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("id", type=int)
     s.add_argument("--no-follow", action="store_true")
     s.set_defaults(func=cmd_server_uninstall)
+
+    s = ssub.add_parser(
+        "edit",
+        help="change name, address, port, user or tags (a new address re-checks the host key)",
+    )
+    s.add_argument("id", type=int)
+    s.add_argument("--name")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--user")
+    s.add_argument("--tag", action="append", default=[], help="add a tag (repeatable)")
+    s.add_argument("--untag", action="append", default=[], help="remove a tag (repeatable)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_server_edit)
 
     s = ssub.add_parser("remove", help="forget the server (does not uninstall)")
     s.add_argument("id", type=int)

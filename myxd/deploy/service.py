@@ -55,6 +55,7 @@ from myxd.deploy.transfer import ArtifactPusher, TransferError
 from myxd.errors import MyxError, NotFoundError
 from myxd.rpc.client import AgentEndpoint
 from myxd.rpc.retry import AgentRPCError
+from myxd.statuses import FINAL_STATUSES
 from myxd.store.deployments import (
     DEPLOYMENT_FINAL,
     TARGET_FINAL,
@@ -530,7 +531,7 @@ class DeploymentService(Service):
         rec = await self._store.get_command(command_id)
         if rec is None:
             raise _TargetFailed(f"command {command_id} disappeared")
-        if rec.status in ("success", "failed"):
+        if rec.status in FINAL_STATUSES:
             return rec
         done: Deferred[None] = Deferred()
 
@@ -542,7 +543,7 @@ class DeploymentService(Service):
         try:
             # It may have ended between the read and the subscription.
             rec = await self._store.get_command(command_id)
-            if rec is not None and rec.status not in ("success", "failed"):
+            if rec is not None and rec.status not in FINAL_STATUSES:
                 await done
         finally:
             unsubscribe()
@@ -558,7 +559,7 @@ class DeploymentService(Service):
         changed = _stat(stats, "changed")
         ok = _stat(stats, "ok")
         failed = _stat(stats, "failures") + _stat(stats, "dark")
-        if ansible.get("status") == "canceled":
+        if ansible.get("status") == "canceled" or cmd.status == "cancelled":
             return AnsibleOutcome("cancelled", changed, ok, failed, "cancelled")
         if cmd.status == "success":
             return AnsibleOutcome("success", changed, ok, failed, None)

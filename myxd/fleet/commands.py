@@ -112,6 +112,23 @@ def _parse_log(res: Any, offset: int) -> _LogSlice:
     )
 
 
+def _final_status(result: Mapping[str, Any]) -> str:
+    """The stored status of a final result: the agent reports a cancel or a
+    timeout with ``cancelled`` / ``timed_out`` flags (docs/protocol.md)."""
+    if result.get("success") is True:
+        return "success"
+    if result.get("timed_out"):
+        return "timed_out"
+    if result.get("cancelled"):
+        return "cancelled"
+    ansible = result.get("ansible")
+    if isinstance(ansible, dict) and ansible.get("status") == "canceled":
+        return "cancelled"
+    if isinstance(ansible, dict) and ansible.get("status") == "timeout":
+        return "timed_out"
+    return "failed"
+
+
 def _failure_reason(result: Mapping[str, Any]) -> str:
     if result.get("timed_out"):
         return "timed out (reported by the agent)"
@@ -311,7 +328,7 @@ class CommandQueue(Service):
             if task is not None:
                 task.cancel()
             await self._event(actor, "command.cancel", rec, "cancelled_before_start")
-            await self._fail(rec, "cancelled before it started")
+            await self._fail(rec, "cancelled before it started", status="cancelled")
             return await self._current(rec)
         except AgentRPCError as e:
             await self._event(actor, "command.cancel", rec, "failed", {"reason": e.reason})
@@ -593,7 +610,7 @@ class CommandQueue(Service):
 
     async def _finish(self, rec: CommandRecord, result: Mapping[str, Any]) -> None:
         success = result.get("success") is True
-        status = "success" if success else "failed"
+        status = _final_status(result)
         rc = result.get("return_code")
         exit_code = rc if isinstance(rc, int) and not isinstance(rc, bool) else None
         reason = None if success else _failure_reason(result)
@@ -633,20 +650,26 @@ class CommandQueue(Service):
         *,
         attempts: int | None = None,
         unreachable: bool = False,
+        status: str = "failed",
     ) -> None:
         now = self._reactor.seconds()
-        self.log.warn("command {command_id} failed: {reason}", command_id=rec.id, reason=reason)
+        self.log.warn(
+            "command {command_id} {status}: {reason}",
+            command_id=rec.id,
+            status=status,
+            reason=reason,
+        )
         try:
             await self._store.update_command(
-                rec.id, status="failed", reason=reason, attempts=attempts, finished_at=now
+                rec.id, status=status, reason=reason, attempts=attempts, finished_at=now
             )
         except NotFoundError:
             return
-        await self._event("queue", f"{rec.kind}.finish", rec, "failed", {"reason": reason})
+        await self._event("queue", f"{rec.kind}.finish", rec, status, {"reason": reason})
         if unreachable:
             await self._count_unreachable(rec, reason, now)
         current = await self._current(rec)
-        self._notify(CommandUpdate(rec.id, current.output_offset, "failed", True))
+        self._notify(CommandUpdate(rec.id, current.output_offset, status, True))
 
     async def _count_unreachable(self, rec: CommandRecord, reason: str, now: float) -> None:
         # An agent that cannot be reached after retries is as dead as a failed

@@ -403,7 +403,14 @@ class Installer(Service):
         await self._store.finish_install(s.install_id, "failed", message)
         await self._store.update_server(s.server.id, status="failed", status_reason=message)
         if s.agent is not None and s.kind != "uninstall":
-            await self._store.update_agent(s.agent.id, status="error", status_reason=message)
+            current = await self._store.get_agent(s.agent.id)
+            if current is not None and not current.cert_fingerprint:
+                # Its install never finished: it was never an agent (issue #9, no
+                # phantom agents). The server shows the install's error.
+                await self._store.delete_agent(s.agent.id)
+                s.agent = None
+            else:
+                await self._store.update_agent(s.agent.id, status="error", status_reason=message)
         await self.journal.event(
             f"server.{s.kind}",
             s.server.id,

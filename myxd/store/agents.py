@@ -18,8 +18,26 @@ from twisted.internet.defer import Deferred
 from myxd.errors import ConflictError, NotFoundError
 from myxd.identity import AgentIdentity, new_identity
 from myxd.statuses import AGENT_STATUSES, ERROR_KINDS
-from myxd.store.db import UNSET, Database, Txn, check, counts, dumps, loads, update_row
+from myxd.store.db import (
+    UNSET,
+    Database,
+    Txn,
+    check,
+    counts,
+    dumps,
+    like,
+    loads,
+    tags_of,
+    tags_text,
+    update_row,
+)
 from myxd.store.records import AgentRecord, HeartbeatResult
+
+# Agents with their server's name and tags (the API shows both).
+_SELECT = (
+    "SELECT agents.*, servers.name AS server_name, servers.tags AS server_tags"
+    " FROM agents LEFT JOIN servers ON servers.id = agents.server_id"
+)
 
 
 class AgentStore:
@@ -56,6 +74,9 @@ class AgentStore:
             last_error_kind=row["last_error_kind"],
             last_latency=row["last_latency"],
             updated_at=row["updated_at"],
+            name=row["server_name"] or row["name"] or row["host"],
+            tags=tuple(sorted(set(tags_of(row["tags"])) | set(tags_of(row["server_tags"])))),
+            own_tags=tags_of(row["tags"]),
         )
 
     def new_agent_identity(self) -> Deferred[AgentIdentity]:
@@ -85,6 +106,8 @@ class AgentStore:
         cert_fingerprint: str,
         status: str = "online",
         server_id: int | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> Deferred[int]:
         """Save an agent; returns its id.
 
@@ -112,8 +135,8 @@ class AgentStore:
                     raise ConflictError(f"server {server_id} already has agent {row[0]}")
             t.execute(
                 "INSERT INTO agents (server_id, host, rpc_port, rpc_path, token_enc,"
-                " secret_key_enc, cert_fingerprint, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " secret_key_enc, cert_fingerprint, status, created_at, updated_at, name, tags)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     server_id,
                     host,
@@ -125,6 +148,8 @@ class AgentStore:
                     status,
                     now,
                     now,
+                    name,
+                    tags_text(tags),
                 ),
             )
             self._reserved_ports.discard(rpc_port)
@@ -134,7 +159,7 @@ class AgentStore:
 
     def get_agent(self, agent_id: int) -> Deferred[AgentRecord | None]:
         def txn(t: Txn) -> AgentRecord | None:
-            t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,))
+            t.execute(_SELECT + " WHERE agents.id = ?", (agent_id,))
             row = t.fetchone()
             return None if row is None else self._agent(row)
 
@@ -142,7 +167,7 @@ class AgentStore:
 
     def get_agent_for_server(self, server_id: int) -> Deferred[AgentRecord | None]:
         def txn(t: Txn) -> AgentRecord | None:
-            t.execute("SELECT * FROM agents WHERE server_id = ?", (server_id,))
+            t.execute(_SELECT + " WHERE agents.server_id = ?", (server_id,))
             row = t.fetchone()
             return None if row is None else self._agent(row)
 
@@ -158,15 +183,63 @@ class AgentStore:
                 check(status, AGENT_STATUSES, "status")
             if offset < 0 or (limit is not None and limit < 0):
                 raise ValueError("limit and offset must not be negative")
-            sql = "SELECT * FROM agents"
+            sql = _SELECT
             params: list[Any] = []
             if status is not None:
-                sql += " WHERE status = ?"
+                sql += " WHERE agents.status = ?"
                 params.append(status)
-            sql += " ORDER BY id LIMIT ? OFFSET ?"
+            sql += " ORDER BY agents.id LIMIT ? OFFSET ?"
             params += [-1 if limit is None else limit, offset]
             t.execute(sql, params)
             return [self._agent(r) for r in t.fetchall()]
+
+        return self._db.run(txn)
+
+    def search_agents(
+        self,
+        *,
+        q: str | None = None,
+        status: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Deferred[tuple[list[AgentRecord], int]]:
+        """One page of installed agents (an agent whose install never finished
+        has no certificate fingerprint and is not listed) and the filtered total.
+
+        ``q``: case-insensitive substring of the name or host; ``tag``: the
+        agent's or its server's tag.
+        """
+
+        def txn(t: Txn) -> tuple[list[AgentRecord], int]:
+            if status is not None:
+                check(status, AGENT_STATUSES, "status")
+            if offset < 0 or limit < 0:
+                raise ValueError("limit and offset must not be negative")
+            where = " WHERE agents.cert_fingerprint != ''"
+            params: list[Any] = []
+            if status is not None:
+                where += " AND agents.status = ?"
+                params.append(status)
+            if tag is not None:
+                where += (
+                    " AND (agents.tags LIKE ? ESCAPE '\\'"
+                    " OR COALESCE(servers.tags, '') LIKE ? ESCAPE '\\')"
+                )
+                params += [f"%,{like(tag.lower())},%"] * 2
+            if q:
+                where += (
+                    " AND (COALESCE(servers.name, agents.name, agents.host) LIKE ? ESCAPE '\\'"
+                    " OR agents.host LIKE ? ESCAPE '\\')"
+                )
+                params += [f"%{like(q)}%"] * 2
+            count = "SELECT COUNT(*) FROM agents LEFT JOIN servers ON servers.id = agents.server_id"
+            t.execute(count + where, params)  # noqa: S608 - fixed clauses; values are bound
+            total = int(t.fetchone()[0])
+            t.execute(
+                _SELECT + where + " ORDER BY agents.id LIMIT ? OFFSET ?", [*params, limit, offset]
+            )
+            return [self._agent(r) for r in t.fetchall()], total
 
         return self._db.run(txn)
 
@@ -203,12 +276,16 @@ class AgentStore:
         status_reason: str | None = UNSET,
         server_id: int | None = UNSET,
         failed_cycles: int = UNSET,
+        name: str | None = UNSET,
+        tags: Sequence[str] = UNSET,
     ) -> Deferred[None]:
         """Set only the fields passed. Raises NotFoundError for an unknown agent."""
         now = self._db.now()
         fields: dict[str, Any] = {
             k: v
             for k, v in (
+                ("name", name),
+                ("tags", UNSET if tags is UNSET else tags_text(tags)),
                 ("host", host),
                 ("cert_fingerprint", cert_fingerprint),
                 ("status", status),

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 
 from myxd.errors import ConflictError, NotFoundError, OutputGapError
 from myxd.statuses import COMMAND_KINDS, COMMAND_STATUSES, OUTPUT_STREAMS, UNFINISHED_STATUSES
-from myxd.store.db import Database, Txn, check, counts, dumps, loads, update_row
+from myxd.store.db import Database, Txn, check, counts, dumps, like, loads, update_row
 from myxd.store.records import CommandRecord, OutputChunk
 
 MAX_READ_BYTES = 16 * 1024 * 1024
@@ -84,7 +84,15 @@ def _command(row: sqlite3.Row, db: Database) -> CommandRecord:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        agent_name=row["agent_name"] if "agent_name" in row.keys() else None,
     )
+
+
+# Commands with their agent's name (the server's, an adopted agent's own, or its host).
+_SELECT = (
+    "SELECT c.*, COALESCE(s.name, a.name, a.host) AS agent_name FROM agent_commands c"
+    " JOIN agents a ON a.id = c.agent_id LEFT JOIN servers s ON s.id = a.server_id"
+)
 
 
 class CommandStore:
@@ -144,14 +152,14 @@ class CommandStore:
                     now,
                 ),
             )
-            t.execute("SELECT * FROM agent_commands WHERE id = ?", (t.lastrowid,))
+            t.execute(_SELECT + " WHERE c.id = ?", (t.lastrowid,))
             return _command(t.fetchone(), self._db)
 
         return self._db.run(txn)
 
     def get_command(self, command_id: int) -> Deferred[CommandRecord | None]:
         def txn(t: Txn) -> CommandRecord | None:
-            t.execute("SELECT * FROM agent_commands WHERE id = ?", (command_id,))
+            t.execute(_SELECT + " WHERE c.id = ?", (command_id,))
             row = t.fetchone()
             return None if row is None else _command(row, self._db)
 
@@ -159,32 +167,85 @@ class CommandStore:
 
     def get_command_by_uid(self, command_uid: str) -> Deferred[CommandRecord | None]:
         def txn(t: Txn) -> CommandRecord | None:
-            t.execute("SELECT * FROM agent_commands WHERE command_uid = ?", (command_uid,))
+            t.execute(_SELECT + " WHERE c.command_uid = ?", (command_uid,))
             row = t.fetchone()
             return None if row is None else _command(row, self._db)
 
         return self._db.run(txn)
 
     def list_commands(
-        self, *, agent_id: int | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        agent_id: int | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        status: str | None = None,
+        kind: str | None = None,
+        q: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Deferred[list[CommandRecord]]:
-        """Newest first."""
+        """Newest first, filtered (see ``search_commands``)."""
+        d = self.search_commands(
+            agent_id=agent_id,
+            limit=limit,
+            offset=offset,
+            status=status,
+            kind=kind,
+            q=q,
+            since=since,
+            until=until,
+            with_total=False,
+        )
+        return d.addCallback(lambda page: page[0])
 
-        def txn(t: Txn) -> list[CommandRecord]:
+    def search_commands(
+        self,
+        *,
+        agent_id: int | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        status: str | None = None,
+        kind: str | None = None,
+        q: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        with_total: bool = True,
+    ) -> Deferred[tuple[list[CommandRecord], int]]:
+        """One page of commands, newest first, and the filtered total (0 when
+        not ``with_total``). ``q``: substring of the command line (program,
+        playbook or arguments); ``since``/``until``: bounds on ``created_at``."""
+
+        def txn(t: Txn) -> tuple[list[CommandRecord], int]:
             if limit < 0 or offset < 0:
                 raise ValueError("limit and offset must not be negative")
-            if agent_id is None:
-                t.execute(
-                    "SELECT * FROM agent_commands ORDER BY id DESC LIMIT ? OFFSET ?",
-                    (limit, offset),
-                )
-            else:
-                t.execute(
-                    "SELECT * FROM agent_commands WHERE agent_id = ?"
-                    " ORDER BY id DESC LIMIT ? OFFSET ?",
-                    (agent_id, limit, offset),
-                )
-            return [_command(r, self._db) for r in t.fetchall()]
+            if status is not None:
+                check(status, COMMAND_STATUSES, "status")
+            if kind is not None:
+                check(kind, COMMAND_KINDS, "kind")
+            where = " WHERE 1 = 1"
+            params: list[Any] = []
+            for column, value in (("c.agent_id", agent_id), ("c.status", status), ("c.kind", kind)):
+                if value is not None:
+                    where += f" AND {column} = ?"
+                    params.append(value)
+            if since is not None:
+                where += " AND c.created_at >= ?"
+                params.append(since)
+            if until is not None:
+                where += " AND c.created_at <= ?"
+                params.append(until)
+            if q:
+                where += " AND (c.command LIKE ? ESCAPE '\\' OR c.args LIKE ? ESCAPE '\\')"
+                params += [f"%{like(q)}%", f"%{like(dumps(q)[1:-1])}%"]
+            total = 0
+            if with_total:
+                t.execute("SELECT COUNT(*) FROM agent_commands c" + where, params)  # noqa: S608 - fixed clauses; values are bound
+                total = int(t.fetchone()[0])
+            t.execute(
+                _SELECT + where + " ORDER BY c.id DESC LIMIT ? OFFSET ?", [*params, limit, offset]
+            )
+            return [_command(r, self._db) for r in t.fetchall()], total
 
         return self._db.run(txn)
 
@@ -194,7 +255,7 @@ class CommandStore:
         def txn(t: Txn) -> list[CommandRecord]:
             marks = ", ".join("?" for _ in UNFINISHED_STATUSES)
             t.execute(
-                f"SELECT * FROM agent_commands WHERE status IN ({marks}) ORDER BY id",  # noqa: S608
+                _SELECT + f" WHERE c.status IN ({marks}) ORDER BY c.id",  # noqa: S608
                 UNFINISHED_STATUSES,
             )
             return [_command(r, self._db) for r in t.fetchall()]
@@ -320,7 +381,7 @@ def _read_batch(
     out: list[CommandOutput | Exception] = []
     for command_id, offset, max_bytes in batch:
         try:
-            t.execute("SELECT * FROM agent_commands WHERE id = ?", (command_id,))
+            t.execute(_SELECT + " WHERE c.id = ?", (command_id,))
             row = t.fetchone()
             # The argument checks apply to an unknown id too.
             chunks = _read_chunks(t, command_id, offset, max_bytes)

@@ -26,7 +26,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.python.failure import Failure
 
-from myxd.errors import NotFoundError, StoreError
+from myxd.errors import NotFoundError, StoreError, StoreFull
 from myxd.store.crypto import SecretBox
 
 T = TypeVar("T")
@@ -37,6 +37,20 @@ Result = TypeVar("Result")
 Txn = sqlite3.Cursor
 
 BUSY_TIMEOUT_MS = 10000
+
+# sqlite3 result codes (the primary code is the low byte of an extended one).
+SQLITE_FULL = 13
+
+
+def _disk_full(failure: Failure) -> Failure:
+    """A transaction SQLite refused for lack of space becomes ``StoreFull`` (HTTP 507)."""
+    exc = failure.value
+    if isinstance(exc, sqlite3.Error) and (
+        (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == SQLITE_FULL
+        or "disk is full" in str(exc)
+    ):
+        return Failure(StoreFull("the daemon's data dir is full: nothing was written"))
+    return failure
 
 
 class _Unset:
@@ -70,6 +84,21 @@ def dumps(value: Any) -> str:
 
 def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def like(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped (ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def tags_text(tags: Sequence[str]) -> str:
+    """Tags as stored: ",a,b," (lower-cased, sorted, unique); no tags is ''."""
+    clean = sorted({t.lower() for t in tags})
+    return f",{','.join(clean)}," if clean else ""
+
+
+def tags_of(text: str | None) -> tuple[str, ...]:
+    return tuple(t for t in (text or "").split(",") if t)
 
 
 def check(value: str, allowed: Sequence[str], what: str) -> None:
@@ -147,6 +176,7 @@ class Database:
         if self._closed:
             return fail(StoreError("the store is closed"))
         d: Deferred[T] = self._pool.runInteraction(interaction, *args)
+        d.addErrback(_disk_full)
         self._pending.add(d)
 
         def done(result: Any) -> Any:

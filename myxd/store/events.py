@@ -44,20 +44,35 @@ class EventStore:
         return self._db.run(txn)
 
     def list_events(
-        self, *, limit: int = 50, before_id: int | None = None
+        self,
+        *,
+        limit: int = 50,
+        before_id: int | None = None,
+        kind: str | None = None,
+        target: str | None = None,
+        actor: str | None = None,
     ) -> Deferred[list[EventRecord]]:
-        """Newest first; ``before_id`` pages back through older events."""
+        """Newest first; ``before_id`` pages back through older events; ``kind``
+        (the action), ``target`` and ``actor`` match exactly."""
 
         def txn(t: Txn) -> list[EventRecord]:
             if limit < 0:
                 raise ValueError("limit must not be negative")
-            if before_id is None:
-                t.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-            else:
-                t.execute(
-                    "SELECT * FROM events WHERE id < ? ORDER BY id DESC LIMIT ?",
-                    (before_id, limit),
-                )
+            where = " WHERE 1 = 1"
+            params: list[Any] = []
+            for column, value in (
+                ("id <", before_id),
+                ("action =", kind),
+                ("target =", target),
+                ("actor =", actor),
+            ):
+                if value is not None:
+                    where += f" AND {column} ?"
+                    params.append(value)
+            t.execute(
+                "SELECT * FROM events" + where + " ORDER BY id DESC LIMIT ?",  # noqa: S608
+                [*params, limit],
+            )
             return [
                 EventRecord(
                     id=r["id"],

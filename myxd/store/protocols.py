@@ -129,6 +129,27 @@ class ServerLookup(Protocol):
 
     def get_latest_install(self, server_id: int) -> Deferred[dict[str, Any] | None]: ...
 
+    def list_servers_filtered(
+        self, *, tag: str | None = None, q: str | None = None
+    ) -> Deferred[list[ServerRecord]]: ...
+
+    def update_server(
+        self,
+        server_id: int,
+        *,
+        host_key: str | None = ...,
+        status: str = ...,
+        status_reason: str | None = ...,
+        auth: dict[str, Any] | None = ...,
+        host_key_fingerprint: str | None = ...,
+        name: str = ...,
+        host: str = ...,
+        ssh_port: int = ...,
+        username: str = ...,
+        sudo: dict[str, Any] = ...,
+        tags: list[str] = ...,
+    ) -> Deferred[None]: ...
+
 
 class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
     """What the installer uses (``myxd.install.installer``)."""
@@ -144,17 +165,6 @@ class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
         sudo: dict[str, Any],
         host_key_fingerprint: str | None = None,
     ) -> Deferred[int]: ...
-
-    def update_server(
-        self,
-        server_id: int,
-        *,
-        host_key: str | None = ...,
-        status: str = ...,
-        status_reason: str | None = ...,
-        auth: dict[str, Any] | None = ...,
-        host_key_fingerprint: str | None = ...,
-    ) -> Deferred[None]: ...
 
     def delete_server(self, server_id: int) -> Deferred[bool]: ...
 
@@ -246,5 +256,49 @@ class AdminStore(AgentLookup, EventLog, Protocol):
     ) -> Deferred[tuple[CommandRecord | None, list[OutputChunk]]]: ...
 
     def list_events(
-        self, *, limit: int = 50, before_id: int | None = None
+        self,
+        *,
+        limit: int = 50,
+        before_id: int | None = None,
+        kind: str | None = None,
+        target: str | None = None,
+        actor: str | None = None,
     ) -> Deferred[list[EventRecord]]: ...
+
+    def search_agents(
+        self,
+        *,
+        q: str | None = None,
+        status: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Deferred[tuple[list[AgentRecord], int]]: ...
+
+    def search_commands(
+        self,
+        *,
+        agent_id: int | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        status: str | None = None,
+        kind: str | None = None,
+        q: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        with_total: bool = True,
+    ) -> Deferred[tuple[list[CommandRecord], int]]: ...
+
+    def update_agent(
+        self,
+        agent_id: int,
+        *,
+        host: str = ...,
+        cert_fingerprint: str = ...,
+        status: str = ...,
+        status_reason: str | None = ...,
+        server_id: int | None = ...,
+        failed_cycles: int = ...,
+        name: str | None = ...,
+        tags: Sequence[str] = ...,
+    ) -> Deferred[None]: ...

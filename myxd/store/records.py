@@ -46,6 +46,10 @@ class AgentRecord:
     last_error_kind: str | None = None  # retryable | auth | final
     last_latency: float | None = None  # seconds, last successful heartbeat
     updated_at: float | None = None
+    # The linked server's name; for an adopted agent its own name, else its host.
+    name: str = field(default="", compare=False)
+    tags: tuple[str, ...] = field(default=(), compare=False)  # its own and its server's
+    own_tags: tuple[str, ...] = ()  # the tags set on the agent itself
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class CommandRecord:
     args: list[Any]
     timeout: float | None
     extra: dict[str, Any] | None  # env/cwd, or extra_vars
-    status: str  # pending | running | success | failed
+    status: str  # pending | running | success | failed | cancelled | timed_out
     exit_code: int | None
     reason: str | None
     result: dict[str, Any] | None  # final result from the agent
@@ -79,6 +83,9 @@ class CommandRecord:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    agent_name: str | None = field(
+        default=None, compare=False
+    )  # the agent's name when read with it
 
 
 @dataclass(frozen=True)
@@ -118,3 +125,4 @@ class ServerRecord:
     status_reason: str | None
     created_at: float
     updated_at: float | None = None
+    tags: tuple[str, ...] = ()

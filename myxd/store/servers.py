@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 
 from myxd.errors import NotFoundError
 from myxd.statuses import INSTALL_KINDS, INSTALL_STATUSES, INSTALL_STEP_STATUSES, SERVER_STATUSES
-from myxd.store.db import UNSET, Database, Txn, check, update_row
+from myxd.store.db import UNSET, Database, Txn, check, like, tags_of, tags_text, update_row
 from myxd.store.records import ServerRecord
 
 
@@ -46,6 +46,7 @@ class ServerStore:
             status_reason=row["status_reason"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            tags=tags_of(row["tags"]),
         )
 
     def add_server(
@@ -94,9 +95,22 @@ class ServerStore:
 
         return self._db.run(txn)
 
-    def list_servers(self) -> Deferred[list[ServerRecord]]:
+    def list_servers(
+        self, *, tag: str | None = None, q: str | None = None
+    ) -> Deferred[list[ServerRecord]]:
+        """Servers in id order; ``tag``: only those with this tag; ``q``: a
+        case-insensitive substring of the name or host."""
+
         def txn(t: Txn) -> list[ServerRecord]:
-            t.execute("SELECT * FROM servers ORDER BY id")
+            sql = "SELECT * FROM servers WHERE 1 = 1"
+            params: list[Any] = []
+            if tag is not None:
+                sql += " AND tags LIKE ? ESCAPE '\\'"
+                params.append(f"%,{like(tag.lower())},%")
+            if q:
+                sql += " AND (name LIKE ? ESCAPE '\\' OR host LIKE ? ESCAPE '\\')"
+                params += [f"%{like(q)}%"] * 2
+            t.execute(sql + " ORDER BY id", params)
             return [self._server(r) for r in t.fetchall()]
 
         return self._db.run(txn)
@@ -110,12 +124,32 @@ class ServerStore:
         status_reason: str | None = UNSET,
         auth: dict[str, Any] | None = UNSET,
         host_key_fingerprint: str | None = UNSET,
+        name: str = UNSET,
+        host: str = UNSET,
+        ssh_port: int = UNSET,
+        username: str = UNSET,
+        sudo: dict[str, Any] = UNSET,
+        tags: list[str] = UNSET,
     ) -> Deferred[None]:
         """Set only the fields passed. NotFoundError for an unknown server."""
         now = self._db.now()
 
         def txn(t: Txn) -> None:
             fields: dict[str, Any] = {}
+            for column, value in (
+                ("name", name),
+                ("host", host),
+                ("ssh_port", ssh_port),
+                ("username", username),
+            ):
+                if value is not UNSET:
+                    fields[column] = value
+            if ssh_port is not UNSET and not 1 <= int(ssh_port) <= 65535:
+                raise ValueError(f"ssh_port must be in 1-65535, not {ssh_port}")
+            if sudo is not UNSET:
+                fields["sudo_enc"] = self._db.box().encrypt_json(sudo)
+            if tags is not UNSET:
+                fields["tags"] = tags_text(tags)
             if host_key is not UNSET:
                 fields["host_key"] = host_key
             if status is not UNSET:

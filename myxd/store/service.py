@@ -64,6 +64,7 @@ class Store:
         self.get_agent = agents.get_agent
         self.get_agent_for_server = agents.get_agent_for_server
         self.list_agents = agents.list_agents
+        self.search_agents = agents.search_agents
         self.delete_agent = agents.delete_agent
         self.set_agent_status = agents.set_agent_status
         self.update_agent = agents.update_agent
@@ -75,6 +76,7 @@ class Store:
         self.get_command = commands.get_command
         self.get_command_by_uid = commands.get_command_by_uid
         self.list_commands = commands.list_commands
+        self.search_commands = commands.search_commands
         self.list_unfinished_commands = commands.list_unfinished_commands
         self.update_command = commands.update_command
         self.append_output = commands.append_output
@@ -89,6 +91,7 @@ class Store:
         self.add_server = servers.add_server
         self.get_server = servers.get_server
         self.list_servers = servers.list_servers
+        self.list_servers_filtered = servers.list_servers
         self.update_server = servers.update_server
         self.delete_server = servers.delete_server
         self.start_install = servers.start_install

@@ -18,8 +18,11 @@ from typing import Any, Dict, Optional, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import ContextFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
+from twisted.web.client import RequestTransmissionFailed
 
 from myx_agent import __version__
 from myx_agent.rpc_server import NOT_FOUND_RESPONSE, TOO_LARGE_RESPONSE, UNAUTHORIZED_RESPONSE
@@ -79,6 +82,15 @@ async def read_until_final(
         if r["is_final"]:
             return data, r["result"]
     raise AssertionError(f"{command_id} not final after {limit} reads")
+
+
+def tls11_client(fingerprint: str) -> PinnedConnectionCreator:
+    """A pinned client that offers TLS 1.0-1.1 only."""
+    creator = PinnedConnectionCreator(fingerprint)
+    creator._ctx.set_min_proto_version(SSL.TLS1_VERSION)
+    creator._ctx.set_max_proto_version(SSL.TLS1_1_VERSION)
+    creator._ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    return creator
 
 
 class EveryMethodTests(TestCase):
@@ -324,22 +336,62 @@ class HTTPSurfaceTests(TestCase):
             timeout=30,
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(client.close()))
-        with self.assertRaises(Exception) as ctx:
+        with self.assertRaises(RequestTransmissionFailed) as ctx:
             await client.call("health_check")
-        self.assertNotIsInstance(ctx.exception, AgentRPCError)
+        # The request never left: the TLS handshake failed on the pin.
+        reasons = ctx.exception.reasons
+        self.assertEqual(len(reasons), 1, reasons)
+        self.assertIsInstance(reasons[0].value, SSL.Error)
+        self.assertIn("certificate verify failed", str(reasons[0].value))
         self.assertEqual(set(client.policy.creator.seen), {agent.fingerprint})
 
     async def test_tls_below_1_2_is_refused(self) -> None:
         agent = await start_agent(self)
-        creator = PinnedConnectionCreator(agent.fingerprint)
-        creator._ctx.set_min_proto_version(SSL.TLS1_VERSION)
-        creator._ctx.set_max_proto_version(SSL.TLS1_1_VERSION)
-        creator._ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        creator = tls11_client(agent.fingerprint)
         raw = await RawTLS.connect(agent.host, agent.port, agent.fingerprint, creator=creator)
         raw.write(b"GET / HTTP/1.1\r\n\r\n")
         await raw.wait_closed()
         self.assertEqual(raw.data, b"")
         self.assertEqual(creator.seen, [])  # no certificate was ever presented
+
+    async def test_tls_1_1_client_works_where_allowed(self) -> None:
+        """Positive control for the test above: the same TLS 1.1-only client
+        completes a handshake (and reads bytes) with a server, holding the
+        agent's own certificate, that allows TLS 1.1."""
+        from twisted.internet import reactor as global_reactor
+
+        reactor: Any = global_reactor
+        agent = await start_agent(self)
+        server_ctx = SSL.Context(SSL.TLS_METHOD)
+        server_ctx.set_min_proto_version(SSL.TLS1_VERSION)
+        server_ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        server_ctx.use_certificate_file(os.path.join(agent.ssl_dir, "agent.crt"))
+        server_ctx.use_privatekey_file(os.path.join(agent.ssl_dir, "agent.key"))
+
+        class Factory_(ContextFactory):
+            def getContext(self) -> SSL.Context:
+                return server_ctx
+
+        class Hello(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+        port = reactor.listenSSL(0, Factory.forProtocol(Hello), Factory_(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        creator = tls11_client(agent.fingerprint)
+        raw = await RawTLS.connect(
+            "127.0.0.1", port.getHost().port, agent.fingerprint, creator=creator
+        )
+        raw.write(b"GET / HTTP/1.1\r\n\r\n")
+        status, _, _, _ = await raw.read_response()
+        transport: Any = raw._proto.transport
+        version = transport.getHandle().get_protocol_version_name()
+        transport.loseConnection()
+        await raw.wait_closed()
+        self.assertEqual(status, 204)
+        self.assertEqual(version, "TLSv1.1")
+        self.assertEqual(set(creator.seen), {agent.fingerprint})
 
     async def test_log_has_fingerprint_and_no_secrets(self) -> None:
         agent = await start_agent(self)

@@ -95,12 +95,14 @@ class RunnerTestCase(unittest.TestCase):
                 raise AssertionError(f"command ended without printing {needle!r}: {data!r}")
         return data
 
-    async def rpc_error(self, d: "Deferred[Any]") -> RPCError:
+    async def rpc_error(self, d: "Deferred[Any]", code: int) -> RPCError:
+        """The RPCError ``d`` fails with, which must carry exactly ``code``."""
         try:
             await d
         except RPCError as e:
+            self.assertEqual(e.code, code, e.message)
             return e
-        raise AssertionError("expected an RPCError")
+        raise AssertionError(f"expected an RPCError {code}")
 
     def make_fifo(self) -> Tuple[str, int]:
         d = self.mktemp()
@@ -299,7 +301,7 @@ class StreamTests(RunnerTestCase):
         middle = await runner.get_command_log("end-1", 2, 0, 100)
         self.assertEqual(base64.b64decode(middle["log_data"]), b"llo\n")
         self.assertTrue(middle["is_final"])
-        err = await self.rpc_error(runner.get_command_log("end-1", 7, 0, 100))
+        err = await self.rpc_error(runner.get_command_log("end-1", 7, 0, 100), INVALID_PARAMS)
         self.assertEqual(err.code, INVALID_PARAMS)
         self.assertIn("offset", err.message)
 
@@ -471,7 +473,7 @@ class FailureResultTests(RunnerTestCase):
 
     async def test_unknown_command_log(self) -> None:
         runner = self.make_runner()
-        err = await self.rpc_error(runner.get_command_log("nope", 0, 0, 10))
+        err = await self.rpc_error(runner.get_command_log("nope", 0, 0, 10), UNKNOWN_COMMAND)
         self.assertEqual(err.code, UNKNOWN_COMMAND)
 
 
@@ -598,7 +600,7 @@ class AtMostOnceTests(RunnerTestCase):
         self.assertIn("max_concurrent_commands=2", err.message)
         # Nothing was recorded for cc-3: it can run later.
         self.assertFalse(exists(os.path.join(runner._state_dir, "ids", "id-cc-3")))
-        await self.rpc_error(runner.get_command_log("cc-3", 0, 0, 10))
+        await self.rpc_error(runner.get_command_log("cc-3", 0, 0, 10), UNKNOWN_COMMAND)
         # A duplicate of a running id is still answered while busy.
         self.assertTrue(
             runner.execute_command("cc-1", "/bin/sleep", [], None, None, None)["duplicate"]
@@ -736,7 +738,7 @@ class RetentionTests(RunnerTestCase):
         self.assertFalse(exists(os.path.join(state, "commands", "c-old-2")))
         marker = os.path.join(state, "ids", "id-old-1")
         self.assertLess(len(read_text(marker)), 64)
-        err = await self.rpc_error(runner.get_command_log("old-1", 0, 0, 10))
+        err = await self.rpc_error(runner.get_command_log("old-1", 0, 0, 10), UNKNOWN_COMMAND)
         self.assertEqual(err.code, UNKNOWN_COMMAND)
         self.assertIn("retention", err.message)
         self.assertEqual(

@@ -187,7 +187,7 @@ class DaemonTestCase(TestCase):
     async def wait_final(self, command_id: int, daemon: Daemon | None = None) -> dict[str, Any]:
         return await self.until(
             lambda: self.command(command_id, daemon),
-            lambda c: c["status"] in ("success", "failed"),
+            lambda c: c["final"],
             f"command {command_id} to finish",
             interval=0.2,
         )

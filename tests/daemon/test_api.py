@@ -402,8 +402,21 @@ class BadInputTests(APITestBase):
                 _bad({"agents": [1, True], "command": "ls"}, "agents[1]"),
                 _bad({"agents": [0], "command": "ls"}, "agents[0]"),
                 _bad({"agents": "all"}, "command"),
+                _bad({"agents": "all", "command": "ls", "shell": "ls"}, "command"),
+                _bad({"agents": "all", "shell": "ls", "args": ["x"]}, "args"),
+                _bad({"agents": "all", "shell": ""}, "shell"),
+                _bad({"agents": "tag:a b", "shell": "ls"}, "agents"),
                 _bad({"agents": "all", "command": "ls", "args": [None]}, "args[0]"),
                 _bad({"agents": "all", "command": "ls", "whatever": 1}, "whatever"),
+            ],
+            "/api/ansible": common
+            + [
+                _bad({"playbook": "ping.yml"}, "agents"),
+                _bad({"agents": "tag:", "playbook": "ping.yml"}, "agents"),
+                _bad({"agents": "all"}, "playbook"),
+                _bad({"agents": "all", "playbook": "../x.yml"}, "playbook"),
+                _bad({"agents": "all", "playbook": "x.yml", "extra_vars": []}, "extra_vars"),
+                _bad({"agents": "all", "playbook": "x.yml", "timeout": 0}, "timeout"),
             ],
             "/api/commands/<int:command_id>/cancel": [
                 _bad(b"not json", "body"),
@@ -930,7 +943,7 @@ class ServersMountTests(APITestBase):
         response, _ = await self.request("DELETE", "/api/servers/7", auth=False)
         self.assertEqual(response.code, 401)
         _, doc = await self.request("GET", "/api/openapi.json")
-        self.assertEqual(set(doc["paths"]["/api/servers/{server_id}"]), {"get", "delete"})
+        self.assertEqual(set(doc["paths"]["/api/servers/{server_id}"]), {"get", "patch", "delete"})
         self.assertEqual(set(doc["paths"]["/api/servers"]), {"get", "post"})
         ok = doc["paths"]["/api/servers"]["get"]["responses"]["200"]
         self.assertEqual(

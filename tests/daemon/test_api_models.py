@@ -75,7 +75,9 @@ class ValidationWordsTests(TestCase):
         ]:
             self.assertEqual(_refused(doc, models.BulkCommand).field, field, doc)
         e = _refused({"agents": {}, "command": "ls"}, models.BulkCommand)
-        self.assertEqual(e.message, 'agents: must be a non-empty array of agent ids or "all"')
+        self.assertEqual(
+            e.message, 'agents: must be a non-empty array of agent ids, "all" or "tag:NAME"'
+        )
 
 
 class QueryTests(TestCase):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any
 
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
@@ -51,9 +51,10 @@ class CLITest(DaemonTestCase):
         code, out, err = await self.myx("agents")
         self.assertEqual(code, 0, err)
         lines = out.decode().splitlines()
-        self.assertEqual(lines[0].split()[:4], ["ID", "HOST", "PORT", "STATUS"])
+        self.assertEqual(lines[0].split()[:6], ["ID", "NAME", "HOST", "PORT", "STATUS", "TAGS"])
         self.assertEqual(
-            lines[1].split()[:4], [str(agent_id), "127.0.0.1", str(agent.port), "online"]
+            lines[1].split()[:6],
+            [str(agent_id), "127.0.0.1", "127.0.0.1", str(agent.port), "online", "-"],
         )
 
         # stdout and stderr come back on their own streams; the exit code passes through.
@@ -81,10 +82,11 @@ class CLITest(DaemonTestCase):
         code, out, err = await self.myx("run", "all", "--", "/bin/echo", "fan-out")
         self.assertEqual(code, 0, err)
         text = out.decode()
-        # Adopted agents have no server record: their name is the host name they report.
+        # Adopted agents without a name of their own are named by their host.
         for agent_id in ids:
-            self.assertIn(f"--- {socket.gethostname()} (agent {agent_id}): command ", text)
-        self.assertIn(" success, exit code 0\n", text)
+            self.assertRegex(
+                text, rf"--- 127\.0\.0\.1 \(agent {agent_id}, command \d+, success, exit 0\)\n"
+            )
         self.assertEqual(text.count("fan-out\n"), 2)
         self.assertNotIn("None", text + err.decode())
 
@@ -96,10 +98,10 @@ class CLITest(DaemonTestCase):
         text = out.decode() + err.decode()
         self.assertNotIn("None", text)
         for agent_id in ids:
-            line = next(ln for ln in out.decode().splitlines() if f"(agent {agent_id}):" in ln)
-            self.assertTrue(line.startswith(f"--- {socket.gethostname()} (agent {agent_id})"))
-            self.assertIn("failed", line)
-            self.assertIn("no exit code: ", line)  # and the agent's reason after it
+            line = next(ln for ln in out.decode().splitlines() if f"(agent {agent_id}," in ln)
+            self.assertRegex(
+                line, rf"^--- 127\.0\.0\.1 \(agent {agent_id}, command \d+, failed, exit -\): "
+            )  # and the agent's reason after it
             self.assertIn("/nonexistent/program", line)
 
     async def test_run_sh_runs_a_shell_command(self) -> None:
@@ -158,9 +160,66 @@ class CLITest(DaemonTestCase):
         records = json.loads(out)
         self.assertEqual(len(records), 1)
         self.assertEqual(records[0]["agent_id"], agent_id)
-        self.assertEqual(records[0]["agent_name"], socket.gethostname())
+        self.assertEqual(records[0]["agent_name"], "127.0.0.1")
         self.assertEqual(records[0]["status"], "failed")
         self.assertTrue(records[0]["reason"])
+
+    async def test_names_tags_commands_list_events_and_cancelled(self) -> None:
+        """Issue #9 §4: tag targets, the commands list with filters, event filters,
+        and a cancelled command shown as cancelled."""
+        await self.daemon.start()
+        ids = [await self.adopt(await start_agent(self)) for _ in range(2)]
+        code, body = await self.api(
+            "PATCH", f"/api/agents/{ids[1]}", {"name": "edge-1", "tags": ["de"]}
+        )
+        self.assertEqual(code, 200, body)
+        code, out, err = await self.myx("agents", "--tag", "de")
+        self.assertEqual(code, 0, err)
+        rows = out.decode().splitlines()[1:]
+        self.assertEqual([r.split()[:2] for r in rows], [[str(ids[1]), "edge-1"]])
+        code, out, err = await self.myx("agents", "--search", "EDGE")
+        self.assertEqual((code, len(out.decode().splitlines())), (0, 2), err)
+        # A tag target runs on the tagged agent only, named in the heading.
+        code, out, err = await self.myx("run", "tag:de", "--sh", "echo tagged | tr a-z A-Z")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(
+            out.decode(),
+            rf"^--- edge-1 \(agent {ids[1]}, command \d+, success, exit 0\)\nTAGGED\n$",
+        )
+        code, out, err = await self.myx("run", "tag:nobody", "--", "true")
+        self.assertEqual(code, 2)
+        self.assertIn("no agent has the tag 'nobody'", err.decode())
+        # Cancel a long command: it is "cancelled", not "failed".
+        code, out, err = await self.myx("run", str(ids[0]), "--no-follow", "--", "sleep", "60")
+        self.assertEqual(code, 0, err)
+        command_id = int(out.strip())
+        for _ in range(100):
+            if (await self.command(command_id))["attempts"]:
+                break
+            await deferLater(self.reactor, 0.1, lambda: None)
+        code, out, err = await self.myx("cancel", str(command_id))
+        self.assertEqual(code, 0, err)
+        final = await self.wait_final(command_id)
+        self.assertEqual(final["status"], "cancelled")
+        code, out, err = await self.myx("commands", "--status", "cancelled")
+        self.assertEqual(code, 0, err)
+        rows = out.decode().splitlines()
+        self.assertEqual(rows[0].split()[:4], ["ID", "AGENT", "KIND", "STATUS"])
+        self.assertEqual(len(rows), 2, out)
+        self.assertIn(f"{command_id} ", rows[1])
+        self.assertIn(" cancelled ", rows[1])
+        self.assertIn("sleep 60", rows[1])
+        code, out, err = await self.myx("commands", "--agent", str(ids[1]), "--search", "TR A-Z")
+        self.assertEqual((code, len(out.decode().splitlines())), (0, 2), out)
+        code, out, err = await self.myx("commands", "--search", "no-such-thing", "--json")
+        self.assertEqual((code, json.loads(out)["total"]), (0, 0), err)
+        code, out, err = await self.myx("events", "--kind", "command.cancel")
+        self.assertEqual(code, 0, err)
+        rows = out.decode().splitlines()[1:]
+        self.assertEqual(len(rows), 1, out)
+        self.assertIn("command.cancel", rows[0])
+        code, out, err = await self.myx("events", "--target", "no-such-target")
+        self.assertEqual((code, len(out.decode().splitlines())), (0, 1), err)  # the header
 
     async def test_errors_are_one_line_with_exit_codes(self) -> None:
         await self.daemon.start()

@@ -323,14 +323,14 @@ class StreamingTests(QueueTestCase):
 
 
 class FailureTests(QueueTestCase):
-    def test_agent_reported_timeout_fails_without_retry(self) -> None:
+    def test_agent_reported_timeout_is_timed_out_without_retry(self) -> None:
         q = self.queue()
         rec = self.add(q)
         self.logs[rec.command_uid].finish(
             {**OK_RESULT, "success": False, "return_code": -15, "timed_out": True}
         )
         final = self.record(rec.id)
-        self.assertEqual(final.status, "failed")
+        self.assertEqual(final.status, "timed_out")
         self.assertEqual(final.exit_code, -15)
         self.assertIn("timed out", final.reason or "")
         self.assertEqual(self.rpc.methods().count("execute_command"), 1)
@@ -609,7 +609,7 @@ class CancelTests(QueueTestCase):
         self.assertEqual(out.id, rec.id)
         self.assertIn(("cancel_command", {"command_id": rec.command_uid}), self.rpc.calls)
         final = self.record(rec.id)
-        self.assertEqual((final.status, final.reason), ("failed", "cancelled"))
+        self.assertEqual((final.status, final.reason), ("cancelled", "cancelled"))
         self.assertIn(
             ("command.cancel", "requested"),
             [(e["action"], e["outcome"]) for e in self.store.events],
@@ -631,7 +631,7 @@ class CancelTests(QueueTestCase):
         q = self.queue()
         rec = self.add(q)
         out = self.successResultOf(Deferred.fromCoroutine(q.cancel(rec.id)))
-        self.assertEqual((out.status, out.reason), ("failed", "cancelled before it started"))
+        self.assertEqual((out.status, out.reason), ("cancelled", "cancelled before it started"))
         self.assertFalse(q.is_polling(rec.id))
 
     def test_agent_deleted_while_myxd_was_down(self) -> None:

@@ -6,11 +6,14 @@ the slow ones they replace.
 - ``PinnedTLSPolicy``: one SSL context for every agent, buffers released while idle.
 - ``_PinnedEndpointFactory``: https only; an IP literal is dialled directly (no
   resolver thread), and nothing is built for a request the pool serves.
-- ``log_poll_wait = 0``: the architecture's plain polling is a valid setting.
+- ``log_poll_wait = 0``: the architecture's plain polling is a valid setting,
+  and a real daemon with it reads a real command's output with ``wait=0``
+  polls, byte for byte.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from OpenSSL import SSL
@@ -27,6 +30,8 @@ from myxd.rpc.client import _PinnedEndpointFactory
 from myxd.rpc.tls import PinnedTLSPolicy, PinRegistry
 from myxd.store import OutputChunk
 from tests.daemon.test_store import StoreTestBase, d
+from tests.reliability.harness import SCRIPT, FaultTestCase, expected_output, marker_runs
+from tests.support.agent_process import start_agent
 
 PIN = "cd" * 32
 
@@ -243,3 +248,35 @@ class PlainPollingSettingTests(unittest.TestCase):
     def test_negative_wait_is_refused(self) -> None:
         with self.assertRaises(ConfigError):
             Settings(log_poll_wait=-1)
+
+
+class PlainPollingRunTests(FaultTestCase):
+    async def test_zero_wait_reads_output_by_plain_polls(self) -> None:
+        daemon = await self.start_daemon(log_poll_wait=0, log_poll_interval=0.1)
+        queue = daemon.service("commands")
+        polls: list[dict[str, Any]] = []
+        original = queue._rpc.call
+
+        def call(ep: Any, method: str, params: Any = None, **kw: Any) -> Any:
+            # Test-side instrumentation of the queue's one RPC client.
+            if method == "get_command_log":
+                polls.append(dict(params))
+            return original(ep, method, params, **kw)
+
+        queue._rpc.call = call
+        agent = await start_agent(self)
+        agent_id = await self.adopt(agent)
+        records = 640  # 10 pauses of 0.1 s: the output spans many polls
+        marker = self.temp_dir() + "/runs"
+        code, body = await self.api(
+            "POST",
+            f"/api/agents/{agent_id}/commands",
+            {"command": sys.executable, "args": ["-c", SCRIPT, marker, str(records), "0.1"]},
+        )
+        self.assertEqual(code, 201, body)
+        final = await self.wait_final(int(body["id"]))
+        self.assertEqual(final["status"], "success", final)
+        self.assertTrue(await self.read_all(int(body["id"])) == expected_output(records))
+        self.assertEqual(marker_runs(marker), 1)
+        self.assertGreater(len(polls), 5, polls)
+        self.assertEqual({p.get("wait") for p in polls}, {0}, polls[:3])

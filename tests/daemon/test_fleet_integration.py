@@ -21,6 +21,7 @@ from myxd.config import Settings
 from myxd.fleet.commands import CommandQueue
 from myxd.fleet.heartbeat import HeartbeatService
 from myxd.rpc import AgentEndpoint, AgentRPC, CertificateMismatch
+from myxd.statuses import FINAL_STATUSES
 from myxd.store import AgentRecord, CommandRecord, Store, StoreService
 from tests.support.agent_process import REPO_ROOT, RunningAgent, start_agent
 
@@ -132,7 +133,7 @@ class FleetTestCase(TestCase):
     async def wait_final(self, store: Store, command_id: int) -> CommandRecord:
         return await self.until(
             lambda: self.command(store, command_id),
-            lambda c: c.status in ("success", "failed"),
+            lambda c: c.status in FINAL_STATUSES,
             f"command {command_id} to finish",
         )
 
@@ -332,7 +333,7 @@ class CommandTests(FleetTestCase):
         queue = await self.start_queue(store, fast_settings())
         rec = await queue.add_command(aid, "sleep", ["30"], 0.5)
         final = await self.wait_final(store, rec.id)
-        self.assertEqual(final.status, "failed")
+        self.assertEqual(final.status, "timed_out")
         self.assertIn("timed out", final.reason or "")
         assert final.result is not None
         self.assertTrue(final.result["timed_out"])
@@ -349,7 +350,7 @@ class CommandTests(FleetTestCase):
         )
         await queue.cancel(rec.id)
         final = await self.wait_final(store, rec.id)
-        self.assertEqual((final.status, final.reason), ("failed", "cancelled"))
+        self.assertEqual((final.status, final.reason), ("cancelled", "cancelled"))
         combined, _, _ = await self.stored_output(store, rec.id)
         self.assertEqual(combined, b"started\n")
 
@@ -366,7 +367,7 @@ class CommandTests(FleetTestCase):
         rec = await queue.add_ansible(aid, "ping.yml", {"unused": "x"}, 240)
         final = await self.until(
             lambda: self.command(store, rec.id),
-            lambda c: c.status in ("success", "failed"),
+            lambda c: c.status in FINAL_STATUSES,
             "playbook to finish",
             timeout=280,
         )

@@ -339,3 +339,80 @@ class MigrationTests(StoreTestBase):
         found = find_migrations(DEFAULT_SCHEMA_DIR)
         self.assertEqual([m.version for m in found], list(range(1, len(found) + 1)))
         self.assertTrue(all(re.search(r"/\d{3}_\w+\.sql$", m.path) for m in found))
+
+
+class PhantomAgentMigrationTests(StoreTestBase):
+    """Schema 003 (issue #9) upgrades a database at schema 002 that holds
+    phantom agents: rows whose install never finished (no certificate
+    fingerprint), left by failed adds."""
+
+    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "myxd.sqlite")
+        v2 = os.path.abspath(self.mktemp())
+        os.makedirs(v2)
+        for name in ("001_initial.sql", "002_deployments.sql"):
+            shutil.copy(os.path.join(DEFAULT_SCHEMA_DIR, name), v2)
+        return d(self.open(schema_dir=v2))
+
+    def test_phantoms_dropped_commands_kept_new_statuses_allowed(self) -> Deferred[Any]:
+        async def go() -> None:
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(2,)])
+            for sid, name, status in ((1, "good", "installed"), (2, "typo", "failed")):
+                await self.sql(
+                    "INSERT INTO servers (id, name, host, ssh_port, username, sudo_enc,"
+                    " status, created_at, updated_at) VALUES (?, ?, '127.0.0.1', 22, 'u',"
+                    " x'00', ?, 0, 0)",
+                    sid,
+                    name,
+                    status,
+                )
+            for aid, sid, port, fp, status in (
+                (1, 1, 20001, FP, "online"),
+                (2, 2, 20002, "", "offline"),  # the phantom of the failed add
+            ):
+                await self.sql(
+                    "INSERT INTO agents (id, server_id, host, rpc_port, rpc_path, token_enc,"
+                    " secret_key_enc, cert_fingerprint, status, created_at, updated_at)"
+                    " VALUES (?, ?, '127.0.0.1', ?, 'p', x'00', x'00', ?, ?, 0, 0)",
+                    aid,
+                    sid,
+                    port,
+                    fp,
+                    status,
+                )
+            for cid, aid in ((1, 1), (2, 2)):
+                await self.sql(
+                    "INSERT INTO agent_commands (id, agent_id, command_uid, kind, command,"
+                    " args, status, created_at, updated_at)"
+                    " VALUES (?, ?, ?, 'command', 'uname', '[\"-a\"]', 'failed', 0, 0)",
+                    cid,
+                    aid,
+                    f"uid-{cid}",
+                )
+                await self.sql(
+                    "INSERT INTO command_output (command_id, offset, stream, data)"
+                    " VALUES (?, 0, 'stdout', x'6869')",
+                    cid,
+                )
+            await self.service.stopService()
+            await self.open()  # the shipped schema: 003 applies
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(3,)])
+            self.assertEqual(await self.sql("SELECT id FROM agents"), [(1,)])
+            self.assertEqual(
+                await self.sql("SELECT id, agent_id, command, args FROM agent_commands"),
+                [(1, 1, "uname", '["-a"]')],
+            )
+            self.assertEqual(await self.sql("SELECT command_id FROM command_output"), [(1,)])
+            # Both servers stay: the failed one shows its install error, not an agent.
+            self.assertEqual(
+                await self.sql("SELECT id, tags FROM servers ORDER BY id"), [(1, ""), (2, "")]
+            )
+            self.assertEqual(await self.sql("PRAGMA foreign_key_check"), [])
+            await self.store.update_command(1, status="cancelled")
+            await self.store.update_command(1, status="timed_out")
+            with self.assertRaises(sqlite3.IntegrityError):
+                await self.sql("UPDATE agent_commands SET status = 'bogus' WHERE id = 1")
+
+        return d(go())

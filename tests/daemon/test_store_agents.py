@@ -302,3 +302,48 @@ class HeartbeatTests(StoreTestBase):
             )  # deleted agent: ignored
 
         return d(go())
+
+
+class SearchTests(StoreTestBase):
+    """Names, tags and search (issue #9)."""
+
+    def test_names_tags_search_and_no_phantoms(self) -> Deferred[Any]:
+        async def go() -> None:
+            sid = await self.store.add_server(
+                name="Berlin-1",
+                host="10.0.0.5",
+                ssh_port=22,
+                username="root",
+                auth=None,
+                sudo={"mode": "none"},
+            )
+            await self.store.update_server(sid, tags=["DE", "edge", "de"])
+            linked = await self.agent(20001, server_id=sid, host="10.0.0.5")
+            adopted = await self.agent(20002, name="caddy box", tags=["caddy"])
+            bare = await self.agent(20003, host="127.0.0.9")
+            await self.agent(20004, cert_fingerprint="", status="installing")  # never installed
+            server = await self.store.get_server(sid)
+            self.assertEqual(server.tags, ("de", "edge"))
+            a = await self.store.get_agent(linked)
+            self.assertEqual((a.name, a.tags, a.own_tags), ("Berlin-1", ("de", "edge"), ()))
+            b = await self.store.get_agent(adopted)
+            self.assertEqual((b.name, b.tags), ("caddy box", ("caddy",)))
+            self.assertEqual((await self.store.get_agent(bare)).name, "127.0.0.9")
+
+            async def ids(**kw: Any) -> tuple[list[int], int]:
+                rows, total = await self.store.search_agents(**kw)
+                return [r.id for r in rows], total
+
+            self.assertEqual(await ids(), ([linked, adopted, bare], 3))
+            self.assertEqual(await ids(q="berlin"), ([linked], 1))
+            self.assertEqual(await ids(q="127.0.0.9"), ([bare], 1))
+            self.assertEqual(await ids(q="%"), ([], 0))
+            self.assertEqual(await ids(tag="de"), ([linked], 1))
+            self.assertEqual(await ids(tag="CADDY"), ([adopted], 1))
+            self.assertEqual(await ids(tag="d"), ([], 0))
+            self.assertEqual(await ids(limit=1, offset=1), ([adopted], 3))
+            await self.store.update_agent(adopted, name="renamed", tags=["x"])
+            b = await self.store.get_agent(adopted)
+            self.assertEqual((b.name, b.tags), ("renamed", ("x",)))
+
+        return d(go())

@@ -146,7 +146,14 @@ class CommandTests(StoreTestBase):
             )
             self.assertEqual(
                 await self.store.command_counts_by_status(),
-                {"pending": 1, "running": 1, "success": 1, "failed": 0},
+                {
+                    "pending": 1,
+                    "running": 1,
+                    "success": 1,
+                    "failed": 0,
+                    "cancelled": 0,
+                    "timed_out": 0,
+                },
             )
 
         return d(go())
@@ -266,5 +273,48 @@ class OutputTests(StoreTestBase):
                 await s.read_output(cid, -1)
             with self.assertRaises(ValueError):
                 await s.read_output(cid, 0, 0)
+
+        return d(go())
+
+
+class CommandSearchTests(StoreTestBase):
+    """The commands list with filters (issue #9)."""
+
+    def test_filters_total_and_agent_name(self) -> Deferred[Any]:
+        async def go() -> None:
+            a1 = await self.agent(20001, name="alpha")
+            a2 = await self.agent(20002, host="127.0.0.7")
+            c1 = await self.store.create_command(
+                agent_id=a1, kind="command", command="uname", args=["-a"], timeout=None
+            )
+            c2 = await self.store.create_command(
+                agent_id=a2,
+                kind="command",
+                command="sh",
+                args=["-c", "df | grep 100%"],
+                timeout=None,
+            )
+            c3 = await self.store.create_command(
+                agent_id=a2, kind="ansible", command="site.yml", args=[], timeout=None
+            )
+            await self.store.update_command(c1.id, status="cancelled")
+            await self.store.update_command(c2.id, status="timed_out")
+
+            async def ids(**kw: Any) -> tuple[list[int], int]:
+                rows, total = await self.store.search_commands(**kw)
+                return [r.id for r in rows], total
+
+            self.assertEqual(await ids(), ([c3.id, c2.id, c1.id], 3))
+            self.assertEqual(await ids(agent_id=a2), ([c3.id, c2.id], 2))
+            self.assertEqual(await ids(status="cancelled"), ([c1.id], 1))
+            self.assertEqual(await ids(kind="ansible"), ([c3.id], 1))
+            self.assertEqual(await ids(q="100%"), ([c2.id], 1))
+            self.assertEqual(await ids(q="UNAME"), ([c1.id], 1))
+            self.assertEqual(await ids(limit=1, offset=1), ([c2.id], 3))
+            self.assertEqual(await ids(since=c3.created_at + 1), ([], 0))
+            self.assertEqual(await ids(until=c1.created_at), ([c1.id], 1))
+            rec = await self.store.get_command(c1.id)
+            self.assertEqual((rec.status, rec.agent_name), ("cancelled", "alpha"))
+            self.assertEqual((await self.store.get_command(c2.id)).agent_name, "127.0.0.7")
 
         return d(go())

@@ -69,7 +69,7 @@ class NetworkFaultTests(FaultTestCase):
         while True:
             injected = faults(proxy)
             status = (await self.command(cid))["status"]
-            if status in ("success", "failed"):
+            if status in ("success", "failed", "cancelled", "timed_out"):
                 break
             carried = proxy.counts["bytes_down"] + proxy.counts["bytes_up"]
             if injected != seen:

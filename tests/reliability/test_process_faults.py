@@ -48,7 +48,11 @@ class _Base:
     base = ""
 
 
-class DaemonKillTests(DaemonTestCase):
+class TwistdTestCase(DaemonTestCase):
+    """A real ``twistd -n myxd`` from the wheel on ``self.data_dir`` (no tests here)."""
+
+    root = ""  # the daemon's working directory; set by each test
+
     def spawn_daemon(self) -> tuple[TwistdProcess, Any]:
         proto = TwistdProcess()
         twistd = installed.script("twistd")
@@ -92,6 +96,8 @@ class DaemonKillTests(DaemonTestCase):
         self.daemon = base  # type: ignore[assignment]
         return proto, transport
 
+
+class DaemonKillTests(TwistdTestCase):
     async def test_kill_9_while_20_commands_stream(self) -> None:
         self.root = self.temp_dir()
         self.addCleanup(self.pool.closeCachedConnections)

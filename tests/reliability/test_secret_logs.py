@@ -115,9 +115,7 @@ class SecretLogTests(WheelDaemonMixin, unittest.TestCase):
             },
         )
         self.assertEqual(code, 201, cmd)
-        done = await self.until(
-            f"/api/commands/{cmd['id']}", lambda c: c["status"] in ("success", "failed"), "cmd"
-        )
+        done = await self.until(f"/api/commands/{cmd['id']}", lambda c: c["final"], "cmd")
         self.assertEqual(done["status"], "success", done)
         self.assertEqual(done["extra"]["env"], ["APP_SECRET"])
         # A failing command and a bad command body, with the secret in them.
