@@ -202,7 +202,9 @@ def install_dependencies(stamp: str, wheels_dir: str | None) -> str:
     return f"""set -e
 cd {AGENT_DIR}
 PY={VENV_DIR}/bin/python
-if ! {{ [ -x "$PY" ] && "$PY" -c 'import sys' >/dev/null 2>&1; }}; then
+# A venv cut short (the daemon killed during "python3 -m venv") can have a
+# python but no pip: make it again.
+if ! {{ [ -x "$PY" ] && "$PY" -c 'import pip' >/dev/null 2>&1; }}; then
   rm -rf {VENV_DIR}
   python3 -m venv {VENV_DIR}
 fi

@@ -24,6 +24,7 @@ failure); the figures are logged as ``fault figures: ...`` lines.
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
 import shlex
@@ -291,17 +292,17 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         )
         self.assertEqual(code, 201, created)
         sid = created["server"]["id"]
-        # Kill while the remote venv is being built: the longest step, mid-SSH.
-        install = await self.until(
-            f"/api/servers/{sid}/install",
-            lambda i: (
-                i["status"] != "running"
-                or any(s["step"] == "dependencies" and s["status"] == "running" for s in i["steps"])
-            ),
-            "the dependencies step",
-        )
-        self.assertEqual(install["status"], "running", install)
-        done_steps = [s["step"] for s in install["steps"] if s["status"] == "ok"]
+        # Kill while the remote venv is being made (the host's files are read
+        # here, through its overlay mount): "python3 -m venv" has written the
+        # venv's python but ensurepip has not put pip in it yet. The worst
+        # moment for a later reinstall, mid-SSH in the longest step.
+        venv = os.path.join(self.host.root, AGENT_DIR.lstrip("/"), "venv")
+        deadline = reactor.seconds() + DEADLINE
+        while (state := _venv_state(venv)) != "half made":
+            self.assertEqual(state, "absent", "missed the moment: pip is in the venv already")
+            self.assertLess(reactor.seconds(), deadline, "the venv was never made")
+            self.assertIsNone(first.reason, first.text)
+            await deferLater(reactor, 0.01, lambda: None)
         _kill_9(first)
         await first.ended
         assert first.reason is not None
@@ -311,6 +312,8 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         srv = await self.until(
             f"/api/servers/{sid}", lambda s: s["status"] != "installing", "a clear state"
         )
+        code, install = await self.call("GET", f"/api/servers/{sid}/install")
+        done_steps = [s["step"] for s in install["steps"] if s["step"] != "dependencies"]
         self.assertEqual(srv["status"], "failed", srv)
         self.assertEqual(srv["status_reason"], "install interrupted by a daemon restart")
         self.assertFalse(srv["install_running"])
@@ -342,7 +345,8 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         self.assertGreater(pid, 0)
         self.assertNotIn("Traceback", second.text)
         log.info(
-            "fault figures: kill -9 of myxd during an SSH install (steps done: {done});"
+            "fault figures: kill -9 of myxd during an SSH install (steps done: {done};"
+            " the venv made, pip not yet in it);"
             " server after restart: failed ({reason}); reinstall installed, agent online",
             done=",".join(done_steps),
             reason=install["error"],
@@ -435,6 +439,15 @@ def _runs(path: str) -> int:
             return f.read().count("run\n")
     except FileNotFoundError:
         return 0
+
+
+def _venv_state(venv: str) -> str:
+    """``absent``, ``half made`` (a python, no pip yet) or ``with pip``."""
+    if glob.glob(os.path.join(venv, "lib", "python3*", "site-packages", "pip")):
+        return "with pip"
+    if os.path.exists(os.path.join(venv, "bin", "python")):
+        return "half made"
+    return "absent"
 
 
 def _kill_9(proto: TwistdProcess) -> None:
