@@ -169,11 +169,24 @@ def remove_staging(staging: Staging) -> str:
     return f"rm -rf {q(staging.path)}"
 
 
+# An install cut short (the daemon killed mid-step) leaves its remote script
+# running: a closed SSH channel without a pty does not stop it. The next install
+# waits for it on this lock (held by the script and every child that inherits
+# fd 9) instead of racing it: an "rm -rf venv" against a pip still writing there
+# fails with "Directory not empty".
+INSTALL_LOCK = f"""exec 9>{AGENT_DIR}/.install.lock
+if command -v flock >/dev/null 2>&1 && ! flock -w 600 9; then
+  echo "another install of the agent is still running on this host (waited 10 minutes)" >&2
+  exit 1
+fi"""
+
+
 def install_agent_files(staging: Staging) -> str:
     """Swap the uploaded package into /opt/myx-agent/myx_agent (root)."""
     src = q(f"{staging.agent}/myx_agent")
     return f"""set -e
 install -d -m 755 -o root -g root {AGENT_DIR}
+{INSTALL_LOCK}
 rm -rf {AGENT_DIR}/myx_agent.new {AGENT_DIR}/myx_agent.old
 cp -R {src} {AGENT_DIR}/myx_agent.new
 chown -R root:root {AGENT_DIR}/myx_agent.new
@@ -201,6 +214,7 @@ def install_dependencies(stamp: str, wheels_dir: str | None) -> str:
     source = f"--no-index --find-links {q(wheels_dir)}" if wheels_dir is not None else ""
     return f"""set -e
 cd {AGENT_DIR}
+{INSTALL_LOCK}
 PY={VENV_DIR}/bin/python
 # A venv cut short (the daemon killed during "python3 -m venv") can have a
 # python but no pip: make it again.

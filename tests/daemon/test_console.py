@@ -598,7 +598,7 @@ class ConsoleBrowserTests(BrowserTestBase):
             expect(cancel).to_be_visible()
             cancel.focus()
             page.keyboard.press("Enter")  # keyboard works
-            expect(page.locator("#command-badge")).to_have_text("failed")
+            expect(page.locator("#command-badge")).to_have_text("cancelled")
             expect(page.locator("#term-final")).to_be_visible()
             expect(cancel).to_be_hidden()
             expect(page.locator("#command-note")).to_contain_text("stopped")

@@ -9,7 +9,7 @@ export const REFRESH_MS = 5000;
 /** Rows per page in paged lists. */
 export const PAGE = 50;
 /** Command statuses after which nothing changes any more. */
-export const FINAL = new Set(["success", "failed"]);
+export const FINAL = new Set(["success", "failed", "cancelled", "timed_out"]);
 
 /** Owns what a view started (requests, timers) so leaving the view stops it all. */
 export class View {
