@@ -9,6 +9,14 @@ cannot start a container there, the test is skipped with docker's own error as
 the reason (on the 2-core dev machine: runc "unable to apply cgroup
 configuration: mkdir /sys/fs/cgroup/cpuset/docker/...: read-only file system",
 because nspawn mounts the cgroup v1 controllers read-only).
+
+Tried on 2026-12-04, and not enough: mounting each controller again writable
+and binding it over the read-only one gets past the cgroup error; booting the
+host with SYSTEMD_SECCOMP=0 gets past "unable to join session keyring"; runc
+then still fails in its init with "operation not permitted", also with
+--privileged, --cap-drop ALL and seccomp=unconfined. Most likely the kernel
+refuses runc's new proc/sys mounts because nspawn masks parts of /proc inside
+a machine that is itself a container; not confirmed.
 """
 
 from __future__ import annotations
