@@ -64,12 +64,17 @@ class HostTestCase(unittest.TestCase):
     """Runs playbooks on the shared deploytool host through its agent."""
 
     timeout = 1800
+    # Which shared host, and the extra capabilities it boots with (see TestHost).
+    host_key = HOST_KEY
+    host_capabilities: tuple[str, ...] = ()
 
     def setUp(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._setUp())
 
     async def _setUp(self) -> None:
-        self.ah: AgentHost = await agent_host(HOST_KEY, reactor)
+        self.ah: AgentHost = await agent_host(
+            self.host_key, reactor, capabilities=self.host_capabilities
+        )
         self.host = self.ah.host
         self.client: AgentRPC = self.ah.rpc(reactor)
         self.addCleanup(self.client.close)

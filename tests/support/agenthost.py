@@ -128,12 +128,15 @@ def _make_dir(path: str) -> str:
 _AGENT_HOSTS: dict[str, AgentHost] = {}
 
 
-async def agent_host(key: str, reactor: Any) -> AgentHost:
-    """A booted shared host with an installed agent (installed once per run)."""
+async def agent_host(key: str, reactor: Any, **host_options: Any) -> AgentHost:
+    """A booted shared host with an installed agent (installed once per run).
+
+    ``host_options`` go to TestHost when the host is first made.
+    """
     found = _AGENT_HOSTS.get(key)
     if found is not None and found.host.running:
         return found
-    host = await shared_host(key, reactor)
+    host = await shared_host(key, reactor, **host_options)
     data = _make_dir(os.path.join("shared-test-hosts", key + "-daemon"))
     settings = Settings(
         data_dir=data, agent_start_timeout=120, ssh_connect_timeout=60, rpc_timeout=30

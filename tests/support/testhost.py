@@ -9,7 +9,8 @@ every host starts from the same pristine tree and all it changes stays in its
 temp dir; it gets fresh SSH host keys, an sshd on 127.0.0.1:<free port> only, a
 root key and password, and boots it with::
 
-    systemd-nspawn --boot --register=no --keep-unit -D DIR
+    systemd-nspawn --boot --register=no --keep-unit \
+        --system-call-filter='add_key keyctl request_key' -D DIR
 
 sharing the host's network namespace (no --private-network): the host's sshd
 and agents are reached on 127.0.0.1. Because there is no systemd on the host,
@@ -214,6 +215,7 @@ class TestHost:
         name: str | None = None,
         with_python: bool = True,
         prepare_hook: Callable[[TestHost], Awaitable[None]] | None = None,
+        capabilities: tuple[str, ...] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _r
@@ -230,6 +232,10 @@ class TestHost:
         self.with_python = with_python
         # Runs once after the root filesystem is ready, before the first boot.
         self.prepare_hook = prepare_hook
+        # Capabilities beyond nspawn's default set (e.g. CAP_NET_ADMIN, which
+        # docker needs): the host shares this machine's network namespace, so
+        # only a test that needs one asks for it, on a host of its own.
+        self.capabilities = capabilities
         self.port = 0
         self.key_path = os.path.join(self.dir, "root_id_ed25519")
         self.cgroups: list[str] = []
@@ -369,8 +375,12 @@ class TestHost:
         The shell writes nspawn's PID (for stop) and a line per boot (for reboot).
         """
         moves = " && ".join(f"echo $$ > {cg}/cgroup.procs" for cg in self.cgroups) or "true"
+        # The keyring calls are allowed so that runc can start containers in a host
+        # (it makes a session keyring per container; nspawn's filter refuses it).
+        caps = "".join(f"--capability={c} " for c in self.capabilities)
         nspawn = (
             f"systemd-nspawn --boot --register=no --keep-unit --console=passive "
+            f"--system-call-filter='add_key keyctl request_key' {caps}"
             f"-M {self.name} -D {self.root}"
         )
         script = (
