@@ -9,7 +9,7 @@ import { ApiError, isAbort } from "../api.js";
 import { badge, h, page, swap, timeAgo } from "../dom.js";
 import { countsText, fmtBytes as fmtSize } from "../format.js";
 import { clearFieldErrors, fieldError, focusFirstError, showFieldError } from "../forms.js";
-import { agentLabel, agentName, allAgents, TAG_RE } from "../names.js";
+import { agentLabel, agentName, allAgents as fetchAgents, TAG_RE } from "../names.js";
 import { uploadArtifact } from "../upload.js";
 import { REFRESH_MS, report } from "../view.js";
 import { varsForm } from "./deploy-vars.js";
@@ -137,7 +137,7 @@ export function deploymentsView(main, view, params) {
         : "Type a tag first.";
       return;
     }
-    const tagged = await allAgents(view, `tag=${encodeURIComponent(tag)}`);
+    const tagged = await fetchAgents(view, `tag=${encodeURIComponent(tag)}`);
     if (!tagged.length) {
       tagStatus.textContent = `No agent has the tag ${tag}.`;
       return;
@@ -174,7 +174,7 @@ export function deploymentsView(main, view, params) {
 
   async function loadStatic() {
     const [books, arts, agentList] = await Promise.all([
-      view.api("GET", "api/playbooks"), view.api("GET", "api/artifacts"), allAgents(view)]);
+      view.api("GET", "api/playbooks"), view.api("GET", "api/artifacts"), fetchAgents(view)]);
     swap(playbook, books.playbooks.map((p) => h("option", { value: p,
       selected: p === (params.get("playbook") || "deploy_xray.yml") }, p)));
     artifacts = arts.artifacts;

@@ -10,11 +10,16 @@ import { dash, fmtTime } from "../format.js";
 import { PAGE, REFRESH_MS, report } from "../view.js";
 import { loadAgentNames, serverNamesById } from "../names.js";
 
-/** A value of an event's details as one line of text (nested values as JSON). */
+/** A value of an event's details as one line of text (a list of plain values joined
+ * with commas, nested values as JSON). */
 function scalar(v) {
   if (v === null || v === undefined) return "\u2014";
   if (typeof v === "string") return v.length > 500 ? `${v.slice(0, 500)}\u2026` : v;
   if (typeof v === "number" || typeof v === "boolean") return String(v);
+  if (Array.isArray(v) && v.every((x) => x === null || typeof x !== "object")) {
+    const text = v.map((x) => String(x)).join(", ");
+    return text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
+  }
   const text = JSON.stringify(v);
   return text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
 }

@@ -28,7 +28,7 @@ export function serversView(main, view) {
   const selected = new Set();
   const selectAll = h("input", { type: "checkbox", id: "srv-select-all",
     "aria-label": "Select all servers", dataset: { focusKey: "srv-select-all" } });
-  const tagInput = h("input", { type: "text", id: "bulk-tag", class: "short",
+  const tagInput = h("input", { type: "text", id: "bulk-tag-name", class: "short",
     placeholder: "tag", autocomplete: "off", spellcheck: "false",
     "aria-label": "Tag to add to the selected servers" });
   const buttons = Object.fromEntries(Object.entries(ACTIONS).map(([action, a]) => [action,
