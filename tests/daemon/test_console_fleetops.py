@@ -426,7 +426,34 @@ class FleetOpsConsoleTests(BrowserTestBase):
                 )
                 for r in results.all()
             }
-            return {"page_errors": page_errors, "api_errors": api_errors, "outcome": outcome}
+
+            # The add form: the daemon's errors all at once too; tags are kept.
+            page.goto(f"{b.base}/#/servers")
+            page.locator("#add-server").evaluate("d => { d.open = true; }")
+            page.locator("#srv-name").fill("edge-4")
+            page.locator("#srv-host").fill("bad_host!")
+            page.locator("#srv-port").fill(str(closed))
+            page.locator("#srv-password").fill("not-a-real-password")
+            page.locator("#srv-pin").fill("SHA256:nope")
+            page.locator("#srv-tags").fill("fi edge")
+            page.locator("#srv-start").uncheck()
+            page.locator("#srv-submit").click()
+            add_errors = page.locator("#server-form .field-error")
+            expect(add_errors).to_have_count(2)
+            expect(page.locator("#server-form-error")).to_have_text("2 fields need attention.")
+            added_errors = add_errors.all_text_contents()
+            page.locator("#srv-host").fill("127.0.0.1")
+            page.locator("#srv-pin").fill("")
+            page.locator("#srv-submit").click()
+            expect(page).to_have_url(re.compile(r"#/servers/\d+$"))
+            expect(page.locator("#page-title")).to_have_text(re.compile(r"^edge-4 \(server \d+\)$"))
+            expect(page.locator("#server-tags .tag")).to_have_text(["edge", "fi"])
+            return {
+                "page_errors": page_errors,
+                "api_errors": api_errors,
+                "outcome": outcome,
+                "added_errors": added_errors,
+            }
 
         seen = await self.browse(scenario)
         self.assertEqual(
@@ -438,6 +465,8 @@ class FleetOpsConsoleTests(BrowserTestBase):
             ],
         )
         self.assertEqual(len(seen["api_errors"]), 2, seen["api_errors"])
+        self.assertEqual(seen["added_errors"][0], "Host must be a host name or an IP address")
+        self.assertTrue(seen["added_errors"][1].startswith("Host key fingerprint "), seen)
         self.assertEqual(seen["api_errors"][0], "Host must be a host name or an IP address")
         self.assertTrue(seen["api_errors"][1].startswith("Host key fingerprint "), seen)
         for text in seen["api_errors"]:
