@@ -195,7 +195,7 @@ def main(argv: List[str] | None = None) -> int:
 
     def line(label: str, values: List[float]) -> str:
         return (
-            f"  {label:22s} median {median(values):7.1f} ms   max {max(values):7.1f} ms   "
+            f"  {label:36s} median {median(values):7.1f} ms   max {max(values):7.1f} ms   "
             f"(n={len(values)}; {', '.join(f'{v:.0f}' for v in values)})"
         )
 
