@@ -65,7 +65,8 @@ export function focusFirstError(form) {
  * "SSH port must be at most 65535" when `labels` maps ssh_port to "SSH port".
  */
 export function operatorWords(field, message, labels) {
-  const label = field && labels[field];
+  // "tags[2]" is said as its field ("Tags"), when the form has no label for the item.
+  const label = field && (labels[field] || labels[field.replace(/\[[0-9]+\]$/, "")]);
   if (!label) return message;
   let text = String(message);
   text = text.replace(/ must be a non-empty string$/, " is required");
