@@ -617,7 +617,7 @@ class ConsoleBrowserTests(BrowserTestBase):
         self.assertTrue(seen["later"].startswith(seen["early"]), seen)
         self.assertGreater(len(seen["later"]), len(seen["early"]))
         final = await self.wait_final(seen["id"])
-        self.assertEqual(final["status"], "failed")
+        self.assertEqual(final["status"], "cancelled")  # its own status (issue #9 §2)
         self.assertIn("cancel", (final["reason"] or "").lower())
         stored = (await self.read_all(seen["id"])).decode()
         # The page showed exactly what the daemon stored, in order, and it stopped.

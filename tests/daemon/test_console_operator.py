@@ -147,11 +147,13 @@ class OperatorConsoleTests(BrowserTestBase):
             expect(page.locator("#runmode-shell")).to_be_checked()
             expect(page.locator("#run-command")).to_be_hidden()
             page.locator("#run-script").fill("echo a b | tr a-z A-Z")
-            expect(page.locator("#run-argv li")).to_have_text(
-                ["/bin/sh", "-c", "echo a b | tr a-z A-Z"]
-            )
+            expect(page.locator("#run-argv li")).to_have_text(["sh", "-c", "echo a b | tr a-z A-Z"])
             expect(page.locator(f"#pick-{ids[0]} + span")).to_contain_text(HOST)
-            page.locator("#run-submit").click()
+            with page.expect_request(
+                lambda r: r.method == "POST" and r.url.endswith("/api/commands")
+            ) as posted:
+                page.locator("#run-submit").click()
+            sent = posted.value.post_data_json
             expect(page).to_have_url(re.compile(r"#/commands/\d+$"))
             expect(page.locator("#term-final")).to_contain_text("success")
             single = self._term_streams(page)
@@ -189,6 +191,7 @@ class OperatorConsoleTests(BrowserTestBase):
             expect(rerun).to_be_disabled()
             b.shot(page, "multi-rerun.png")
             return {
+                "sent": sent,
                 "single": single,
                 "single_id": single_id,
                 "failed_agent": failed_agent,
@@ -197,10 +200,12 @@ class OperatorConsoleTests(BrowserTestBase):
 
         seen = await self.browse(scenario)
         self.assertEqual(seen["single"], {"stdout": "A B\n"})
-        rec = await self.command(seen["single_id"])
         self.assertEqual(
-            (rec["command"], rec["args"]), ("/bin/sh", ["-c", "echo a b | tr a-z A-Z"])
+            seen["sent"], {"agents": [ids[0]], "shell": "echo a b | tr a-z A-Z", "timeout": None}
         )
+        rec = await self.command(seen["single_id"])
+        # Sent as the API's `shell` field (the daemon runs it as sh -c), not as an argv.
+        self.assertEqual((rec["command"], rec["args"]), ("sh", ["-c", "echo a b | tr a-z A-Z"]))
         ok_agent = [i for i in ids if i != seen["failed_agent"]][0]
         lines = seen["combined"].splitlines()
         self.assertEqual(

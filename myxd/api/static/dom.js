@@ -60,6 +60,11 @@ export function badge(status, extra) {
   return h("span", { class: `badge st-${safeClass(text)}`, ...extra }, text);
 }
 
+/** Tags as small chips (text only). */
+export function tagChips(tags) {
+  return (tags || []).map((t) => h("span", { class: "tag" }, t));
+}
+
 /** A <time> that keeps saying "12s ago" (the ticker in app.js updates it). */
 export function timeAgo(ts) {
   if (ts === null || ts === undefined) return h("span", { class: "muted" }, "never");

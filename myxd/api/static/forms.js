@@ -65,7 +65,8 @@ export function focusFirstError(form) {
  * "SSH port must be at most 65535" when `labels` maps ssh_port to "SSH port".
  */
 export function operatorWords(field, message, labels) {
-  const label = field && labels[field];
+  // "tags[2]" is said as its field ("Tags"), when the form has no label for the item.
+  const label = field && (labels[field] || labels[field.replace(/\[[0-9]+\]$/, "")]);
   if (!label) return message;
   let text = String(message);
   text = text.replace(/ must be a non-empty string$/, " is required");
@@ -75,4 +76,30 @@ export function operatorWords(field, message, labels) {
   // Elsewhere in the text, only API-looking names ("ssh_port", "auth.password") are
   // replaced: a plain word like "host" may just be English.
   return /[._]/.test(field) ? text.replaceAll(field, label) : text;
+}
+
+/**
+ * Every field error of an API 400 (`errors` in the body; else the one `field`), each
+ * at its field in the form's words; the count (or what no field holds) in `general`.
+ * Returns how many were shown.
+ */
+export function showApiErrors(form, e, labels, general) {
+  const list = e.body && Array.isArray(e.body.errors) && e.body.errors.length
+    ? e.body.errors : [{ field: e.field, error: e.message }];
+  const loose = [];
+  const seen = new Set();
+  for (const item of list) {
+    const key = `${item.field}\u0000${item.error}`;
+    if (seen.has(key)) continue;
+    seen.add(key);
+    const words = operatorWords(item.field, item.error, labels || {});
+    const box = { textContent: "" };
+    if (!showFieldError(form, item.field, words, box)) loose.push(box.textContent);
+  }
+  const placed = seen.size - loose.length;
+  const head = placed > 1 ? `${placed} fields need attention.`
+    : placed === 1 && loose.length ? "One field needs attention." : "";
+  general.textContent = [head, ...loose].filter(Boolean).join(" ");
+  focusFirstError(form);
+  return seen.size;
 }

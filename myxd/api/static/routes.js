@@ -11,7 +11,7 @@ import { agentView } from "./views/agent.js";
 import { commandView } from "./views/command.js";
 import { deploymentView } from "./views/deployment.js";
 import { deploymentsView } from "./views/deployments.js";
-import { openCommandView } from "./views/commands.js";
+import { commandsView } from "./views/commands.js";
 import { eventsView } from "./views/events.js";
 import { fleetView } from "./views/fleet.js";
 import { runView } from "./views/run.js";
@@ -23,7 +23,8 @@ export const ROUTES = [
   { section: "agents", withId: true, nav: "fleet",
     render: (main, view, id, params) => agentView(main, view, id, params) },
   { section: "run", render: (main, view, id, params) => runView(main, view, params) },
-  { section: "commands", render: (main, view) => openCommandView(main, view) },
+  { section: "commands",
+    render: (main, view, id, params) => commandsView(main, view, params) },
   { section: "commands", withId: true, render: (main, view, id) => commandView(main, view, id) },
   { section: "deployments",
     render: (main, view, id, params) => deploymentsView(main, view, params) },

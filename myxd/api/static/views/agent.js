@@ -1,10 +1,14 @@
 /**
- * One agent: its record, the system facts of its last get_status, and its command history.
+ * One agent: its record (name in the heading and the tab title, tags; both editable
+ * through PATCH api/agents/{id}), the system facts of its last get_status, and its
+ * command history.
  */
-import { $, badge, confirmDialog, h, page, swap, timeAgo } from "../dom.js";
+import { $, badge, confirmDialog, h, page, swap, tagChips, timeAgo } from "../dom.js";
 import { commandLine, dash, fmtBytes, fmtDuration } from "../format.js";
+import { ApiError } from "../api.js";
 import { REFRESH_MS, report } from "../view.js";
-import { agentLabel, agentName, serverNamesByAgent } from "../names.js";
+import { clearFieldErrors, fieldError, showApiErrors } from "../forms.js";
+import { agentLabel, agentName, parseTags, TAG_RE } from "../names.js";
 
 export function agentView(main, view, agentId) {
   const head = h("div");
@@ -14,7 +18,56 @@ export function agentView(main, view, agentId) {
   const history = h("tbody", { id: "history-body" });
   const pager = h("div", { class: "pager" });
   let offset = 0;
-  main.append(head, error,
+  // -- name and tags ---------------------------------------------------------------
+  const nameInput = h("input", { type: "text", id: "agent-name-input", dataset: { field: "name" },
+    autocomplete: "off" });
+  const tagsInput = h("input", { type: "text", id: "agent-tags-input", dataset: { field: "tags" },
+    autocomplete: "off", spellcheck: "false", placeholder: "e.g. de, edge" });
+  const editError = h("p", { class: "alert", role: "alert", id: "agent-edit-error" });
+  const editForm = h("form", { id: "agent-edit", novalidate: true }, editError,
+    h("div", { class: "form-grid" },
+      h("div", { class: "row" }, h("label", { for: "agent-name-input" }, "Name"), nameInput,
+        h("p", { class: "hint" }, "An agent installed from a server takes the server's name: " +
+          "rename the server instead.")),
+      h("div", { class: "row" }, h("label", { for: "agent-tags-input" }, "Tags"), tagsInput,
+        h("p", { class: "hint" }, "Separated by commas or spaces."))),
+    h("div", { class: "form-actions" },
+      h("button", { type: "submit", class: "btn btn-primary", id: "agent-edit-save" }, "Save")));
+  const editBox = h("details", { class: "card", id: "agent-edit-box" },
+    h("summary", {}, "Edit name and tags"), editForm);
+  let lastAgent = null;
+  editBox.addEventListener("toggle", () => {
+    if (editBox.open && lastAgent) {
+      nameInput.value = lastAgent.name !== lastAgent.host ? lastAgent.name : "";
+      tagsInput.value = (lastAgent.tags || []).join(", ");
+    }
+  });
+  editForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearFieldErrors(editForm);
+    editError.textContent = "";
+    const tags = parseTags(tagsInput.value);
+    const bad = tags.filter((t) => !TAG_RE.test(t));
+    const body = { tags };
+    if (nameInput.value.trim()) body.name = nameInput.value.trim();
+    if (bad.length) {
+      fieldError(tagsInput, `Not a valid tag: ${bad.join(", ")}. A tag is 1-32 letters, ` +
+        "digits, '.', '_' or '-'.");
+      tagsInput.focus();
+      return;
+    }
+    try {
+      await view.api("PATCH", `api/agents/${agentId}`, body);
+      editBox.open = false;
+      await refresh();
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 400) {
+        showApiErrors(editForm, e, { name: "Name", tags: "Tags" }, editError);
+      } else report(editError, e);
+    }
+  });
+
+  main.append(head, error, editBox,
     h("div", { class: "grid-2" },
       h("section", { class: "card", "aria-labelledby": "agent-h" },
         h("h2", { id: "agent-h" }, "Agent"), summary),
@@ -70,13 +123,15 @@ export function agentView(main, view, agentId) {
   }
 
   async function refresh() {
-    const [agent, cmds, servers] = await Promise.all([
+    const [agent, cmds] = await Promise.all([
       view.api("GET", `api/agents/${agentId}`),
       view.api("GET", `api/agents/${agentId}/commands?limit=20&offset=${offset}`),
-      serverNamesByAgent(view),
     ]);
     error.textContent = "";
+    lastAgent = agent;
     kv(summary, [
+      ["Tags", agent.tags && agent.tags.length
+        ? h("span", { id: "agent-tags" }, tagChips(agent.tags)) : "none"],
       ["Status", [badge(agent.status), agent.status_reason ? ` ${agent.status_reason}` : ""]],
       ["Address", `${agent.host}:${agent.rpc_port}`],
       ["Version", agent.version || dash],
@@ -86,12 +141,12 @@ export function agentView(main, view, agentId) {
       ["Failed cycles", String(agent.failed_cycles ?? 0)],
       ["Certificate", h("code", { class: "small" }, agent.cert_fingerprint || dash)],
       ["Server", agent.server_id ? h("a", { href: `#/servers/${Number(agent.server_id)}` },
-        servers.get(agentId) || `server ${agent.server_id}`) : "adopted (no server record)"],
+        `${agent.name} (server ${agent.server_id})`) : "adopted (no server record)"],
       ["Added", timeAgo(agent.created_at)],
     ]);
     const d = agent.details;
     const title = $("#page-title", head);
-    const label = agentLabel(agentId, agentName(agent, servers));
+    const label = agentLabel(agentId, agentName(agent));
     const text = label === `agent ${agentId}` ? `Agent ${agentId}` : label;
     if (title && title.textContent !== text) {
       title.textContent = text;

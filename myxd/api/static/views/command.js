@@ -6,7 +6,7 @@ import { badge, h, page, swap, timeAgo } from "../dom.js";
 import { commandLine, dash, decodeBase64, fmtDuration, fmtTime } from "../format.js";
 import { ApiError, isAbort } from "../api.js";
 import { FINAL, report } from "../view.js";
-import { agentLabel, loadAgentNames } from "../names.js";
+import { agentLabel, agentName } from "../names.js";
 import { Terminal } from "../term.js";
 
 export function commandView(main, view, commandId) {
@@ -69,6 +69,7 @@ export function commandView(main, view, commandId) {
 
   function showMeta(c) {
     last = c;
+    loadName(c.agent_id);
     statusSlot.replaceChildren(badge(c.status, { id: "command-badge" }),
       c.exit_code === null || c.exit_code === undefined ? ""
         : h("span", { class: "exit", id: "command-exit" }, ` exit code ${c.exit_code}`));
@@ -187,9 +188,14 @@ export function commandView(main, view, commandId) {
     }
   }
   // Names are for display only: the output does not wait for them.
-  loadAgentNames(view).then((names) => {
-    agentNames = names;
-    if (last) showMeta(last);
-  }).catch((e) => report(error, e));
+  let askedName = false;
+  function loadName(agentId) {
+    if (askedName) return;
+    askedName = true;
+    view.api("GET", `api/agents/${Number(agentId)}`).then((agent) => {
+      agentNames = new Map([[agent.id, agentName(agent)]]);
+      if (last) showMeta(last);
+    }).catch(() => { /* the agent may be gone: its id is shown */ });
+  }
   followOutput();
 }

@@ -9,7 +9,7 @@ import { ApiError, isAbort } from "../api.js";
 import { badge, h, page, swap, timeAgo } from "../dom.js";
 import { countsText, fmtBytes as fmtSize } from "../format.js";
 import { clearFieldErrors, fieldError, focusFirstError, showFieldError } from "../forms.js";
-import { agentLabel, loadAgentNames } from "../names.js";
+import { agentLabel, agentName, allAgents as fetchAgents, TAG_RE } from "../names.js";
 import { uploadArtifact } from "../upload.js";
 import { REFRESH_MS, report } from "../view.js";
 import { varsForm } from "./deploy-vars.js";
@@ -27,12 +27,21 @@ export function deploymentsView(main, view, params) {
   const filter = h("input", { type: "search", id: "agent-filter", placeholder: "Filter by name or id",
     "aria-label": "Filter agents" });
   const picks = h("div", { class: "picks", id: "dep-picks", dataset: { field: "agents" } });
+  const tagInput = h("input", { type: "text", id: "dep-tag", class: "short", list: "dep-tags",
+    autocomplete: "off", spellcheck: "false", placeholder: "e.g. de" });
+  const tagList = h("datalist", { id: "dep-tags" });
+  const tagButton = h("button", { type: "button", class: "btn btn-small", id: "dep-tag-select" },
+    "Select agents with this tag");
+  const tagStatus = h("span", { class: "small", id: "dep-tag-status", role: "status" });
+  const tagRow = h("div", { class: "row tag-pick" },
+    h("label", { for: "dep-tag" }, "Select by tag"), tagInput, tagList, " ", tagButton, " ",
+    tagStatus);
   const pickBox = h("fieldset", { class: "row", id: "dep-pick-box" },
     h("legend", {}, "Agents"),
     h("div", { class: "inline-choices" },
       h("label", { class: "choice" }, allAgents, "All agents"),
       h("label", { class: "choice" }, someAgents, "Chosen agents")),
-    filter, picks);
+    tagRow, filter, picks);
   const formMode = h("input", { type: "radio", name: "vars-mode", id: "vars-mode-form",
     value: "form", checked: true });
   const jsonMode = h("input", { type: "radio", name: "vars-mode", id: "vars-mode-json",
@@ -108,7 +117,7 @@ export function deploymentsView(main, view, params) {
   }
   function syncPicks() {
     const q = filter.value.trim().toLowerCase();
-    filter.hidden = picks.hidden = allAgents.checked;
+    filter.hidden = picks.hidden = tagRow.hidden = allAgents.checked;
     for (const row of picks.children) {
       row.hidden = Boolean(q) && !row.dataset.search.includes(q);
     }
@@ -119,6 +128,31 @@ export function deploymentsView(main, view, params) {
   someAgents.addEventListener("change", syncPicks);
   filter.addEventListener("input", syncPicks);
   playbook.addEventListener("change", renderVarsForm);
+
+  /** Tick every agent with the tag (GET api/agents?tag=, resolved here, not later). */
+  async function selectTag() {
+    const tag = tagInput.value.trim().toLowerCase();
+    if (!TAG_RE.test(tag)) {
+      tagStatus.textContent = tag ? "A tag is 1-32 letters, digits, '.', '_' or '-'."
+        : "Type a tag first.";
+      return;
+    }
+    const tagged = await fetchAgents(view, `tag=${encodeURIComponent(tag)}`);
+    if (!tagged.length) {
+      tagStatus.textContent = `No agent has the tag ${tag}.`;
+      return;
+    }
+    const ids = new Set(tagged.map((a) => a.id));
+    for (const box of picks.querySelectorAll("input[type=checkbox]")) {
+      if (ids.has(Number(box.value))) box.checked = true;
+    }
+    tagStatus.textContent = `Selected ${ids.size} agent${ids.size === 1 ? "" : "s"} with ` +
+      `the tag ${tag}.`;
+  }
+  tagButton.addEventListener("click", () => selectTag().catch((e) => report(error, e)));
+  tagInput.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") { event.preventDefault(); tagButton.click(); }
+  });
 
   function renderAgents() {
     swap(picks, agents.map((a) => {
@@ -139,14 +173,15 @@ export function deploymentsView(main, view, params) {
   }
 
   async function loadStatic() {
-    const [books, arts, agentList, agentNames] = await Promise.all([
-      view.api("GET", "api/playbooks"), view.api("GET", "api/artifacts"),
-      view.api("GET", "api/agents?limit=1000"), loadAgentNames(view)]);
+    const [books, arts, agentList] = await Promise.all([
+      view.api("GET", "api/playbooks"), view.api("GET", "api/artifacts"), fetchAgents(view)]);
     swap(playbook, books.playbooks.map((p) => h("option", { value: p,
       selected: p === (params.get("playbook") || "deploy_xray.yml") }, p)));
     artifacts = arts.artifacts;
-    agents = agentList.agents;
-    names = agentNames;
+    agents = agentList;
+    names = new Map(agents.map((a) => [a.id, agentName(a)]));
+    swap(tagList, [...new Set(agents.flatMap((a) => a.tags || []))].sort()
+      .map((t) => h("option", { value: t })));
     renderAgents();
     renderArtifacts();
     renderVarsForm();

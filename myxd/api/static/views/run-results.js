@@ -1,13 +1,14 @@
 /**
  * The results of a run on several agents: per agent its status, exit code and reason,
  * its output on demand (expandable), a combined output with one prefix per line (the
- * agent's name), counts (ok / failed / running), and "Re-run on failed".
+ * agent's name), counts (ok / failed / running), "Re-run on failed", and "Cancel
+ * running" (confirmed first when it stops more than one command).
  *
- * It only reads commands and starts a new run through `rerun`; it never cancels.
+ * It starts a new run only through `rerun`.
  */
-import { badge, h, swap } from "../dom.js";
+import { badge, confirmDialog, h, swap } from "../dom.js";
 import { dash, decodeBase64 } from "../format.js";
-import { isAbort } from "../api.js";
+import { ApiError, isAbort } from "../api.js";
 import { FINAL, report } from "../view.js";
 import { agentLabel } from "../names.js";
 import { AnsiParser, pieceNode, Terminal } from "../term.js";
@@ -36,6 +37,34 @@ async function fetchOutput(view, id) {
   return pieces;
 }
 
+/**
+ * Cancel the commands `ids` (labels: id -> "command 4 on web-1"), asking first when
+ * there is more than one. Returns false when the operator said no, else the count of
+ * commands a cancel was sent to (one that had already finished is not an error).
+ */
+export async function cancelCommands(view, ids, labels) {
+  if (!ids.length) return 0;
+  if (ids.length > 1) {
+    const ok = await confirmDialog({
+      title: `Cancel ${ids.length} commands?`,
+      text: "Each is stopped on its agent (SIGTERM, then SIGKILL after a grace period): " +
+        `${ids.map((id) => labels.get(id) || `command ${id}`).join(", ")}.`,
+      confirmLabel: `Cancel ${ids.length} commands`,
+    });
+    if (!ok) return false;
+  }
+  let sent = 0;
+  for (const id of ids) {
+    try {
+      await view.api("POST", `api/commands/${Number(id)}/cancel`);
+      sent += 1;
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 409)) throw e;
+    }
+  }
+  return sent;
+}
+
 // The queue's reason for a plain non-zero exit is "exit code N": say it once.
 export function reasonOf(c) {
   return c.reason && c.reason !== `exit code ${c.exit_code}` ? c.reason : "";
@@ -60,6 +89,8 @@ export function showRunResults(box, view, commands, names, rerun) {
   const body = h("tbody", { id: "bulk-body" });
   const rerunButton = h("button", { type: "button", class: "btn", id: "rerun-failed",
     disabled: true }, "Re-run on failed");
+  const cancelButton = h("button", { type: "button", class: "btn btn-danger",
+    id: "cancel-running", hidden: true }, "Cancel running");
   const combinedTerm = h("pre", { class: "term wrap", id: "bulk-combined-term", tabindex: "0",
     "aria-label": "Combined output, one agent name per line" });
   const combined = h("details", { class: "log", id: "bulk-combined" },
@@ -70,7 +101,7 @@ export function showRunResults(box, view, commands, names, rerun) {
     h("div", { class: "page-head" },
       h("h2", { id: "bulk-h" }, `Started on ${commands.length} agent` +
         (commands.length === 1 ? "" : "s")),
-      h("div", { class: "actions" }, rerunButton)),
+      h("div", { class: "actions" }, cancelButton, rerunButton)),
     counts, general,
     h("div", { class: "table-wrap" }, h("table", { id: "bulk" },
       h("thead", {}, h("tr", {}, ["Agent", "Command", "Status", "Exit", "Reason", ""].map(
@@ -81,6 +112,19 @@ export function showRunResults(box, view, commands, names, rerun) {
     const failed = [...state.values()].filter((c) => outcome(c) === "failed")
       .map((c) => c.agent_id);
     if (failed.length) rerun(failed);
+  });
+
+  cancelButton.addEventListener("click", async () => {
+    const running = [...state.values()].filter((c) => c.id && !FINAL.has(c.status));
+    const labels = new Map(running.map((c) => [c.id, `command ${c.id} on ${label(c.agent_id)}`]));
+    cancelButton.disabled = true;
+    try {
+      await cancelCommands(view, running.map((c) => c.id), labels);
+    } catch (e) {
+      report(general, e);
+    } finally {
+      cancelButton.disabled = false;
+    }
   });
 
   function outputRow(c) {
@@ -108,6 +152,8 @@ export function showRunResults(box, view, commands, names, rerun) {
       h("span", { class: "st-failed" }, `${n.failed} failed`), " \u00B7 ",
       h("span", { class: "st-running" }, `${n.running} running`)]);
     rerunButton.disabled = n.failed === 0 || n.running > 0;
+    cancelButton.hidden = n.running === 0;
+    cancelButton.textContent = n.running > 1 ? `Cancel running (${n.running})` : "Cancel running";
     rerunButton.textContent = n.failed ? `Re-run on failed (${n.failed})` : "Re-run on failed";
     swap(body, all.flatMap((c) => {
       const toggle = h("button", { type: "button", class: "btn btn-small",

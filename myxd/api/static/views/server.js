@@ -1,13 +1,15 @@
 /**
- * One server: its record, its latest install's steps live (readable labels, the
- * step identifier kept beside them), reinstall/uninstall/delete.
+ * One server: its record (name in the heading and the tab title, tags), Edit (the
+ * server form, PATCH), its latest install's steps live (readable labels, the step
+ * identifier kept beside them), reinstall/uninstall/delete.
  */
-import { badge, confirmDialog, h, page, swap, timeAgo } from "../dom.js";
+import { badge, confirmDialog, h, page, swap, tagChips, timeAgo } from "../dom.js";
 import { dash, fmtDuration, fmtTime } from "../format.js";
 import { ApiError, isAbort } from "../api.js";
 import { REFRESH_MS, report } from "../view.js";
 import { ansiNodes } from "../term.js";
 import { agentLabel } from "../names.js";
+import { serverForm } from "./server-form.js";
 
 /** Operator words for the installer's step identifiers (myxd/install INSTALL_STEPS). */
 export const STEP_LABELS = {
@@ -34,14 +36,19 @@ export function serverView(main, view, serverId) {
   const info = h("dl", { class: "kv", id: "server-info" });
   const install = h("div", { id: "install" });
   const openLogs = new Set();
+  const editCard = h("section", { class: "card", id: "edit-card", hidden: true,
+    "aria-labelledby": "edit-h" });
+  let current = null;   // the server as last read
   const buttons = {
+    edit: h("button", { type: "button", class: "btn", id: "srv-edit",
+      "aria-expanded": "false", "aria-controls": "edit-card" }, "Edit"),
     reinstall: h("button", { type: "button", class: "btn", id: "srv-reinstall" }, "Reinstall"),
     uninstall: h("button", { type: "button", class: "btn", id: "srv-uninstall" }, "Uninstall"),
     remove: h("button", { type: "button", class: "btn btn-danger", id: "srv-delete" },
       "Delete"),
   };
   main.append(page(`Server ${serverId}`, "install progress refreshes live",
-    Object.values(buttons)), error, note,
+    Object.values(buttons)), error, note, editCard,
   h("section", { class: "card", "aria-labelledby": "srv-h" },
     h("h2", { id: "srv-h" }, "Server"), info),
   h("section", { "aria-labelledby": "install-h" },
@@ -76,6 +83,29 @@ export function serverView(main, view, serverId) {
       await refresh();
     } catch (e) { report(error, e); }
   }
+  function closeEdit() {
+    editCard.hidden = true;
+    editCard.replaceChildren();
+    buttons.edit.setAttribute("aria-expanded", "false");
+  }
+  buttons.edit.addEventListener("click", () => {
+    if (!editCard.hidden) { closeEdit(); return; }
+    if (!current) return;
+    // The form starts from the record as it is now, and saves only what changed.
+    editCard.replaceChildren(h("h2", { id: "edit-h" }, `Edit ${current.name}`),
+      serverForm(view, { server: current, onSaved: (saved) => {
+        closeEdit();
+        note.textContent = `Saved ${saved.name}.`;
+        note.hidden = false;
+        noteAfter = undefined;
+        refresh().catch((e) => report(error, e));
+      } }),
+      h("button", { type: "button", class: "btn", id: "edit-cancel", onclick: closeEdit },
+        "Cancel"));
+    editCard.hidden = false;
+    buttons.edit.setAttribute("aria-expanded", "true");
+    document.getElementById("edit-name").focus();
+  });
   buttons.reinstall.addEventListener("click", () => start("reinstall"));
   buttons.uninstall.addEventListener("click", () => start("uninstall"));
   buttons.remove.addEventListener("click", async () => {
@@ -125,6 +155,7 @@ export function serverView(main, view, serverId) {
       if (!(e instanceof ApiError && e.status === 404)) throw e;
     }
     error.textContent = "";
+    current = server;
     running = Boolean(server.install_running || (inst && inst.running));
     lastInstallId = inst ? inst.id : null;
     if (noteAfter !== undefined && inst && inst.id !== noteAfter && !running) {
@@ -137,10 +168,13 @@ export function serverView(main, view, serverId) {
       heading.textContent = title;
       document.title = `${title} \u00B7 MyX console`;
     }
+    buttons.edit.disabled = running;
     buttons.reinstall.disabled = running;
     buttons.uninstall.disabled = running;
     swap(info, [
       ["Name", server.name],
+      ["Tags", server.tags && server.tags.length
+        ? h("span", { id: "server-tags" }, tagChips(server.tags)) : "none"],
       ["SSH", `${server.username}@${server.host}:${server.ssh_port}`],
       ["Authentication", server.auth_method === "private_key" ? "private key"
         : server.auth_method || "no credentials stored"],
