@@ -397,8 +397,8 @@ class PhantomAgentMigrationTests(StoreTestBase):
                     cid,
                 )
             await self.service.stopService()
-            await self.open()  # the shipped schema: 003 applies
-            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(3,)])
+            await self.open()  # the shipped schema: 003 (and what follows) applies
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(LATEST,)])
             self.assertEqual(await self.sql("SELECT id FROM agents"), [(1,)])
             self.assertEqual(
                 await self.sql("SELECT id, agent_id, command, args FROM agent_commands"),
@@ -414,5 +414,105 @@ class PhantomAgentMigrationTests(StoreTestBase):
             await self.store.update_command(1, status="timed_out")
             with self.assertRaises(sqlite3.IntegrityError):
                 await self.sql("UPDATE agent_commands SET status = 'bogus' WHERE id = 1")
+
+        return d(go())
+
+
+class StableIdMigrationTests(StoreTestBase):
+    """Schema 004: a database at schema 003 keeps every row and link, and from
+    then on a deleted server's, agent's or command's id is never handed out
+    again (INTEGER PRIMARY KEY alone reuses the highest one)."""
+
+    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "myxd.sqlite")
+        v3 = os.path.abspath(self.mktemp())
+        os.makedirs(v3)
+        for name in ("001_initial.sql", "002_deployments.sql", "003_operator.sql"):
+            shutil.copy(os.path.join(DEFAULT_SCHEMA_DIR, name), v3)
+        return d(self.open(schema_dir=v3))
+
+    async def add_server(self, name: str, sid: int | None = None) -> int:
+        await self.sql(
+            "INSERT INTO servers (id, name, host, ssh_port, username, sudo_enc, status,"
+            " created_at, updated_at, tags) VALUES (?, ?, '127.0.0.1', 22, 'u', x'00',"
+            " 'installed', 0, 0, ',de,')",
+            sid,
+            name,
+        )
+        return int((await self.sql("SELECT MAX(id) FROM servers"))[0][0])
+
+    async def add_agent(self, sid: int, port: int) -> int:
+        await self.sql(
+            "INSERT INTO agents (server_id, host, rpc_port, rpc_path, token_enc,"
+            " secret_key_enc, cert_fingerprint, status, created_at, updated_at, name, tags)"
+            " VALUES (?, '127.0.0.1', ?, 'p', x'00', x'00', ?, 'online', 0, 0, 'n', '')",
+            sid,
+            port,
+            FP,
+        )
+        return int((await self.sql("SELECT MAX(id) FROM agents"))[0][0])
+
+    async def add_command(self, aid: int, uid: str) -> int:
+        await self.sql(
+            "INSERT INTO agent_commands (agent_id, command_uid, kind, command, args, status,"
+            " created_at, updated_at) VALUES (?, ?, 'command', 'true', '[]', 'cancelled', 0, 0)",
+            aid,
+            uid,
+        )
+        cid = int((await self.sql("SELECT MAX(id) FROM agent_commands"))[0][0])
+        await self.sql(
+            "INSERT INTO command_output (command_id, offset, stream, data)"
+            " VALUES (?, 0, 'stdout', x'6869')",
+            cid,
+        )
+        return cid
+
+    def test_rows_kept_and_ids_never_reused(self) -> Deferred[Any]:
+        async def go() -> None:
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(3,)])
+            s1, s2 = await self.add_server("one"), await self.add_server("two")
+            a1, a2 = await self.add_agent(s1, 20001), await self.add_agent(s2, 20002)
+            c1, c2 = await self.add_command(a1, "u1"), await self.add_command(a2, "u2")
+            # Under schema 003, deleting the newest server hands its id out again:
+            # the bug this migration fixes.
+            s3 = await self.add_server("three")
+            await self.sql("DELETE FROM servers WHERE id = ?", s3)
+            self.assertEqual(await self.add_server("again"), s3)
+            await self.sql("DELETE FROM servers WHERE id = ?", s3)
+            snapshot = [
+                "SELECT * FROM servers ORDER BY 1",
+                "SELECT * FROM agents ORDER BY 1",
+                "SELECT * FROM agent_commands ORDER BY 1",
+                "SELECT * FROM command_output ORDER BY 1",
+            ]
+            before = {q: await self.sql(q) for q in snapshot}
+            await self.service.stopService()
+            await self.open()  # the shipped schema: 004 applies
+            self.assertEqual(await self.sql("SELECT MAX(version) FROM schema_version"), [(LATEST,)])
+            for query, rows in before.items():
+                self.assertEqual(await self.sql(query), rows)
+            self.assertEqual(await self.sql("PRAGMA foreign_key_check"), [])
+            # The indexes came back with their tables.
+            indexes = {
+                r[0] for r in await self.sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+            }
+            for name in ("agents_status", "agent_commands_agent", "agent_commands_created"):
+                self.assertIn(name, indexes)
+            # Cascades still work after the rebuild: the server takes its agent,
+            # the agent its commands and their output.
+            await self.sql("DELETE FROM servers WHERE id = ?", s2)
+            self.assertEqual(await self.sql("SELECT id FROM agents"), [(a1,)])
+            self.assertEqual(await self.sql("SELECT id FROM agent_commands"), [(c1,)])
+            self.assertEqual(await self.sql("SELECT command_id FROM command_output"), [(c1,)])
+            # The newest ids were deleted (s2, a2, c2): new rows get fresh ones.
+            s4 = await self.add_server("four")
+            self.assertGreater(s4, s2)
+            a4 = await self.add_agent(s4, 20004)
+            self.assertGreater(a4, a2)
+            self.assertGreater(await self.add_command(a4, "u4"), c2)
+            # An explicit id is still taken as given (tests and imports use them).
+            self.assertEqual(await self.add_server("ten", 10), 10)
 
         return d(go())
