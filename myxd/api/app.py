@@ -320,10 +320,9 @@ class AdminAPI:
             path=b.rpc_path,
             token=b.token,
             fingerprint=b.cert_fingerprint,
+            name=b.name,
+            tags=b.tags or (),
         )
-        if b.name is not None or b.tags:
-            await self._store.update_agent(rec.id, name=b.name, tags=b.tags or [])
-            rec = await self._agent_or_404(rec.id)
         return json_response(request, agent_json(rec), 201)
 
     # -- commands ----------------------------------------------------------------

@@ -99,16 +99,15 @@ class DeploymentsAPI:
         self._playbooks = playbooks
 
     async def _names(self) -> dict[int, str]:
-        """agent id -> a name: its server's, else the host name it reports."""
+        """agent id -> a name: its server's or its own (as everywhere else), else the
+        host name it reports."""
         names: dict[int, str] = {}
         for a in await self._store.list_agents():
             host = (a.details or {}).get("hostname")
-            if isinstance(host, str):
+            if a.server_id is not None or (a.name and a.name != a.host):
+                names[a.id] = a.name
+            elif isinstance(host, str):
                 names[a.id] = host
-        for s in await self._store.list_servers():
-            agent = await self._store.get_agent_for_server(s.id)
-            if agent is not None:
-                names[agent.id] = s.name
         return names
 
     # -- artifacts -------------------------------------------------------------

@@ -30,6 +30,7 @@ POLL_INTERVAL = 1.0
 FINAL = frozenset({"success", "partial", "failed", "cancelled"})
 TARGET_FINAL = frozenset({"success", "failed", "cancelled", "skipped"})
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
+_TAG = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
 
 
 # -- arguments ------------------------------------------------------------------------
@@ -38,11 +39,18 @@ _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
 def _agents(args: argparse.Namespace) -> list[int] | str:
     if args.all:
         return "all"
+    wanted = args.agents.strip()
+    if wanted.startswith("tag:"):
+        if not _TAG.match(wanted[4:]):
+            raise CLIError(f"--agents {wanted}: a tag is 1-32 letters, digits, '.', '_' or '-'")
+        return wanted
     ids: list[int] = []
-    for part in args.agents.split(","):
+    for part in wanted.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
-            raise CLIError(f"--agents takes agent ids separated by commas, not {args.agents!r}")
+            raise CLIError(
+                f"--agents takes agent ids separated by commas or tag:NAME, not {args.agents!r}"
+            )
         ids.append(int(part))
     return ids
 
@@ -185,8 +193,9 @@ def watch(client: Client, rec: dict[str, Any], follow: int | None, out: TextIO) 
 def _check_follow(client: Client, follow: int | None, agents: list[int] | str) -> None:
     if follow is None:
         return
-    if agents == "all":
-        page = client.request("GET", "/api/agents", query={"limit": 10000})
+    if isinstance(agents, str):  # "all" or "tag:NAME"
+        tag = agents[4:] if agents.startswith("tag:") else None
+        page = client.request("GET", "/api/agents", query={"limit": 1000, "tag": tag})
         known = {a["id"] for a in page.get("agents", [])}
     else:
         known = set(agents)
@@ -308,13 +317,17 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser(
         "deploy",
         help="run a playbook of the deployment tool across agents and watch it",
-        usage="myx deploy PLAYBOOK (--agents 1,2,3 | --all) [--var K=V ...] [--vars-file F] "
-        "[--artifact VAR=FILE-or-ID ...] [--batch-size N] [--max-failures N] "
+        usage="myx deploy PLAYBOOK (--agents 1,2,3 | --agents tag:NAME | --all) [--var K=V ...] "
+        "[--vars-file F] [--artifact VAR=FILE-or-ID ...] [--batch-size N] [--max-failures N] "
         "[--follow AGENT_ID]",
     )
     s.add_argument("playbook", help="e.g. deploy_xray.yml (myx playbooks lists them)")
     who = s.add_mutually_exclusive_group(required=True)
-    who.add_argument("--agents", metavar="1,2,3", help="agent ids separated by commas")
+    who.add_argument(
+        "--agents",
+        metavar="1,2,3|tag:NAME",
+        help="agent ids separated by commas, or tag:NAME (every agent with the tag)",
+    )
     who.add_argument("--all", action="store_true", help="every agent")
     s.add_argument(
         "--var", action="append", default=[], metavar="K=V", help="a variable (a string)"

@@ -196,6 +196,8 @@ class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
         cert_fingerprint: str,
         status: str = "online",
         server_id: int | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> Deferred[int]: ...
 
     def update_agent(
@@ -235,6 +237,8 @@ class AdminStore(AgentLookup, EventLog, Protocol):
         cert_fingerprint: str,
         status: str = "online",
         server_id: int | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> Deferred[int]: ...
 
     def delete_agent(self, agent_id: int) -> Deferred[bool]: ...
