@@ -284,8 +284,15 @@ class AdminAPI:
         if not changes or any(v is None for v in changes.values()):
             raise APIError(400, "give a name or tags to change", "name")
         await self._store.update_agent(rec.id, **changes)
-        await self._event("agent.edit", f"agent:{rec.id}", "ok", {"fields": sorted(changes)})
-        return json_response(request, agent_json(await self._agent_or_404(rec.id)))
+        after = await self._agent_or_404(rec.id)
+        # What changed, from and to (names and tags are never secrets).
+        details: dict[str, Any] = {"fields": sorted(changes)}
+        if "name" in changes and rec.name != after.name:
+            details["name"] = {"from": rec.name, "to": after.name}
+        if "tags" in changes and rec.own_tags != after.own_tags:
+            details["tags"] = {"from": list(rec.own_tags), "to": list(after.own_tags)}
+        await self._event("agent.edit", f"agent:{rec.id}", "ok", details)
+        return json_response(request, agent_json(after))
 
     @_routes.route(
         _app,

@@ -160,7 +160,7 @@ class DeploymentsAPI:
             batch_size=b.batch_size,
             max_failures=b.max_failures,
             timeout=b.timeout,
-            actor="api",
+            actor="admin-api",
         )
         return json_response(request, deployment_json(rec, await self._names()), 201)
 
@@ -189,7 +189,7 @@ class DeploymentsAPI:
         _check_id(deployment_id, "deployment")
         if await self._store.deployments.get_deployment(deployment_id) is None:
             raise APIError(404, f"there is no deployment {deployment_id}")
-        rec = await self._deployments.cancel(deployment_id)
+        rec = await self._deployments.cancel(deployment_id, actor="admin-api")
         return json_response(request, deployment_json(rec, await self._names()))
 
     # -- services and drift ----------------------------------------------------

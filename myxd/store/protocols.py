@@ -118,8 +118,8 @@ class FleetStore(HeartbeatStore, QueueStore, Protocol):
     """The fleet's whole use of the store: what the fake store provides."""
 
 
-class ServerLookup(Protocol):
-    """What the server routes read (``myxd.api.servers``)."""
+class ServerLookup(EventLog, Protocol):
+    """What the server routes read (``myxd.api.servers``), and their audit events."""
 
     def get_server(self, server_id: int) -> Deferred[ServerRecord | None]: ...
 
