@@ -192,17 +192,39 @@ class Installer(Service):
             await d
 
     async def _recover_interrupted(self) -> None:
-        """Installs that were running when myxd stopped can never finish: close them."""
+        """Installs that were running when myxd stopped can never finish: close them.
+
+        The server reads ``failed`` with the reason. Its agent row, when the install
+        never finished (no certificate pinned), is removed like after any failed
+        install: it was never an agent, so it is never counted or shown offline
+        (issue #9). An installed agent whose reinstall was cut short keeps its
+        identity and reads ``error`` with the reason until the heartbeat checks it
+        again (an ``installing`` agent is never visited).
+        """
         for server in await self._store.list_servers():
             if server.status != "installing" or server.id in self._running:
                 continue
             latest = await self._store.get_latest_install(server.id)
+            kind = latest["kind"] if latest is not None else "install"
             if latest is not None and latest["status"] == "running":
                 await self._store.finish_install(
                     latest["id"], "failed", "interrupted by a daemon restart"
                 )
-            await self._store.update_server(
-                server.id, status="failed", status_reason="install interrupted by a daemon restart"
+            reason = f"{kind} interrupted by a daemon restart"
+            await self._store.update_server(server.id, status="failed", status_reason=reason)
+            agent = await self._store.get_agent_for_server(server.id)
+            if agent is not None and not agent.cert_fingerprint:
+                await self._store.delete_agent(agent.id)
+            elif agent is not None and agent.status == "installing":
+                await self._store.update_agent(agent.id, status="error", status_reason=reason)
+            self.log.warn(
+                "server {server_id}: {reason}; it reads failed", server_id=server.id, reason=reason
+            )
+            await self.journal.event(
+                f"server.{kind}",
+                server.id,
+                "failed",
+                {"install_id": latest["id"] if latest else None, "error": reason},
             )
 
     # -- jobs ------------------------------------------------------------------
