@@ -1,7 +1,9 @@
-"""Issue #9 end to end on tags: `myx adopt --name --tag`, `myx ansible tag:NAME` and
-`myx deploy --agents tag:NAME` (and POST /api/deployments with "tag:NAME") against a
-real daemon service tree and real agent processes running real ansible-runner. The
-CLI runs from the installed wheel as its own process (it blocks on urllib)."""
+"""Issue #9 end to end: `myx adopt --name --tag`, `myx ansible tag:NAME` and
+`myx deploy --agents tag:NAME` (and POST /api/deployments with "tag:NAME"), and
+cancelled / timed_out commands as their own statuses in the CLI and in /metrics,
+against a real daemon service tree and real agent processes running real
+ansible-runner. The CLI runs from the installed wheel as its own process (it
+blocks on urllib)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import os
 import re
 from typing import Any
 
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.daemon.api_helpers import TOKEN
+from tests.daemon.api_helpers import TOKEN, parse_prometheus
 from tests.daemon.daemon_harness import DaemonTestCase, write_text
 from tests.daemon.test_cli_deploy import tool_agent
 from tests.support import installed
@@ -176,3 +179,45 @@ class FleetCLITest(DaemonTestCase):
         self.assertIn("not a target", err.decode())
         code, page = await self.api("GET", "/api/deployments")
         self.assertEqual([d["id"] for d in page["deployments"]], [dep_id])
+
+    async def test_cancelled_and_timed_out_are_their_own_statuses_in_metrics(self) -> None:
+        await self.daemon.start()
+        agent_id = await self.adopt(await tool_agent(self))
+        # Stopped by its timeout: timed_out, not failed.
+        code, out, err = await self.myx("run", str(agent_id), "--timeout", "1", "--", "sleep", "30")
+        self.assertEqual(code, 1, out + err)
+        self.assertRegex(err.decode(), r"myx: command \d+ timed_out \(")
+        # Cancelled by the operator: cancelled, not failed.
+        code, out, err = await self.myx("run", str(agent_id), "--no-follow", "--", "sleep", "60")
+        self.assertEqual(code, 0, err)
+        cancelled = int(out.strip())
+        while not (await self.command(cancelled))["attempts"]:
+            await deferLater(self.reactor, 0.1, lambda: None)
+        code, out, err = await self.myx("cancel", str(cancelled))
+        self.assertEqual(code, 0, err)
+        self.assertEqual((await self.wait_final(cancelled))["status"], "cancelled")
+        # And one plain failure, one success.
+        code, _, err = await self.myx("run", str(agent_id), "--", "false")
+        self.assertEqual(code, 1, err)
+        code, _, err = await self.myx("run", str(agent_id), "--", "true")
+        self.assertEqual(code, 0, err)
+        for status in ("timed_out", "cancelled"):
+            code, out, err = await self.myx("commands", "--status", status)
+            self.assertEqual((code, len(out.decode().splitlines())), (0, 2), out + err)
+            self.assertIn(f" {status} ", out.decode())
+
+        code, text = await self.api("GET", "/metrics")
+        self.assertEqual(code, 200)
+        fams = parse_prometheus(text.decode())
+        commands = {s[1]["status"]: s[2] for s in fams["myxd_commands"]["samples"]}
+        self.assertEqual(
+            commands,
+            {
+                "pending": 0,
+                "running": 0,
+                "success": 1,
+                "failed": 1,
+                "cancelled": 1,
+                "timed_out": 1,
+            },
+        )
