@@ -26,7 +26,7 @@ from myxd.install import Installer
 from myxd.metrics import Metrics
 from myxd.rpc.client import AgentRPC
 from myxd.store import StoreService
-from tests.support.sshd import free_port
+from tests.support.sshd import SSHServer, free_port, keygen
 
 TOKEN = "servers-api-test-token-0123456789"
 AUTH: dict[bytes | str, list[bytes | str]] = {b"Authorization": [f"Bearer {TOKEN}".encode()]}
@@ -39,6 +39,11 @@ def _make_dir(path: str) -> str:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _keygen(path: str, passphrase: str = "") -> str:
@@ -350,4 +355,98 @@ class ServersAPITests(unittest.TestCase):
         )
         for e in events:
             self.assertNotIn(PASSWORD, repr(e.details))
+        self.assert_no_secrets()
+
+    async def test_moved_server_has_its_host_key_checked_again(self) -> None:
+        """Issue #9 over real sshd: a PATCH of the port to a host with another host
+        key drops the stored key, so the next connect checks the key again (trust
+        on first use, or against a pinned fingerprint), never the old key silently.
+        The control: the same move with the old key kept is refused at connect."""
+        old = SSHServer(os.path.join(self.base, "sshd-old"), reactor)
+        new = SSHServer(os.path.join(self.base, "sshd-new"), reactor)
+        for sshd in (old, new):
+            await sshd.start()
+            self.addCleanup(sshd.stop)
+        key_path = os.path.join(self.base, "id_ed25519")
+        public = keygen(key_path, "ed25519")
+        for sshd in (old, new):
+            sshd.authorize("root", public)
+        private_key = _read(key_path)
+        old_fps = {old.host_fingerprint(k) for k in ("ed25519", "ecdsa")}
+        new_fps = {new.host_fingerprint(k) for k in ("ed25519", "ecdsa")}
+        self.assertFalse(old_fps & new_fps)
+
+        async def connect_step(sid: int, after: int) -> tuple[dict[str, Any], dict[str, Any]]:
+            install = await self.wait_install_done(sid, after=after)
+            return install, install["steps"][0]
+
+        code, doc = await self.call(
+            "POST",
+            "",
+            self.valid(ssh_port=old.port, auth={"private_key": private_key}, sudo="none"),
+        )
+        self.assertEqual(code, 201, doc)
+        sid = doc["server"]["id"]
+        # connect stores the old host's key on first use (a later step fails here:
+        # this machine runs no systemd; only connect matters).
+        install, step = await connect_step(sid, 0)
+        self.assertEqual(step["step"], "connect")
+        self.assertEqual(step["status"], "ok", step)
+        self.assertRegex(step["log"], r"\(first-use\)$")
+        server = await self.store.get_server(sid)
+        assert server is not None and server.host_key is not None
+        stored_old = server.host_key
+        self.assertIn(step["log"].split("host key ")[1].split()[0], old_fps)
+
+        # Control: moved to the new host with the old key kept, connect refuses.
+        await self.store.update_server(sid, ssh_port=new.port)
+        code, _ = await self.call("POST", f"/{sid}/reinstall")
+        self.assertEqual(code, 202)
+        install, step = await connect_step(sid, install["id"])
+        self.assertEqual((step["step"], step["status"]), ("connect", "failed"), step)
+        self.assertIn("host key changed", step["error"])
+        self.assertIn("no credentials were sent", step["error"])
+        await self.store.update_server(sid, ssh_port=old.port)
+        server = await self.store.get_server(sid)
+        assert server is not None
+        self.assertEqual(server.host_key, stored_old)
+
+        # PATCH moves it: the stored key is dropped, the new host's key is trusted
+        # on first use and stored in its place.
+        code, body = await self.call("PATCH", f"/{sid}", {"ssh_port": new.port})
+        self.assertEqual((code, body["ssh_port"], body["host_key"]), (200, new.port, None), body)
+        code, _ = await self.call("POST", f"/{sid}/reinstall")
+        self.assertEqual(code, 202)
+        install, step = await connect_step(sid, install["id"])
+        self.assertEqual((step["step"], step["status"]), ("connect", "ok"), step)
+        self.assertRegex(step["log"], r"\(first-use\)$")
+        presented = step["log"].split("host key ")[1].split()[0]
+        self.assertIn(presented, new_fps)
+        server = await self.store.get_server(sid)
+        assert server is not None and server.host_key is not None
+        self.assertNotEqual(server.host_key, stored_old)
+
+        # Moved back with a pin that is not the old host's: refused at connect...
+        code, body = await self.call(
+            "PATCH", f"/{sid}", {"ssh_port": old.port, "host_key_fingerprint": presented}
+        )
+        self.assertEqual((code, body["host_key"]), (200, None), body)
+        code, _ = await self.call("POST", f"/{sid}/reinstall")
+        install, step = await connect_step(sid, install["id"])
+        self.assertEqual((step["step"], step["status"]), ("connect", "failed"), step)
+        self.assertIn("does not match the pinned fingerprint", step["error"])
+        # ... and with the old host's own fingerprint pinned, accepted as pinned.
+        code, body = await self.call(
+            "PATCH", f"/{sid}", {"host_key_fingerprint": old.host_fingerprint("ed25519")}
+        )
+        self.assertEqual(code, 200, body)
+        code, _ = await self.call("POST", f"/{sid}/reinstall")
+        install, step = await connect_step(sid, install["id"])
+        self.assertEqual((step["step"], step["status"]), ("connect", "ok"), step)
+        self.assertRegex(step["log"], r"\(pinned\)$")
+        self.assertIn(old.host_fingerprint("ed25519"), step["log"])
+        events = await self.store.list_events(limit=50, kind="server.edit")
+        self.assertEqual(
+            [e.details.get("host_key_dropped") for e in events if e.details], [None, True, True]
+        )
         self.assert_no_secrets()
