@@ -157,7 +157,7 @@ class FleetCLITest(DaemonTestCase):
         self.assertEqual(page["deployments"], [])
 
         # myx deploy --agents tag:de: the tagged agents only, each to success.
-        code, out, err = await self.myx("deploy", "ping.yml", "--agents", "tag:DE")
+        code, out, err = await self.myx("deploy", "ping.yml", "--agents", "tag:de")
         self.assertEqual(code, 0, out + err)
         text = out.decode()
         for name, agent_id in zip(("de-1", "de-2"), tagged):
