@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from myxd.cli.agents import _follow
 from myxd.cli.artifacts import upload
 from myxd.cli.client import Client, CLIError, _ago, _dump, _table
+from myxd.cli.words import explain
 
 POLL_INTERVAL = 1.0
 FINAL = frozenset({"success", "partial", "failed", "cancelled"})
@@ -109,7 +110,8 @@ def _count(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def target_line(t: dict[str, Any]) -> str:
+def target_line(t: dict[str, Any], verbose: bool = False) -> str:
+    """One agent's row; its reason in operator words (``verbose``: the raw text too)."""
     name = t.get("agent_name")
     label = f"{name} (agent {t['agent_id']})" if name else f"agent {t['agent_id']}"
     line = (
@@ -121,7 +123,7 @@ def target_line(t: dict[str, Any]) -> str:
     if t.get("command_id"):
         line += f" command={t['command_id']}"
     if t.get("reason") and t["status"] != "success":
-        line += f": {t['reason']}"
+        line += f": {explain(str(t['reason']), verbose)}"
     return line
 
 
@@ -134,14 +136,15 @@ def summary(rec: dict[str, Any]) -> str:
 class _Board:
     """One line per target: redrawn in place on a terminal, else printed on change."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, verbose: bool = False) -> None:
         self._out = out
+        self._verbose = verbose
         self._tty = out.isatty()
         self._drawn = 0
         self._last: dict[int, str] = {}
 
     def show(self, rec: dict[str, Any]) -> None:
-        lines = [target_line(t) for t in rec["targets"]]
+        lines = [target_line(t, self._verbose) for t in rec["targets"]]
         if self._tty:
             if self._drawn:
                 self._out.write(f"\x1b[{self._drawn}A")
@@ -176,9 +179,9 @@ def watch(client: Client, rec: dict[str, Any], follow: int | None, out: TextIO) 
         while rec["status"] not in FINAL:
             time.sleep(POLL_INTERVAL)
             rec = _get(client, rec["id"])
-        _Board(out).show(rec)
+        _Board(out, client.verbose).show(rec)
         return rec
-    board = _Board(out)
+    board = _Board(out, client.verbose)
     while True:
         board.show(rec)
         if rec["status"] in FINAL:
@@ -279,7 +282,7 @@ def cmd_deployment(client: Client, args: argparse.Namespace) -> int:
         + (f"  max failures {rec['max_failures']}" if rec.get("max_failures") else "")
     )
     for t in rec["targets"]:
-        print("  " + target_line(t))
+        print("  " + target_line(t, client.verbose))
     print(summary(rec))
     return 0
 

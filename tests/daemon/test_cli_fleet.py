@@ -51,8 +51,8 @@ class FleetCLITest(DaemonTestCase):
             agent.host,
             "--rpc-port",
             str(agent.port),
-            "--rpc-path",
-            agent.rpc_path,
+            # "=": a random path may begin with "-" (argparse would read an option).
+            f"--rpc-path={agent.rpc_path}",
             "--fingerprint",
             fingerprint(agent),
             "--agent-token-file",
