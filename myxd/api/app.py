@@ -284,8 +284,15 @@ class AdminAPI:
         if not changes or any(v is None for v in changes.values()):
             raise APIError(400, "give a name or tags to change", "name")
         await self._store.update_agent(rec.id, **changes)
-        await self._event("agent.edit", f"agent:{rec.id}", "ok", {"fields": sorted(changes)})
-        return json_response(request, agent_json(await self._agent_or_404(rec.id)))
+        after = await self._agent_or_404(rec.id)
+        # What changed, from and to (names and tags are never secrets).
+        details: dict[str, Any] = {"fields": sorted(changes)}
+        if "name" in changes and rec.name != after.name:
+            details["name"] = {"from": rec.name, "to": after.name}
+        if "tags" in changes and rec.own_tags != after.own_tags:
+            details["tags"] = {"from": list(rec.own_tags), "to": list(after.own_tags)}
+        await self._event("agent.edit", f"agent:{rec.id}", "ok", details)
+        return json_response(request, agent_json(after))
 
     @_routes.route(
         _app,
@@ -320,10 +327,9 @@ class AdminAPI:
             path=b.rpc_path,
             token=b.token,
             fingerprint=b.cert_fingerprint,
+            name=b.name,
+            tags=b.tags or (),
         )
-        if b.name is not None or b.tags:
-            await self._store.update_agent(rec.id, name=b.name, tags=b.tags or [])
-            rec = await self._agent_or_404(rec.id)
         return json_response(request, agent_json(rec), 201)
 
     # -- commands ----------------------------------------------------------------

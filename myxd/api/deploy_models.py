@@ -10,7 +10,7 @@ from them. Nothing here does I/O; no response carries a deployment's var values
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Optional, Union
 
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
@@ -45,7 +45,17 @@ class NewDeployment(Request):
     playbook: Annotated[
         str, Field(min_length=1, max_length=200, description="A playbook of the tool.")
     ]
-    agents: Union[Literal["all"], Annotated[list[AgentId], Field(min_length=1, max_length=10000)]]
+    agents: Union[
+        Annotated[
+            str,
+            Field(
+                pattern=r"^(all|tag:[A-Za-z0-9._-]{1,32})$",
+                description='"all", or "tag:NAME": every installed agent with the tag '
+                "(its own or its server's).",
+            ),
+        ],
+        Annotated[list[AgentId], Field(min_length=1, max_length=10000)],
+    ]
 
     @field_validator("agents", mode="wrap")
     @classmethod
@@ -55,7 +65,7 @@ class NewDeployment(Request):
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError('must be "all" or a non-empty list of agent ids') from None
+            raise ValueError('must be "all", "tag:NAME" or a non-empty list of agent ids') from None
 
     vars: Annotated[dict[VarName, Any], Field(max_length=1000)] = {}
     artifacts: Annotated[
@@ -75,7 +85,7 @@ class NewDeployment(Request):
     timeout: Optional[Annotated[float, Field(gt=0, le=MAX_TIMEOUT)]] = None
 
     field_messages: ClassVar[dict[str, str]] = {
-        "agents": 'must be "all" or a list of agent ids',
+        "agents": 'must be "all", "tag:NAME" or a list of agent ids',
         "artifacts": "must map variable names to artifact ids (64 hex characters)",
         "vars": "must be an object whose keys are variable names",
     }

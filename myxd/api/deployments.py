@@ -99,16 +99,15 @@ class DeploymentsAPI:
         self._playbooks = playbooks
 
     async def _names(self) -> dict[int, str]:
-        """agent id -> a name: its server's, else the host name it reports."""
+        """agent id -> a name: its server's or its own (as everywhere else), else the
+        host name it reports."""
         names: dict[int, str] = {}
         for a in await self._store.list_agents():
             host = (a.details or {}).get("hostname")
-            if isinstance(host, str):
+            if a.server_id is not None or (a.name and a.name != a.host):
+                names[a.id] = a.name
+            elif isinstance(host, str):
                 names[a.id] = host
-        for s in await self._store.list_servers():
-            agent = await self._store.get_agent_for_server(s.id)
-            if agent is not None:
-                names[agent.id] = s.name
         return names
 
     # -- artifacts -------------------------------------------------------------
@@ -161,7 +160,7 @@ class DeploymentsAPI:
             batch_size=b.batch_size,
             max_failures=b.max_failures,
             timeout=b.timeout,
-            actor="api",
+            actor="admin-api",
         )
         return json_response(request, deployment_json(rec, await self._names()), 201)
 
@@ -190,7 +189,7 @@ class DeploymentsAPI:
         _check_id(deployment_id, "deployment")
         if await self._store.deployments.get_deployment(deployment_id) is None:
             raise APIError(404, f"there is no deployment {deployment_id}")
-        rec = await self._deployments.cancel(deployment_id)
+        rec = await self._deployments.cancel(deployment_id, actor="admin-api")
         return json_response(request, deployment_json(rec, await self._names()))
 
     # -- services and drift ----------------------------------------------------

@@ -45,6 +45,39 @@ if TYPE_CHECKING:
 __all__ = ["ServersAPI", "mount", "server_json"]
 
 _MAX_ID = models.MAX_ID
+#: The actor of what the admin API does, in the audit trail (as in ``app``).
+ACTOR = "admin-api"
+
+
+def _auth_kind(auth: dict[str, Any] | None) -> str | None:
+    auth = auth or {}
+    return (
+        "private_key" if auth.get("private_key") else "password" if auth.get("password") else None
+    )
+
+
+def _edit_details(server: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """What an edit changed, as ``{field: {"from": old, "to": new}}``: never a password,
+    key or passphrase (credentials show as their kind, sudo as its mode)."""
+    out: dict[str, Any] = {"fields": sorted(k for k in fields if k != "host_key")}
+    for key in ("name", "host", "ssh_port", "username", "host_key_fingerprint"):
+        if key in fields and fields[key] != getattr(server, key):
+            out[key] = {"from": getattr(server, key), "to": fields[key]}
+    if "tags" in fields and sorted(fields["tags"]) != sorted(server.tags):
+        out["tags"] = {"from": sorted(server.tags), "to": sorted(fields["tags"])}
+    if "auth" in fields:
+        # New credentials are a change even of the same kind: say so, without them.
+        out["auth"] = {"from": _auth_kind(server.auth), "to": _auth_kind(fields["auth"])}
+    if "sudo" in fields:
+        old = server.sudo or {}
+        out["sudo"] = {
+            "from": old.get("mode", "none"),
+            "to": fields["sudo"]["mode"],
+            "password_set": bool(fields["sudo"].get("password")),
+        }
+    if "host_key" in fields and server.host_key is not None:
+        out["host_key_dropped"] = True
+    return out
 
 
 def server_json(server: Any, agent: Any = None, *, install_running: bool = False) -> dict[str, Any]:
@@ -58,13 +91,7 @@ def server_json(server: Any, agent: Any = None, *, install_running: bool = False
         "host": server.host,
         "ssh_port": server.ssh_port,
         "username": server.username,
-        "auth_method": (
-            "private_key"
-            if auth.get("private_key")
-            else "password"
-            if auth.get("password")
-            else None
-        ),
+        "auth_method": _auth_kind(auth),
         "sudo": {"mode": sudo.get("mode", "none"), "password_set": bool(sudo.get("password"))},
         "host_key_fingerprint": server.host_key_fingerprint,
         "host_key": server.host_key,
@@ -107,6 +134,21 @@ class ServersAPI:
             raise ServerNotFound(str(server_id))
         return server
 
+    async def _event(
+        self, action: str, server_id: int, outcome: str, details: dict[str, Any] | None
+    ) -> None:
+        try:
+            await self._store.add_event(
+                actor=ACTOR,
+                action=action,
+                target=f"server:{server_id}",
+                outcome=outcome,
+                details=details,
+            )
+        except Exception:
+            # The audit row must not turn a done action into an error for the client.
+            self.log.failure("could not record event {action}", action=action)
+
     async def _view(self, server: Any) -> dict[str, Any]:
         agent = await self._store.get_agent_for_server(server.id)
         return server_json(server, agent, install_running=self._installer.is_running(server.id))
@@ -147,10 +189,11 @@ class ServersAPI:
             auth=auth,
             sudo=_sudo(b.sudo),
             host_key_fingerprint=b.host_key_fingerprint,
+            actor=ACTOR,
         )
         install_id = None
         if b.start:
-            install_id = await self._installer.start(server_id, "install", actor="api")
+            install_id = await self._installer.start(server_id, "install", actor=ACTOR)
         server = await self._server_or_404(server_id)
         created = {"server": await self._view(server), "install_id": install_id}
         return json_response(request, created, 201)
@@ -160,7 +203,7 @@ class ServersAPI:
 
     async def delete_server(self, request: IRequest, server_id: int) -> bytes:
         await self._server_or_404(server_id)
-        await self._installer.delete_server(server_id)
+        await self._installer.delete_server(server_id, actor=ACTOR)
         return json_response(request, {"deleted": True, "id": server_id})
 
     async def edit_server(self, request: IRequest, server_id: int) -> bytes:
@@ -199,27 +242,30 @@ class ServersAPI:
         self.log.info(
             "server {server_id} edited: {fields}", server_id=server_id, fields=sorted(changes)
         )
+        await self._event("server.edit", server_id, "ok", _edit_details(server, fields))
         return json_response(request, await self._view(await self._server_or_404(server_id)))
 
     async def bulk(self, request: IRequest) -> bytes:
         b = validate.body(request, models.ServerBulk)
         if b.action in ("tag", "untag") and b.tag is None:
             raise APIError(400, f"tag: is needed to {b.action} servers", "tag")
-        results = []
+        results: list[dict[str, Any]] = []
+        changed: dict[int, dict[str, Any]] = {}
         for server_id in dict.fromkeys(b.ids):
             try:
                 server = await self._store.get_server(server_id)
                 if server is None:
                     raise ServerNotFound(str(server_id))
                 if b.action == "delete":
-                    await self._installer.delete_server(server_id)
+                    await self._installer.delete_server(server_id, actor=ACTOR)
                 elif b.action in ("reinstall", "uninstall"):
-                    await self._installer.start(server_id, b.action, actor="api")
+                    await self._installer.start(server_id, b.action, actor=ACTOR)
                 else:
-                    tags = set(server.tags)
                     assert b.tag is not None
-                    tags = tags | {b.tag} if b.action == "tag" else tags - {b.tag}
+                    old = sorted(server.tags)
+                    tags = set(old) | {b.tag} if b.action == "tag" else set(old) - {b.tag}
                     await self._store.update_server(server_id, tags=sorted(tags))
+                    changed[server_id] = {"tags": {"from": old, "to": sorted(tags)}}
             except ServerNotFound:
                 results.append({"id": server_id, "ok": False, "error": f"no server {server_id}"})
             except InstallInProgress:
@@ -235,6 +281,15 @@ class ServersAPI:
                 )
             else:
                 results.append({"id": server_id, "ok": True, "error": None})
+        for r in results:
+            # One row per server, whatever the outcome: who asked for what, and why
+            # it was refused (the installs' own progress follows as their events).
+            details: dict[str, Any] = {"action": b.action, **changed.get(r["id"], {})}
+            if b.tag is not None:
+                details["tag"] = b.tag
+            if r["error"]:
+                details["error"] = r["error"]
+            await self._event("server.bulk", r["id"], "ok" if r["ok"] else "refused", details)
         return json_response(request, {"results": results})
 
     async def get_install(self, request: IRequest, server_id: int) -> bytes:
@@ -250,8 +305,8 @@ class ServersAPI:
         if forget_host_key:
             if self._installer.is_running(server_id):
                 raise InstallInProgress(f"an install of server {server_id} is running")
-            await self._installer.forget_host_key(server_id)
-        install_id = await self._installer.start(server_id, kind, actor="api")
+            await self._installer.forget_host_key(server_id, actor=ACTOR)
+        install_id = await self._installer.start(server_id, kind, actor=ACTOR)
         return {"server_id": server_id, "install_id": install_id, "kind": kind}
 
     async def reinstall(self, request: IRequest, server_id: int) -> bytes:

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
     s.add_argument("--fingerprint", required=True, help="SHA-256 of the agent certificate")
     s.add_argument("--agent-token")
     s.add_argument("--agent-token-file")
+    s.add_argument("--name", help="the agent's name (default: its host)")
+    s.add_argument(
+        "--tag", action="append", default=[], help="a tag (repeat for more), e.g. --tag de"
+    )
     s.set_defaults(func=cmd_adopt)
 
     s = sub.add_parser("remove", help="forget an agent")

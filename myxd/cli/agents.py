@@ -101,22 +101,32 @@ def cmd_agent(client: Client, args: argparse.Namespace) -> int:
 def cmd_adopt(client: Client, args: argparse.Namespace) -> int:
     token = args.agent_token
     if args.agent_token_file:
-        with open(args.agent_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+        try:
+            with open(args.agent_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise CLIError(
+                f"cannot read --agent-token-file {args.agent_token_file}: {e.strerror}"
+            ) from None
     if not token:
         raise CLIError("give the agent's token with --agent-token or --agent-token-file")
-    rec = client.request(
-        "POST",
-        "/api/agents",
-        {
-            "host": args.host,
-            "rpc_port": args.rpc_port,
-            "rpc_path": args.rpc_path,
-            "token": token,
-            "cert_fingerprint": args.fingerprint,
-        },
+    body: dict[str, Any] = {
+        "host": args.host,
+        "rpc_port": args.rpc_port,
+        "rpc_path": args.rpc_path,
+        "token": token,
+        "cert_fingerprint": args.fingerprint,
+    }
+    if args.name is not None:
+        body["name"] = args.name
+    if args.tag:
+        body["tags"] = list(dict.fromkeys(args.tag))
+    rec = client.request("POST", "/api/agents", body)
+    tags = ",".join(rec.get("tags") or []) or "-"
+    print(
+        f"agent {rec['id']} ({rec.get('name') or rec['host']}, tags {tags}) adopted at "
+        f"{rec['host']}:{rec['rpc_port']} ({rec['status']})"
     )
-    print(f"agent {rec['id']} adopted at {rec['host']}:{rec['rpc_port']} ({rec['status']})")
     return 0
 
 

@@ -25,11 +25,13 @@ from typing import Any, TextIO
 from myxd.cli.agents import _follow
 from myxd.cli.artifacts import upload
 from myxd.cli.client import Client, CLIError, _ago, _dump, _table
+from myxd.cli.words import explain
 
 POLL_INTERVAL = 1.0
 FINAL = frozenset({"success", "partial", "failed", "cancelled"})
 TARGET_FINAL = frozenset({"success", "failed", "cancelled", "skipped"})
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
+_TAG = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
 
 
 # -- arguments ------------------------------------------------------------------------
@@ -38,11 +40,18 @@ _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
 def _agents(args: argparse.Namespace) -> list[int] | str:
     if args.all:
         return "all"
+    wanted = args.agents.strip()
+    if wanted.startswith("tag:"):
+        if not _TAG.match(wanted[4:]):
+            raise CLIError(f"--agents {wanted}: a tag is 1-32 letters, digits, '.', '_' or '-'")
+        return wanted
     ids: list[int] = []
-    for part in args.agents.split(","):
+    for part in wanted.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
-            raise CLIError(f"--agents takes agent ids separated by commas, not {args.agents!r}")
+            raise CLIError(
+                f"--agents takes agent ids separated by commas or tag:NAME, not {args.agents!r}"
+            )
         ids.append(int(part))
     return ids
 
@@ -101,7 +110,8 @@ def _count(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def target_line(t: dict[str, Any]) -> str:
+def target_line(t: dict[str, Any], verbose: bool = False) -> str:
+    """One agent's row; its reason in operator words (``verbose``: the raw text too)."""
     name = t.get("agent_name")
     label = f"{name} (agent {t['agent_id']})" if name else f"agent {t['agent_id']}"
     line = (
@@ -113,7 +123,7 @@ def target_line(t: dict[str, Any]) -> str:
     if t.get("command_id"):
         line += f" command={t['command_id']}"
     if t.get("reason") and t["status"] != "success":
-        line += f": {t['reason']}"
+        line += f": {explain(str(t['reason']), verbose)}"
     return line
 
 
@@ -126,14 +136,15 @@ def summary(rec: dict[str, Any]) -> str:
 class _Board:
     """One line per target: redrawn in place on a terminal, else printed on change."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, verbose: bool = False) -> None:
         self._out = out
+        self._verbose = verbose
         self._tty = out.isatty()
         self._drawn = 0
         self._last: dict[int, str] = {}
 
     def show(self, rec: dict[str, Any]) -> None:
-        lines = [target_line(t) for t in rec["targets"]]
+        lines = [target_line(t, self._verbose) for t in rec["targets"]]
         if self._tty:
             if self._drawn:
                 self._out.write(f"\x1b[{self._drawn}A")
@@ -168,9 +179,9 @@ def watch(client: Client, rec: dict[str, Any], follow: int | None, out: TextIO) 
         while rec["status"] not in FINAL:
             time.sleep(POLL_INTERVAL)
             rec = _get(client, rec["id"])
-        _Board(out).show(rec)
+        _Board(out, client.verbose).show(rec)
         return rec
-    board = _Board(out)
+    board = _Board(out, client.verbose)
     while True:
         board.show(rec)
         if rec["status"] in FINAL:
@@ -185,8 +196,9 @@ def watch(client: Client, rec: dict[str, Any], follow: int | None, out: TextIO) 
 def _check_follow(client: Client, follow: int | None, agents: list[int] | str) -> None:
     if follow is None:
         return
-    if agents == "all":
-        page = client.request("GET", "/api/agents", query={"limit": 10000})
+    if isinstance(agents, str):  # "all" or "tag:NAME"
+        tag = agents[4:] if agents.startswith("tag:") else None
+        page = client.request("GET", "/api/agents", query={"limit": 1000, "tag": tag})
         known = {a["id"] for a in page.get("agents", [])}
     else:
         known = set(agents)
@@ -270,7 +282,7 @@ def cmd_deployment(client: Client, args: argparse.Namespace) -> int:
         + (f"  max failures {rec['max_failures']}" if rec.get("max_failures") else "")
     )
     for t in rec["targets"]:
-        print("  " + target_line(t))
+        print("  " + target_line(t, client.verbose))
     print(summary(rec))
     return 0
 
@@ -308,13 +320,17 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser(
         "deploy",
         help="run a playbook of the deployment tool across agents and watch it",
-        usage="myx deploy PLAYBOOK (--agents 1,2,3 | --all) [--var K=V ...] [--vars-file F] "
-        "[--artifact VAR=FILE-or-ID ...] [--batch-size N] [--max-failures N] "
+        usage="myx deploy PLAYBOOK (--agents 1,2,3 | --agents tag:NAME | --all) [--var K=V ...] "
+        "[--vars-file F] [--artifact VAR=FILE-or-ID ...] [--batch-size N] [--max-failures N] "
         "[--follow AGENT_ID]",
     )
     s.add_argument("playbook", help="e.g. deploy_xray.yml (myx playbooks lists them)")
     who = s.add_mutually_exclusive_group(required=True)
-    who.add_argument("--agents", metavar="1,2,3", help="agent ids separated by commas")
+    who.add_argument(
+        "--agents",
+        metavar="1,2,3|tag:NAME",
+        help="agent ids separated by commas, or tag:NAME (every agent with the tag)",
+    )
     who.add_argument("--all", action="store_true", help="every agent")
     s.add_argument(
         "--var", action="append", default=[], metavar="K=V", help="a variable (a string)"

@@ -584,12 +584,21 @@ class DeploymentService(Service):
             if not ids:
                 raise DeploymentInputError("agents", "there are no installed agents")
             return ids
+        if isinstance(agents, str) and agents.startswith("tag:"):
+            # Like POST /api/commands: the agent's own tags or its server's.
+            tag = agents[4:].lower()
+            ids = [a.id for a in known if a.cert_fingerprint and tag in a.tags]
+            if not ids:
+                raise DeploymentInputError("agents", f"no installed agent has the tag {tag!r}")
+            return ids
         if (
             not isinstance(agents, list)
             or not agents
             or not all(isinstance(a, int) and not isinstance(a, bool) for a in agents)
         ):
-            raise DeploymentInputError("agents", 'must be "all" or a non-empty list of agent ids')
+            raise DeploymentInputError(
+                "agents", 'must be "all", "tag:NAME" or a non-empty list of agent ids'
+            )
         if len(set(agents)) != len(agents):
             raise DeploymentInputError("agents", "lists an agent twice")
         for a in agents:

@@ -14,6 +14,7 @@ token, and never writes anything before the pinned check succeeded.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -57,9 +58,18 @@ class Adopter:
             self.log.failure("could not record event {action}", action=action)
 
     async def adopt(
-        self, *, host: str, port: int, path: str, token: str, fingerprint: str
+        self,
+        *,
+        host: str,
+        port: int,
+        path: str,
+        token: str,
+        fingerprint: str,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> AgentRecord:
-        """Check the agent, then save it; `AgentCheckFailed` or `DuplicateAgent` if not."""
+        """Check the agent, then save it (with its ``name`` and ``tags``, in the same
+        row); `AgentCheckFailed` or `DuplicateAgent` if not."""
         target = f"{host}:{port}"
         if self._policy is not None:
             try:
@@ -101,6 +111,8 @@ class Adopter:
                 secret_key=secrets.token_urlsafe(32),
                 cert_fingerprint=fingerprint,
                 status="online",
+                name=name,
+                tags=tags,
             )
         except ConflictError:
             raise DuplicateAgent(
@@ -121,7 +133,10 @@ class Adopter:
         )
         self.log.info("agent {agent_id} adopted at {target}", agent_id=agent_id, target=target)
         await self._event(
-            "agent.adopt", f"agent:{agent_id}", "ok", {"host": host, "rpc_port": port}
+            "agent.adopt",
+            f"agent:{agent_id}",
+            "ok",
+            {"host": host, "rpc_port": port, "name": name, "tags": sorted(set(tags))},
         )
         rec = await self._store.get_agent(agent_id)
         if rec is None:

@@ -192,17 +192,39 @@ class Installer(Service):
             await d
 
     async def _recover_interrupted(self) -> None:
-        """Installs that were running when myxd stopped can never finish: close them."""
+        """Installs that were running when myxd stopped can never finish: close them.
+
+        The server reads ``failed`` with the reason. Its agent row, when the install
+        never finished (no certificate pinned), is removed like after any failed
+        install: it was never an agent, so it is never counted or shown offline
+        (issue #9). An installed agent whose reinstall was cut short keeps its
+        identity and reads ``error`` with the reason until the heartbeat checks it
+        again (an ``installing`` agent is never visited).
+        """
         for server in await self._store.list_servers():
             if server.status != "installing" or server.id in self._running:
                 continue
             latest = await self._store.get_latest_install(server.id)
+            kind = latest["kind"] if latest is not None else "install"
             if latest is not None and latest["status"] == "running":
                 await self._store.finish_install(
                     latest["id"], "failed", "interrupted by a daemon restart"
                 )
-            await self._store.update_server(
-                server.id, status="failed", status_reason="install interrupted by a daemon restart"
+            reason = f"{kind} interrupted by a daemon restart"
+            await self._store.update_server(server.id, status="failed", status_reason=reason)
+            agent = await self._store.get_agent_for_server(server.id)
+            if agent is not None and not agent.cert_fingerprint:
+                await self._store.delete_agent(agent.id)
+            elif agent is not None and agent.status == "installing":
+                await self._store.update_agent(agent.id, status="error", status_reason=reason)
+            self.log.warn(
+                "server {server_id}: {reason}; it reads failed", server_id=server.id, reason=reason
+            )
+            await self.journal.event(
+                f"server.{kind}",
+                server.id,
+                "failed",
+                {"install_id": latest["id"] if latest else None, "error": reason},
             )
 
     # -- jobs ------------------------------------------------------------------
@@ -275,6 +297,7 @@ class Installer(Service):
         auth: dict[str, Any] | None,
         sudo: dict[str, Any],
         host_key_fingerprint: str | None = None,
+        actor: str = "installer",
     ) -> tuple[int, int]:
         """Save a server and its agent identity (port, path, token). Returns (server, agent) ids.
 
@@ -296,24 +319,28 @@ class Installer(Service):
             await self._store.delete_server(server_id)
             raise
         await self.journal.event(
-            "server.create", server_id, "ok", {"name": name, "agent_id": agent_id}
+            "server.create",
+            server_id,
+            "ok",
+            {"name": name, "host": host, "ssh_port": ssh_port, "agent_id": agent_id},
+            actor=actor,
         )
         return server_id, agent_id
 
-    async def delete_server(self, server_id: int) -> bool:
+    async def delete_server(self, server_id: int, *, actor: str = "installer") -> bool:
         """Delete a server's records (not its remote files: uninstall first for that)."""
         if server_id in self._running:
             raise InstallInProgress(f"an install of server {server_id} is running")
         deleted = bool(await self._store.delete_server(server_id))
         if deleted:
             self.reinstaller.policy.forget(server_id)
-            await self.journal.event("server.delete", server_id, "ok", None)
+            await self.journal.event("server.delete", server_id, "ok", None, actor=actor)
         return deleted
 
-    async def forget_host_key(self, server_id: int) -> None:
+    async def forget_host_key(self, server_id: int, *, actor: str = "installer") -> None:
         """Drop the stored (first-use) host key so the next connection trusts anew."""
         await self._store.update_server(server_id, host_key=None)
-        await self.journal.event("server.host_key_forgotten", server_id, "ok", None)
+        await self.journal.event("server.host_key_forgotten", server_id, "ok", None, actor=actor)
 
     # -- running a job -------------------------------------------------------
     def _job_done(self, result: InstallOutcome | Failure, server_id: int, job: _Job) -> None:
@@ -340,8 +367,14 @@ class Installer(Service):
         install_id = await self._store.start_install(server_id, job.kind)
         job.started.callback(install_id)
         await self._store.update_server(server_id, status="installing", status_reason=None)
+        # Who asked for it (the admin API, or "auto" for the heartbeat's reinstall);
+        # the steps and the outcome are the installer's own events.
         await self.journal.event(
-            f"server.{job.kind}", server_id, "started", {"install_id": install_id, "actor": actor}
+            f"server.{job.kind}",
+            server_id,
+            "started",
+            {"install_id": install_id, "actor": actor},
+            actor=actor,
         )
         self.log.info(
             "{kind} of server {server_id} ({host}) started (install {install_id})",

@@ -38,10 +38,12 @@ class InstallJournal:
         details: dict[str, Any] | None,
         *,
         target: str | None = None,
+        actor: str = "installer",
     ) -> None:
+        """One audit event; ``actor`` is who asked for it (the installer for its own steps)."""
         try:
             await self._store.add_event(
-                actor="installer",
+                actor=actor,
                 action=action,
                 target=target or (f"server:{server_id}" if server_id is not None else None),
                 outcome=outcome,

@@ -118,8 +118,8 @@ class FleetStore(HeartbeatStore, QueueStore, Protocol):
     """The fleet's whole use of the store: what the fake store provides."""
 
 
-class ServerLookup(Protocol):
-    """What the server routes read (``myxd.api.servers``)."""
+class ServerLookup(EventLog, Protocol):
+    """What the server routes read (``myxd.api.servers``), and their audit events."""
 
     def get_server(self, server_id: int) -> Deferred[ServerRecord | None]: ...
 
@@ -196,6 +196,8 @@ class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
         cert_fingerprint: str,
         status: str = "online",
         server_id: int | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> Deferred[int]: ...
 
     def update_agent(
@@ -235,6 +237,8 @@ class AdminStore(AgentLookup, EventLog, Protocol):
         cert_fingerprint: str,
         status: str = "online",
         server_id: int | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> Deferred[int]: ...
 
     def delete_agent(self, agent_id: int) -> Deferred[bool]: ...

@@ -5,6 +5,7 @@ servers and agents, bulk server actions."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from treq.testing import StubTreq
@@ -37,7 +38,8 @@ class Installer:
         self.started.append((server_id, kind))
         return succeed(len(self.started))
 
-    async def delete_server(self, server_id: int) -> bool:
+    async def delete_server(self, server_id: int, *, actor: str = "installer") -> bool:
+        self.deleted_by = actor
         return bool(await self.store.delete_server(server_id))
 
 
@@ -270,3 +272,87 @@ class OpsAPITests(APITestBase):
         )
         self.assertEqual(body["results"], [{"id": s1, "ok": True, "error": None}])
         self.assertIsNone(await self.store.get_server(s1))
+
+    async def test_edits_are_audited_as_the_admin_with_what_changed(self) -> None:
+        """Issue #9: PATCH of an agent or a server records the admin as the actor and
+        what changed, from and to; never a password, key or passphrase."""
+        sid = await self.server("web")
+        await self.store.update_server(sid, host_key="ssh-ed25519 AAAA", tags=["a"])
+        response, body = await self.request(
+            "PATCH",
+            f"/api/servers/{sid}",
+            body={
+                "name": "web-2",
+                "ssh_port": 2222,
+                "username": "root",  # unchanged: not listed as a change
+                "tags": ["b", "a"],
+                "auth": {"password": "new-secret-pw"},
+                "sudo": {"mode": "sudo", "password": "sudo-secret-pw"},
+            },
+        )
+        self.assertEqual(response.code, 200, body)
+        (event,) = await self.store.list_events(limit=10, kind="server.edit")
+        self.assertEqual(
+            (event.actor, event.target, event.outcome), ("admin-api", f"server:{sid}", "ok")
+        )
+        self.assertEqual(
+            event.details,
+            {
+                "fields": ["auth", "name", "ssh_port", "sudo", "tags", "username"],
+                "name": {"from": "web", "to": "web-2"},
+                "ssh_port": {"from": 22, "to": 2222},
+                "tags": {"from": ["a"], "to": ["a", "b"]},
+                "auth": {"from": "password", "to": "password"},
+                "sudo": {"from": "none", "to": "sudo", "password_set": True},
+                "host_key_dropped": True,
+            },
+        )
+        a1 = await self.add_agent(23031)
+        response, body = await self.request(
+            "PATCH", f"/api/agents/{a1}", body={"name": "edge", "tags": ["de"]}
+        )
+        self.assertEqual(response.code, 200, body)
+        (event,) = await self.store.list_events(limit=10, kind="agent.edit")
+        self.assertEqual((event.actor, event.target), ("admin-api", f"agent:{a1}"))
+        self.assertEqual(
+            event.details,
+            {
+                "fields": ["name", "tags"],
+                "name": {"from": "127.0.0.1", "to": "edge"},
+                "tags": {"from": [], "to": ["de"]},
+            },
+        )
+        everything = json.dumps(
+            [(e.actor, e.details) for e in await self.store.list_events(limit=100)]
+        )
+        for secret in ("new-secret-pw", "sudo-secret-pw", "pw-secret", "agent-token"):
+            self.assertNotIn(secret, everything)
+
+    async def test_bulk_actions_are_audited_as_the_admin(self) -> None:
+        s1 = await self.server("a")
+        s2 = await self.server("b")
+        await self.request(
+            "POST", "/api/servers/bulk", body={"action": "tag", "ids": [s1, 999], "tag": "de"}
+        )
+        events = await self.store.list_events(limit=10, kind="server.bulk")
+        self.assertEqual(
+            [(e.actor, e.target, e.outcome, e.details) for e in events],
+            [
+                (
+                    "admin-api",
+                    "server:999",
+                    "refused",
+                    {"action": "tag", "tag": "de", "error": "no server 999"},
+                ),
+                (
+                    "admin-api",
+                    f"server:{s1}",
+                    "ok",
+                    {"action": "tag", "tag": "de", "tags": {"from": [], "to": ["de"]}},
+                ),
+            ],
+        )
+        await self.request("POST", "/api/servers/bulk", body={"action": "delete", "ids": [s2]})
+        self.assertEqual(self.installer.deleted_by, "admin-api")
+        (event,) = await self.store.list_events(limit=1, kind="server.bulk")
+        self.assertEqual((event.actor, event.details), ("admin-api", {"action": "delete"}))

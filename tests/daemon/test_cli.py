@@ -12,6 +12,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from myxd.cli.client import _api_error
+from myxd.cli.deploy import target_line
 from myxd.cli.words import explain, operator_words
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase
@@ -283,6 +284,28 @@ class OperatorWordsTests(unittest.SynchronousTestCase):
             "the agent is busy (too many commands running); nothing was started: busy",
         )
         self.assertTrue(explain(raw, verbose=True).endswith(f" [raw: {raw}]"))
+
+    def test_deploy_target_reason_in_words_raw_with_verbose(self) -> None:
+        t = {
+            "agent_id": 3,
+            "agent_name": "de-1",
+            "status": "failed",
+            "changed": None,
+            "ok": None,
+            "failed": None,
+            "command_id": None,
+            "reason": "JSON-RPC error -32010: member escapes the target: ../x",
+        }
+        line = target_line(t)
+        self.assertTrue(
+            line.endswith(
+                "failed       changed=- ok=- failed=-: the agent rejected the deployment"
+                " tool archive: member escapes the target: ../x"
+            ),
+            line,
+        )
+        self.assertNotIn("JSON-RPC", line)
+        self.assertTrue(target_line(t, verbose=True).endswith(f" [raw: {t['reason']}]"))
 
     def test_api_error_words_and_verbose(self) -> None:
         body = json.dumps({"error": "JSON-RPC error -32001: bad token"}).encode()
