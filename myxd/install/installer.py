@@ -176,10 +176,12 @@ class Installer(Service):
         return Deferred.fromCoroutine(self._stop_jobs())
 
     async def _stop_jobs(self) -> None:
-        # Closing the SSH connections makes in-flight steps fail quickly; the
-        # install records them as failed ("daemon stopping").
+        # Cancelling SSH connects and closing the SSH connections makes in-flight
+        # steps fail quickly; the install records them as failed ("daemon stopping").
         jobs = list(self._running.values())
         for job in jobs:
+            if job.session is not None and job.session.connecting is not None:
+                job.session.connecting.cancel()
             host = job.session.host if job.session is not None else None
             if host is not None:
                 try:
@@ -424,7 +426,7 @@ class Installer(Service):
 
     async def _failed(self, s: InstallSession, e: InstallError) -> InstallOutcome:
         message = f"{e.step}: {e.message}"
-        if self._stopping:
+        if self._stopping and "the daemon is stopping" not in message:
             message += " (the daemon is stopping)"
         self.log.warn(
             "{kind} of server {server_id} failed at {step}: {message}",

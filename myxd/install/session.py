@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 import myxd.install.remote as remote
@@ -271,6 +272,9 @@ class InstallSession:
     sudo: Sudo = field(default_factory=Sudo)
     agent: AgentRecord | None = None
     host: RemoteHost | None = None
+    # The SSH connect in flight: the installer cancels it when the daemon stops,
+    # rather than waiting out the connect timeout on an unreachable host.
+    connecting: Deferred[RemoteHost] | None = None
     staging: remote.Staging | None = None
     facts: dict[str, str] = field(default_factory=dict)
     files: AgentFiles | None = None

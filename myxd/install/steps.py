@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Awaitable
+from typing import Any, Awaitable, Coroutine, cast
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -118,7 +119,17 @@ async def connect(s: InstallSession) -> StepResult:
         known_key=server.host_key,
         on_first_use=remember,
     )
-    s.host = host = await s.env.connector(server, policy)
+    s.connecting = connecting = ensureDeferred(
+        cast("Coroutine[Any, Any, RemoteHost]", s.env.connector(server, policy))
+    )
+    try:
+        s.host = host = await connecting
+    except Exception:
+        if s.env.stopping():  # cancelled by the installer's stop, or cut by it
+            raise InstallError("connect", "the daemon is stopping") from None
+        raise
+    finally:
+        s.connecting = None
     if s.env.stopping():
         raise InstallError("connect", "the daemon is stopping")
     uid = await host.uid()

@@ -141,6 +141,31 @@ class InstallerTests(unittest.TestCase):
 
         return connect
 
+    async def test_stop_cancels_an_ssh_connect_in_flight(self) -> None:
+        # A host that never answers would hold the connect until its timeout
+        # (ssh_connect_timeout), and the daemon's stop with it.
+        reached: Deferred[None] = Deferred()
+        cancelled: list[bool] = []
+
+        def hang(server: ServerRecord, policy: HostKeyPolicy) -> Deferred[RemoteHost]:
+            reactor.callLater(0, reached.callback, None)  # once the connect is in flight
+            return Deferred(lambda _: cancelled.append(True))
+
+        self.installer.env.connector = hang
+        running = Deferred.fromCoroutine(self.installer.install(self.sid))
+        await reached
+        # The Clock never moves: only the cancel can end the connect.
+        await self.installer.stopService().addTimeout(30, reactor)
+        outcome = await running
+        self.assertEqual(cancelled, [True])
+        self.assertFalse(outcome.ok)
+        self.assertEqual(outcome.failed_step, "connect")
+        self.assertEqual(outcome.error, "connect: the daemon is stopping")
+        server = await self.store.get_server(self.sid)
+        assert server is not None
+        self.assertEqual(server.status, "failed")
+        self.assertIsNone(await self.store.get_agent_for_server(self.sid))
+
     async def test_uninstall(self) -> None:
         self.assertTrue((await self.installer.install(self.sid)).ok)
         outcome = await self.installer.uninstall(self.sid)
