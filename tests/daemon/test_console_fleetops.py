@@ -279,8 +279,11 @@ class FleetOpsConsoleTests(BrowserTestBase):
             edit = rows.first
             expect(edit).to_have_attribute("data-action", "agent.edit")
             expect(edit.locator(".target .target-name")).to_have_text("web-1")
-            expect(edit.locator("dl.details dt")).to_have_text(["fields"])
-            expect(edit.locator("dl.details dd")).to_have_text(["name, tags"])
+            # What changed, as "old → new" (the agent was named by its host).
+            expect(edit.locator("dl.details dt")).to_have_text(["fields", "name", "tags"])
+            expect(edit.locator("dl.details dd")).to_have_text(
+                ["name, tags", "127.0.0.1 \u2192 web-1", "none \u2192 de"]
+            )
             expect(page).to_have_url(re.compile(r"#/events\?kind=agent\.edit$"))
             b.shot(page, "events-kind.png")
             # By target and actor, with paging inside the filter.

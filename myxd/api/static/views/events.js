@@ -11,17 +11,26 @@ import { PAGE, REFRESH_MS, report } from "../view.js";
 import { loadAgentNames, serverNamesById } from "../names.js";
 
 /** A value of an event's details as one line of text (a list of plain values joined
- * with commas, nested values as JSON). */
+ * with commas, a change as "old \u2192 new", other nested values as JSON). */
 function scalar(v) {
   if (v === null || v === undefined) return "\u2014";
   if (typeof v === "string") return v.length > 500 ? `${v.slice(0, 500)}\u2026` : v;
   if (typeof v === "number" || typeof v === "boolean") return String(v);
+  if (Array.isArray(v) && v.length === 0) return "none";
+  if (isChange(v)) return `${scalar(v.from)} \u2192 ${scalar(v.to)}`;
   if (Array.isArray(v) && v.every((x) => x === null || typeof x !== "object")) {
     const text = v.map((x) => String(x)).join(", ");
     return text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
   }
   const text = JSON.stringify(v);
   return text.length > 240 ? `${text.slice(0, 240)}\u2026` : text;
+}
+
+/** An edit's {from, to} pair (server.edit, agent.edit events). */
+function isChange(v) {
+  if (v === null || typeof v !== "object" || Array.isArray(v)) return false;
+  const keys = Object.keys(v).sort();
+  return keys.length === 2 && keys[0] === "from" && keys[1] === "to";
 }
 
 /** "agent:3" as a link, with the agent's (or server's) name when it is known. */
