@@ -6,6 +6,11 @@ the test installs first) are downloaded once on this machine and cached
 (tests/support/debcache.py), so the host's apt installs without a network.
 Sites and the admin endpoint listen on 127.0.0.1 ports picked free at test
 time; pages are checked with real HTTP.
+
+The release-archive path (``caddy_archive_path``) runs on a host of its own, so
+that it never meets the package the first test installs: its archive is made
+in the host from the Debian package's own binary, packed like an official
+release (caddy, LICENSE, README.md in a tar.gz).
 """
 
 from __future__ import annotations
@@ -93,3 +98,65 @@ class CaddyTests(HostTestCase):
         self.assertEqual(state["config_sha256"], caddyfile_sha)
         self.assertEqual(state["unit"]["active_state"], "active")
         self.assertIn(PAGE, await self.in_thread(http_get, site))
+
+
+class CaddyArchiveTests(HostTestCase):
+    host_key = "deploytool-caddy-archive"
+
+    async def release_archive(self) -> tuple[str, str]:
+        """A caddy release tar.gz on the host, and its SHA-256."""
+        files = await preload_debs(self.host, ["caddy"])
+        (deb,) = [f for f in files if f.startswith("caddy_")]
+        path = "/var/lib/myx/caddy_2.6.2_linux_amd64.tar.gz"
+        sha = await self.host.sh(
+            "set -e; rm -rf /root/rel && mkdir -p /root/rel /var/lib/myx && cd /root/rel && "
+            f"dpkg-deb --fsys-tarfile /var/cache/apt/archives/{deb} | "
+            "tar -x -O ./usr/bin/caddy > caddy && chmod 755 caddy && "
+            "echo 'Apache License 2.0' > LICENSE && echo 'Caddy' > README.md && "
+            f"tar -czf {path} caddy LICENSE README.md && sha256sum {path} | cut -d' ' -f1"
+        )
+        return path, sha.strip()
+
+    async def test_release_archive_verified_installed_and_serving(self) -> None:
+        path, sha = await self.release_archive()
+        site, admin = free_ports(2)
+        self.put_file("/var/www/myx-test/index.html", PAGE)
+        good: dict[str, Any] = {
+            "caddy_archive_path": path,
+            "caddy_sha256": sha,
+            "caddy_sites": [{"address": f"http://127.0.0.1:{site}", "root": "/var/www/myx-test"}],
+            "caddy_admin": f"localhost:{admin}",
+        }
+
+        # 1. A wrong SHA-256 is refused before anything is unpacked or installed.
+        wrong = dict(good, caddy_sha256="0" * 64)
+        refused = await self.play("deploy_caddy.yml", wrong, ok=False)
+        self.assertIn("SHA-256 mismatch", refused.log)
+        left = await self.host.sh(
+            "ls /usr/local/lib/myx/caddy 2>/dev/null; ls /usr/bin/caddy 2>/dev/null; "
+            "ls /etc/systemd/system/caddy.service 2>/dev/null; true"
+        )
+        self.assertEqual(left.strip(), "")
+
+        # 2. The right one: unpacked by hash, binary and unit installed, the site served.
+        await self.play("deploy_caddy.yml", good)
+        self.assertIn(PAGE, await self.in_thread(http_get, site))
+        state = (await self.check_service("caddy"))["caddy"]
+        self.assertEqual(state["unit"]["active_state"], "active", state)
+        self.assertEqual(state["active_version"], "2.6.2", state)
+        self.assertIn(site, state["listening_ports"])
+        installed = await self.host.sh(
+            f"cmp /usr/bin/caddy /usr/local/lib/myx/caddy/{sha}/caddy && echo SAME; "
+            "systemctl show -p FragmentPath --value caddy; "
+            "dpkg-query -W -f '${Status}' caddy 2>/dev/null || echo no-package"
+        )
+        self.assertEqual(
+            installed.split(),
+            ["SAME", "/etc/systemd/system/caddy.service", "no-package"],
+        )
+        pid = state["unit"]["main_pid"]
+
+        # 3. Same variables: changed=0, not restarted.
+        again = await self.play("deploy_caddy.yml", good)
+        self.assertEqual(again.changed, 0, again.log[-4000:])
+        self.assertEqual((await self.check_service("caddy"))["caddy"]["unit"]["main_pid"], pid)
