@@ -106,6 +106,7 @@ class AnsibleRun:
         deployment_tool_dir: str,
         extra_vars_json: str,
         private_data_dir: str,
+        check: bool = False,
         ansible_playbook: str,
         kill_grace: float,
         sink: ExecutionSink,
@@ -117,6 +118,7 @@ class AnsibleRun:
         self.playbook_path = playbook_path
         self.deployment_tool_dir = deployment_tool_dir
         self._extra_vars_json = extra_vars_json
+        self.check = check
         self.private_data_dir = private_data_dir
         self.ansible_playbook = ansible_playbook
         self._kill_grace = kill_grace
@@ -226,6 +228,8 @@ class AnsibleRun:
                 quiet=True,
                 rotate_artifacts=1,
                 suppress_env_files=True,
+                # Fixed words, never caller input: extra_vars stay in env/extravars.
+                cmdline="--check --diff" if self.check else None,
                 **kwargs,
             )
         finally:

@@ -381,9 +381,17 @@ class CommandRunner(Service):
         return {"status": cmd.status, "command_id": command_id}
 
     def execute_ansible(
-        self, command_id: str, playbook: str, extra_vars: Dict[str, Any], timeout: Optional[float]
+        self,
+        command_id: str,
+        playbook: str,
+        extra_vars: Dict[str, Any],
+        timeout: Optional[float],
+        check: bool = False,
     ) -> Dict[str, Any]:
-        """Run a playbook of the deployment tool with ansible-runner, at most once."""
+        """Run a playbook of the deployment tool with ansible-runner, at most once.
+
+        ``check``: in Ansible's check mode (``--check --diff``), changing nothing.
+        """
         # Lazily: only Ansible runs need it (and it imports no ansible_runner itself).
         from myx_agent import ansible_executor
 
@@ -397,6 +405,7 @@ class CommandRunner(Service):
             "playbook_path": playbook_path,
             "timeout": timeout,
             "extra_vars_keys": sorted(extra_vars),
+            "check": check,
         }
         cmd = self._create(command_id, KIND_ANSIBLE, meta)
         self._log.info(
@@ -428,6 +437,7 @@ class CommandRunner(Service):
             playbook_path=playbook_path,
             deployment_tool_dir=self.deployment_tool_dir,
             extra_vars_json=json.dumps(extra_vars),
+            check=check,
             private_data_dir=os.path.join(self._records.command_dir(command_id), "ansible"),
             ansible_playbook=binary,
             kill_grace=self.kill_grace,

@@ -169,6 +169,12 @@ def number(
     return check
 
 
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid_param(name, "must be true or false")
+    return value
+
+
 def nullable(inner: Check) -> Check:
     def check(name: str, value: Any) -> Any:
         return None if value is None else inner(name, value)

@@ -32,6 +32,7 @@ from myx_agent.errors import INTERNAL_ERROR, RPCError
 from myx_agent.jsonrpc import (
     Method,
     Param,
+    boolean,
     env_map,
     integer,
     invalid_param,
@@ -71,6 +72,7 @@ class Runner(Protocol):
         playbook: str,
         extra_vars: Dict[str, Any],
         timeout: Optional[float],
+        check: bool = False,
     ) -> Dict[str, Any]: ...
 
     def get_command_log(
@@ -232,8 +234,9 @@ class AgentMethods:
         extra_vars: Dict[str, Any],
         timeout: Optional[float],
         command_id: str,
+        check: bool,
     ) -> Dict[str, Any]:
-        return self._runner.execute_ansible(command_id, playbook, extra_vars, timeout)
+        return self._runner.execute_ansible(command_id, playbook, extra_vars, timeout, check)
 
     def sync_deployment_tool(
         self, archive: Optional[bytes], sha256: str, version: str
@@ -295,6 +298,9 @@ class AgentMethods:
                     Param("extra_vars", json_object, dict),
                     _timeout(),
                     _command_id(),
+                    # Ansible's check mode (--check --diff): reports what would
+                    # change, changes nothing.
+                    Param("check", boolean, lambda: False),
                 ),
                 self.execute_ansible,
             ),

@@ -391,7 +391,7 @@ class AdminAPI:
         await self._agent_or_404(agent_id)
         b = validate.body(request, models.NewAnsibleRun)
         rec = await self._queue.add_ansible(
-            agent_id, b.playbook, b.extra_vars, b.timeout, actor="admin-api"
+            agent_id, b.playbook, b.extra_vars, b.timeout, actor="admin-api", check=b.check
         )
         return json_response(request, command_json(rec), 201)
 
@@ -461,7 +461,12 @@ class AdminAPI:
         async def one(agent_id: int) -> dict[str, Any]:
             try:
                 rec = await self._queue.add_ansible(
-                    agent_id, spec.playbook, spec.extra_vars, spec.timeout, actor="admin-api"
+                    agent_id,
+                    spec.playbook,
+                    spec.extra_vars,
+                    spec.timeout,
+                    actor="admin-api",
+                    check=spec.check,
                 )
             except Exception:
                 self.log.failure("bulk ansible for agent {agent_id} failed", agent_id=agent_id)

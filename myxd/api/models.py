@@ -203,6 +203,9 @@ class NewAnsibleRun(Request):
     ]
     extra_vars: dict[str, Any] = {}
     timeout: Timeout = None
+    check: bool = Field(
+        False, description="Ansible's check mode (--check --diff): report, change nothing."
+    )
 
 
 def _tag(value: str) -> str:
@@ -263,6 +266,9 @@ class BulkAnsible(Request):
     ]
     extra_vars: dict[str, Any] = {}
     timeout: Timeout = None
+    check: bool = Field(
+        False, description="Ansible's check mode (--check --diff): report, change nothing."
+    )
 
     field_messages: ClassVar[dict[str, str]] = BulkCommand.field_messages
 

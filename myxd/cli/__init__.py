@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: C901 - one flat list of 
     s.add_argument("playbook", help="path inside deployment-tool/playbooks, e.g. ping.yml")
     s.add_argument("--extra-vars", default="{}", help="JSON object")
     s.add_argument("--timeout", type=float)
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="Ansible's check mode (--check --diff): show what would change, change nothing",
+    )
     s.add_argument("--no-follow", action="store_true")
     s.add_argument("--json", action="store_true", help="print the final command records as JSON")
     s.set_defaults(func=cmd_ansible)

@@ -301,6 +301,8 @@ def cmd_ansible(client: Client, args: argparse.Namespace) -> int:
     if not isinstance(extra, dict):
         raise CLIError("--extra-vars must be a JSON object")
     body = {"playbook": args.playbook, "extra_vars": extra, "timeout": args.timeout}
+    if args.check:
+        body["check"] = True
     targets = _targets(args.agent)
     if isinstance(targets, list) and len(targets) == 1 and not args.json:
         rec = client.request("POST", f"/api/agents/{targets[0]}/ansible", body)

@@ -276,10 +276,12 @@ class CommandQueue(Service):
         *,
         actor: str = "api",
         command_uid: str | None = None,
+        check: bool = False,
     ) -> CommandRecord:
         """Like `add_command`, for `execute_ansible(playbook, extra_vars, timeout)`.
 
         `command_uid`: the agent-side id to use (a deployment target reserved it).
+        `check`: Ansible's check mode (the agent runs ``--check --diff``).
         """
         if not isinstance(playbook, str) or not playbook:
             raise ValueError("playbook must be a non-empty string")
@@ -288,15 +290,19 @@ class CommandQueue(Service):
         if not isinstance(extra_vars, Mapping):
             raise ValueError("extra_vars must be an object")
         timeout = _check_timeout(timeout)
+        extra: dict[str, Any] = {"extra_vars": dict(extra_vars)}
+        details: dict[str, Any] = {"playbook": playbook, "extra_var_keys": sorted(extra_vars)}
+        if check:
+            extra["check"] = details["check"] = True
         return await self._create(
             agent_id,
             "ansible",
             playbook,
             [],
             timeout,
-            {"extra_vars": dict(extra_vars)},
+            extra,
             actor,
-            {"playbook": playbook, "extra_var_keys": sorted(extra_vars)},
+            details,
             command_uid=command_uid,
         )
 
@@ -448,12 +454,16 @@ class CommandQueue(Service):
     def _execute_call(self, rec: CommandRecord) -> tuple[str, dict[str, Any]]:
         extra = rec.extra or {}
         if rec.kind == "ansible":
-            return "execute_ansible", {
+            params: dict[str, Any] = {
                 "playbook": rec.command,
                 "extra_vars": extra.get("extra_vars") or {},
                 "timeout": rec.timeout,
                 "command_id": rec.command_uid,
             }
+            if extra.get("check") is True:
+                # Only when asked: an agent older than the parameter refuses it.
+                params["check"] = True
+            return "execute_ansible", params
         return "execute_command", {
             "command": rec.command,
             "args": list(rec.args),

@@ -176,6 +176,34 @@ class AnsibleTests(RunnerTestCase):
         self.assertEqual(result["ansible"]["stats"]["failures"], {"localhost": 1})
         self.assertNotEqual(result["return_code"], 0)
 
+    def make_playbook(self) -> str:
+        """playbooks/make.yml, which writes a file; returns where (not made yet)."""
+        write(
+            os.path.join(self.tool, "playbooks", "make.yml"),
+            "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+            "    - name: make a file\n      copy:\n"
+            '        dest: "{{ target }}"\n        content: "made\\n"\n',
+        )
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        return os.path.join(d, "made-by-ansible")
+
+    async def test_check_mode_changes_nothing_and_says_what_would(self) -> None:
+        target = self.make_playbook()
+        runner = self.runner()
+        runner.execute_ansible("an-check", "make.yml", {"target": target}, None, True)
+        segments, result = await self.read_all(runner, "an-check")
+        log = b"".join(d for _, d in segments).decode()
+        self.assertTrue(result["success"], log)
+        self.assertEqual(result["ansible"]["stats"]["changed"], {"localhost": 1}, log)
+        self.assertIn("+made", log)  # --diff: what would change
+        self.assertFalse(exists(target))
+        # The same playbook for real makes it: the check above changed nothing.
+        runner.execute_ansible("an-real", "make.yml", {"target": target}, None)
+        _, result = await self.read_all(runner, "an-real")
+        self.assertTrue(result["success"])
+        self.assertEqual(read_text(target), "made\n")
+
     def test_playbook_must_resolve_inside_playbooks(self) -> None:
         os.symlink("../outside.yml", os.path.join(self.tool, "playbooks", "escape.yml"))
         os.symlink("/etc/hostname", os.path.join(self.tool, "playbooks", "abs-link.yml"))

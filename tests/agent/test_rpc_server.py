@@ -576,12 +576,14 @@ class MethodTableTests(SynchronousTestCase):
     def test_execute_ansible_and_cancel(self) -> None:
         self.call("execute_ansible", {"playbook": "ping.yml", "command_id": "a-1"})
         self.call("execute_ansible", ["ping.yml", {"x": [1]}, 30, "a-2"])
+        self.call("execute_ansible", {"playbook": "ping.yml", "command_id": "a-3", "check": True})
         self.call("cancel_command", ["a-2"])
         self.assertEqual(
             self.runner.calls,
             [
-                ("execute_ansible", ("a-1", "ping.yml", {}, None)),
-                ("execute_ansible", ("a-2", "ping.yml", {"x": [1]}, 30)),
+                ("execute_ansible", ("a-1", "ping.yml", {}, None, False)),
+                ("execute_ansible", ("a-2", "ping.yml", {"x": [1]}, 30, False)),
+                ("execute_ansible", ("a-3", "ping.yml", {}, None, True)),
                 ("cancel_command", ("a-2",)),
             ],
         )
@@ -688,6 +690,8 @@ class MethodTableTests(SynchronousTestCase):
                 {"playbook": "p.yml", "command_id": "a", "extra_vars": None},
                 "extra_vars",
             ),
+            ("execute_ansible", {"playbook": "p.yml", "command_id": "a", "check": "yes"}, "check"),
+            ("execute_ansible", {"playbook": "p.yml", "command_id": "a", "check": 1}, "check"),
             (
                 "sync_deployment_tool",
                 {"archive": "!!!", "sha256": "a" * 64, "version": "1"},

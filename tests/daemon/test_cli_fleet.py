@@ -25,6 +25,14 @@ def fingerprint(agent: Any) -> str:
     return ":".join(agent.fingerprint[i : i + 2].upper() for i in range(0, 64, 2))
 
 
+def read_or_none(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 class FleetCLITest(DaemonTestCase):
     timeout = 400
 
@@ -179,6 +187,42 @@ class FleetCLITest(DaemonTestCase):
         self.assertIn("not a target", err.decode())
         code, page = await self.api("GET", "/api/deployments")
         self.assertEqual([d["id"] for d in page["deployments"]], [dep_id])
+
+    async def test_ansible_check_mode_changes_nothing(self) -> None:
+        await self.daemon.start()
+        agent = await tool_agent(self)
+        write_text(
+            os.path.join(agent.deployment_tool_dir, "playbooks", "make.yml"),
+            "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+            "    - name: Make a file\n      ansible.builtin.copy:\n"
+            '        dest: "{{ target }}"\n        content: "made\\n"\n        mode: "0644"\n',
+        )
+        target = os.path.join(self.temp_dir(), "made-by-ansible")
+        code, out, err = await self.adopt_cli(agent, "--name", "web-1")
+        self.assertEqual(code, 0, err)
+        agent_id = int(out.split()[1])
+        extra = json.dumps({"target": target})
+
+        # --check: ansible says what would change (--diff), and changes nothing.
+        code, out, err = await self.myx(
+            "ansible", str(agent_id), "make.yml", "--check", "--extra-vars", extra
+        )
+        self.assertEqual(code, 0, out + err)
+        text = out.decode()
+        self.assertIn("+made", text)
+        self.assertRegex(text, r"localhost +: ok=1 +changed=1 ")
+        self.assertIsNone(read_or_none(target))
+        code, page = await self.api("GET", "/api/commands?kind=ansible")
+        (checked,) = page["commands"]
+        self.assertIs(checked["extra"]["check"], True)
+        self.assertEqual(checked["status"], "success")
+
+        # The same run without it makes the file.
+        code, out, err = await self.myx("ansible", str(agent_id), "make.yml", "--extra-vars", extra)
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(read_or_none(target), "made\n")
+        code, page = await self.api("GET", "/api/commands?kind=ansible")
+        self.assertNotIn("check", page["commands"][0]["extra"])
 
     async def test_cancelled_and_timed_out_are_their_own_statuses_in_metrics(self) -> None:
         await self.daemon.start()

@@ -579,6 +579,21 @@ class FleetOpsConsoleTests(BrowserTestBase):
             hrefs = [links.nth(i).get_attribute("href") for i in range(2)]
             b.shot(page, "ansible-run.png")
 
+            # Check mode: the preview says so, and the runs carry it to the agents.
+            page.goto(f"{b.base}/#/run?agents=tag:de")
+            page.locator("#runmode-ansible").check()
+            page.locator("#run-playbook").fill("ping.yml")
+            page.locator("#run-check").check()
+            expect(page.locator("#run-argv li")).to_have_text(
+                ["ansible-playbook", "--check", "--diff", "ping.yml"]
+            )
+            page.locator("#run-submit").click()
+            expect(bulk).to_have_count(2)
+            expect(page.locator("#bulk-counts")).to_have_text(
+                "2 ok \u00b7 0 failed \u00b7 0 running"
+            )
+            checked = [links.nth(i).get_attribute("href") for i in range(2)]
+
             # Deployments: select the agents of a tag in the picker.
             page.goto(f"{b.base}/#/deployments")
             page.locator("#dep-agents-some").check()
@@ -593,7 +608,13 @@ class FleetOpsConsoleTests(BrowserTestBase):
             page.locator("#dep-tag").fill("nobody")
             page.locator("#dep-tag-select").click()
             expect(page.locator("#dep-tag-status")).to_have_text("No agent has the tag nobody.")
-            return {"sent": sent, "badges": badges, "unknown": unknown, "hrefs": hrefs}
+            return {
+                "sent": sent,
+                "badges": badges,
+                "unknown": unknown,
+                "hrefs": hrefs,
+                "checked": checked,
+            }
 
         seen = await self.browse(scenario)
         self.assertEqual(seen["sent"], {"agents": "tag:de", "shell": "sleep 120", "timeout": None})
@@ -608,3 +629,9 @@ class FleetOpsConsoleTests(BrowserTestBase):
             )
             self.assertIn(rec["agent_id"], ids)
             self.assertEqual((rec["extra"] or {}).get("extra_vars"), {"who": "console"})
+            self.assertNotIn("check", rec["extra"] or {})
+        self.assertEqual(len(set(seen["checked"]) - set(seen["hrefs"])), 2)
+        for href in seen["checked"]:
+            rec = await self.command(int(str(href).rsplit("/", 1)[1]))
+            self.assertEqual((rec["kind"], rec["status"]), ("ansible", "success"))
+            self.assertIs((rec["extra"] or {}).get("check"), True)

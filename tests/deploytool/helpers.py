@@ -92,16 +92,11 @@ class HostTestCase(unittest.TestCase):
         return run
 
     async def check_mode(self, playbook: str, extra_vars: dict[str, Any]) -> str:
-        """ansible-playbook --check ON THE HOST, with the agent's ansible (no execute_ansible
-        flag for check mode exists). Returns the output; raises unless it succeeded."""
-        path = f"/root/check-{playbook}.json"
-        self.put_file(path, json.dumps(extra_vars).encode(), 0o600)
-        return await self.host.sh(
-            f"cd {TOOL_DIR} && ANSIBLE_CONFIG={TOOL_DIR}/ansible.cfg ANSIBLE_NOCOLOR=1 "
-            f"PATH={VENV_DIR}/bin:$PATH {VENV_DIR}/bin/ansible-playbook --check "
-            f"playbooks/{playbook} -e @{path}",
-            timeout=600,
-        )
+        """The playbook in check mode through the agent (execute_ansible check=true:
+        --check --diff). Returns the log; fails the test unless the run succeeded."""
+        run = await self.ah.run_playbook(self.client, reactor, playbook, extra_vars, check=True)
+        self.assertTrue(run.ok, f"{playbook} --check failed:\n{run.log[-6000:]}")
+        return run.log
 
     async def check_service(self, *names: str) -> dict[str, dict[str, Any]]:
         out = await self.host.sh(

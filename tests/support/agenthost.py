@@ -89,18 +89,18 @@ class AgentHost:
         extra_vars: dict[str, Any] | None = None,
         *,
         timeout: float = 600,
+        check: bool = False,
     ) -> PlaybookRun:
         command_id = f"pb-{uuid.uuid4().hex[:12]}"
-        await rpc.call(
-            self.endpoint,
-            "execute_ansible",
-            {
-                "playbook": playbook,
-                "extra_vars": extra_vars or {},
-                "command_id": command_id,
-                "timeout": timeout,
-            },
-        )
+        params: dict[str, Any] = {
+            "playbook": playbook,
+            "extra_vars": extra_vars or {},
+            "command_id": command_id,
+            "timeout": timeout,
+        }
+        if check:
+            params["check"] = True
+        await rpc.call(self.endpoint, "execute_ansible", params)
         offset, log = 0, b""
         deadline = reactor.seconds() + timeout + 60
         while reactor.seconds() < deadline:

@@ -39,7 +39,7 @@ METHODS: Dict[str, Tuple[str, ...]] = {
     "execute_command": ("command", "args", "timeout", "command_id", "env", "cwd"),
     "get_command_log": ("command_id", "offset", "wait", "max_bytes"),
     "cancel_command": ("command_id",),
-    "execute_ansible": ("playbook", "extra_vars", "timeout", "command_id"),
+    "execute_ansible": ("playbook", "extra_vars", "timeout", "command_id", "check"),
     "sync_deployment_tool": ("archive", "sha256", "version"),
     "artifact_status": ("sha256", "size"),
     "put_artifact_chunk": ("sha256", "size", "offset", "data"),

@@ -73,12 +73,15 @@ export function runView(main, view, params) {
   const extraVars = h("textarea", { id: "run-extra-vars", rows: "4", spellcheck: "false",
     class: "code", dataset: { field: "extra_vars" }, placeholder: '{"who": "console"}' });
   const booksNote = h("p", { class: "hint", id: "run-playbooks-note" }, "Loading playbooks\u2026");
+  const checkMode = h("input", { type: "checkbox", id: "run-check" });
   const ansibleRows = h("div", { id: "ansible-rows", hidden: true },
     h("div", { class: "row" }, h("label", { for: "run-playbook" }, "Playbook"), playbook, books,
       booksNote),
     h("div", { class: "row" }, h("label", { for: "run-extra-vars" }, "Extra vars (JSON object)"),
       extraVars, h("p", { class: "hint" }, "Optional. Passed to ansible-playbook as " +
-        "--extra-vars, e.g. {\"who\": \"console\"}.")));
+        "--extra-vars, e.g. {\"who\": \"console\"}.")),
+    h("div", { class: "row" }, h("label", { class: "choice", for: "run-check" }, checkMode,
+      "Check mode: show what would change (--check --diff), change nothing")));
   const script = h("textarea", { id: "run-script", rows: "3", spellcheck: "false",
     dataset: { field: "script" }, placeholder: "e.g. uname -a; df -h / | tail -1",
     "aria-describedby": "run-script-hint run-argv" });
@@ -141,7 +144,10 @@ export function runView(main, view, params) {
   /** [program, ...args] as the agent will run it. */
   function argvNow() {
     if (runShell.checked) return [SHELL, "-c", script.value];
-    if (runAnsible.checked) return ["ansible-playbook", playbook.value.trim() || "(playbook)"];
+    if (runAnsible.checked) {
+      return ["ansible-playbook", ...(checkMode.checked ? ["--check", "--diff"] : []),
+        playbook.value.trim() || "(playbook)"];
+    }
     return [command.value, ...parsedArgs()];
   }
 
@@ -166,6 +172,7 @@ export function runView(main, view, params) {
       ...rest.map((a) => h("li", {}, h("code", {}, a === "" ? "\u2036\u2033" : a)))]);
   }
   for (const el of [command, args, script, playbook]) el.addEventListener("input", preview);
+  checkMode.addEventListener("change", preview);
   for (const el of form.querySelectorAll("input[name=argmode]")) {
     el.addEventListener("change", preview);
   }
@@ -284,7 +291,9 @@ export function runView(main, view, params) {
           return null;
         }
       }
-      return { bulk: "api/ansible", body: { playbook: name, extra_vars: vars, timeout: seconds } };
+      const body = { playbook: name, extra_vars: vars, timeout: seconds };
+      if (checkMode.checked) body.check = true;
+      return { bulk: "api/ansible", body };
     }
     if (runShell.checked) {
       if (!script.value.trim()) {
