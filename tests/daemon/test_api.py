@@ -113,6 +113,7 @@ class FakeQueue:
         timeout: float | None,
         *,
         actor: str = "api",
+        check: bool = False,
     ) -> CommandRecord:
         self.added.append(
             {
@@ -120,6 +121,7 @@ class FakeQueue:
                 "playbook": playbook,
                 "extra_vars": extra_vars,
                 "timeout": timeout,
+                **({"check": True} if check else {}),
             }
         )
         return await self.store.create_command(
@@ -673,6 +675,16 @@ class CommandTests(APITestBase):
         )
         self.assertEqual((response.code, body["kind"]), (201, "ansible"))
         self.assertEqual(self.queue.added[-1]["extra_vars"], {"x": [1, 2]})
+        self.assertNotIn("check", self.queue.added[-1])
+        response, checked = await self.request(
+            "POST", f"/api/agents/{agent_id}/ansible", body={"playbook": "ping.yml", "check": True}
+        )
+        self.assertEqual(response.code, 201, checked)
+        self.assertIs(self.queue.added[-1]["check"], True)
+        response, err = await self.request(
+            "POST", f"/api/agents/{agent_id}/ansible", body={"playbook": "ping.yml", "check": "yes"}
+        )
+        self.assertEqual((response.code, err["field"]), (400, "check"), err)
         self.queue.fail_with = AgentRPCError("retryable", "connection refused", 3)
         response, err = await self.request("POST", f"/api/commands/{body['id']}/cancel")
         self.assertEqual(
