@@ -239,13 +239,18 @@ def read_fingerprint(cert_path: str) -> Optional[str]:
         return None
 
 
+def log_tail(agent: Agent) -> str:
+    with open(os.path.join(agent.tmp, "agent.log"), "rb") as f:
+        return f.read()[-2000:].decode(errors="replace")
+
+
 async def wait_ready(reactor: Any, agent: Agent, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     cert = os.path.join(agent.tmp, "ssl", "agent.crt")
     while time.monotonic() < deadline:
         assert agent.proc is not None
         if agent.proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {agent.proc.returncode}")
+            raise RuntimeError(f"agent exited with {agent.proc.returncode}: {log_tail(agent)}")
         fingerprint = read_fingerprint(cert)
         if fingerprint is not None:
             agent.fingerprint = fingerprint
