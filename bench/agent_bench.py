@@ -456,7 +456,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         await wait_ready(reactor, agent)
         await bench_idle(reactor, agent, args.settle)
         idle = proc_status(agent.pid)["VmRSS"]
-        for n in args.connections:
+        for n in args.connections if args.calls else []:  # --calls 0: no heartbeat runs
             await bench_heartbeats(reactor, agent, args.calls, n)
         st = proc_status(agent.pid)
         print(f"RSS after the heartbeat runs: {mib(st['VmRSS'])}")
