@@ -157,14 +157,20 @@ def _generate_in_child(key_path: str, cert_path: str) -> None:
             chunks.append(chunk)
     finally:
         os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        # Reaped by someone else (SIGCHLD ignored): the report and then the
+        # files themselves (read and checked by ensure_identity) decide.
+        code = 0
     report = b"".join(chunks).decode("utf-8", "replace")
-    if os.waitstatus_to_exitcode(status) == 0 and not report:
+    if code == 0 and not report:
         return
     kind, _, detail = report.partition(" ")
     if kind == "OSError" and detail.isdigit():
         raise OSError(int(detail), os.strerror(int(detail)))
-    raise TLSSetupError(f"cannot create the TLS identity: {detail or f'wait status {status}'}")
+    raise TLSSetupError(f"cannot create the TLS identity: {detail or f'exit status {code}'}")
 
 
 def ensure_identity(ssl_dir: str, generate_in_child: bool = False) -> Tuple[bytes, bytes]:

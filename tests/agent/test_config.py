@@ -270,6 +270,15 @@ class TLSIdentityTests(SynchronousTestCase):
         self.assertEqual(ensure_identity(self.ssl_dir), (cert_pem, key_pem))
         server_context(cert_pem, key_pem, self.ssl_dir)
 
+    def test_child_reaped_elsewhere(self) -> None:
+        """With SIGCHLD ignored the kernel reaps the child; the files decide."""
+        import signal
+
+        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGCHLD, old)
+        cert_pem, key_pem = ensure_identity(self.ssl_dir, generate_in_child=True)
+        server_context(cert_pem, key_pem, self.ssl_dir)
+
     def test_child_failures_are_one_line_errors(self) -> None:
         import errno
 
