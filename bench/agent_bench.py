@@ -239,13 +239,18 @@ def read_fingerprint(cert_path: str) -> Optional[str]:
         return None
 
 
+def log_tail(agent: Agent) -> str:
+    with open(os.path.join(agent.tmp, "agent.log"), "rb") as f:
+        return f.read()[-2000:].decode(errors="replace")
+
+
 async def wait_ready(reactor: Any, agent: Agent, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     cert = os.path.join(agent.tmp, "ssl", "agent.crt")
     while time.monotonic() < deadline:
         assert agent.proc is not None
         if agent.proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {agent.proc.returncode}")
+            raise RuntimeError(f"agent exited with {agent.proc.returncode}: {log_tail(agent)}")
         fingerprint = read_fingerprint(cert)
         if fingerprint is not None:
             agent.fingerprint = fingerprint
@@ -451,7 +456,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         await wait_ready(reactor, agent)
         await bench_idle(reactor, agent, args.settle)
         idle = proc_status(agent.pid)["VmRSS"]
-        for n in args.connections:
+        for n in args.connections if args.calls else []:  # --calls 0: no heartbeat runs
             await bench_heartbeats(reactor, agent, args.calls, n)
         st = proc_status(agent.pid)
         print(f"RSS after the heartbeat runs: {mib(st['VmRSS'])}")

@@ -26,7 +26,6 @@ cache directory. Methods: docs/protocol.md (``artifact_status``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from twisted.python.failure import Failure
 
 from myx_agent.contract import MAX_CHUNK_BYTES
 from myx_agent.errors import ARTIFACT_REJECTED, INVALID_PARAMS, RPCError
+from myx_agent.imports import sha256 as fast_sha256
 
 DEFAULT_CACHE_MAX_BYTES = 2 << 30
 _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -236,7 +236,7 @@ class ArtifactCache:
     def _finish(self, sha: str, size: int) -> Dict[str, Any]:
         part = os.path.join(self._partial, sha)
         meta = os.path.join(self._partial, sha + ".json")
-        digest = hashlib.sha256()
+        digest = fast_sha256()  # cryptography's OpenSSL: see myx_agent.imports
         with open(part, "rb") as f:
             while True:
                 block = f.read(_HASH_BLOCK)

@@ -29,7 +29,6 @@ owner/mode bits from the archive (files become 0644, or 0755 if executable).
 """
 
 import errno
-import hashlib
 import hmac
 import io
 import os
@@ -44,6 +43,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from myx_agent.errors import INVALID_PARAMS, SYNC_FAILED, RPCError
+from myx_agent.imports import sha256 as fast_sha256
 
 if TYPE_CHECKING:
     # Imported where an archive is read: the idle agent never needs it.
@@ -164,7 +164,7 @@ def _sync(
             return {"changed": False, "version": version}
         if archive is None:
             archive = _read_cached(cache_dir, sha256)
-        actual = hashlib.sha256(archive).hexdigest()
+        actual = fast_sha256(archive).hexdigest()
         if not hmac.compare_digest(actual, sha256):
             raise _reject(f"sha256 mismatch (archive is {actual})")
         _remove_stale(parent, name)

@@ -116,7 +116,7 @@ def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]
     from myx_agent.tls import TLSSetupError, ensure_identity, fingerprint_of_pem, server_context
 
     try:
-        cert_pem, key_pem = ensure_identity(config.ssl_dir)
+        cert_pem, key_pem = ensure_identity(config.ssl_dir, generate_in_child=True)
         context = server_context(cert_pem, key_pem, config.ssl_dir)
         fingerprint = fingerprint_of_pem(cert_pem)
     except TLSSetupError as e:
@@ -219,10 +219,10 @@ async def serve(reactor: Any, config: AgentConfig) -> None:
 
 def run(config: AgentConfig) -> NoReturn:
     """Run the agent with a loaded config until it is told to stop; exits."""
-    from myx_agent.imports import defer_stdlib_ssl
+    from myx_agent.imports import defer_for_agent
 
     # Before Twisted is imported: see myx_agent.imports.
-    defer_stdlib_ssl()
+    defer_for_agent()
     from twisted.internet.task import react
 
     react(serve, [config])

@@ -125,11 +125,60 @@ def _read(path: str) -> bytes:
         raise TLSSetupError(f"ssl file {path}: cannot read: {e.strerror}") from None
 
 
-def ensure_identity(ssl_dir: str) -> Tuple[bytes, bytes]:
+def _generate_in_child(key_path: str, cert_path: str) -> None:
+    """``_generate`` in a forked child, so that the code and memory that making a
+    key and signing a certificate need (cryptography's OpenSSL backend and
+    cipher modules, about 1 MiB of RSS) never enter the long-running agent
+    (issue 14 §2). Only for a process with one thread: the agent's start."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(read_fd)
+            try:
+                _generate(key_path, cert_path)
+            except OSError as e:
+                os.write(write_fd, f"OSError {e.errno}".encode())
+                code = 1
+            except BaseException as e:
+                line = " ".join(f"{type(e).__name__}: {e}".split())
+                os.write(write_fd, f"Error {line}"[:2000].encode())
+                code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+    try:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        # Reaped by someone else (SIGCHLD ignored): the report and then the
+        # files themselves (read and checked by ensure_identity) decide.
+        code = 0
+    report = b"".join(chunks).decode("utf-8", "replace")
+    if code == 0 and not report:
+        return
+    kind, _, detail = report.partition(" ")
+    if kind == "OSError" and detail.isdigit():
+        raise OSError(int(detail), os.strerror(int(detail)))
+    raise TLSSetupError(f"cannot create the TLS identity: {detail or f'exit status {code}'}")
+
+
+def ensure_identity(ssl_dir: str, generate_in_child: bool = False) -> Tuple[bytes, bytes]:
     """Create the key and certificate if neither exists; return (cert_pem, key_pem).
 
     Raises TLSSetupError when exactly one of them exists, or they do not load,
-    or they do not belong together.
+    or they do not belong together. ``generate_in_child``: make a new identity
+    in a forked child (the agent's start; see ``_generate_in_child``).
     """
     _ensure_dir(ssl_dir)
     key_path = os.path.join(ssl_dir, KEY_FILE)
@@ -138,7 +187,10 @@ def ensure_identity(ssl_dir: str) -> Tuple[bytes, bytes]:
     have_cert = os.path.lexists(cert_path)
     if not have_key and not have_cert:
         try:
-            _generate(key_path, cert_path)
+            if generate_in_child:
+                _generate_in_child(key_path, cert_path)
+            else:
+                _generate(key_path, cert_path)
         except OSError as e:
             raise TLSSetupError(f"ssl_dir {ssl_dir}: cannot write: {e.strerror}") from None
     elif have_key != have_cert:

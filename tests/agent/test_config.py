@@ -262,6 +262,46 @@ class TLSIdentityTests(SynchronousTestCase):
         with self.assertRaises(TLSSetupError):
             fingerprint_of_pem(b"garbage")
 
+    def test_generated_in_a_child_process(self) -> None:
+        """The agent's start makes a new identity in a forked child; the same files."""
+        cert_pem, key_pem = ensure_identity(self.ssl_dir, generate_in_child=True)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.ssl_dir, KEY_FILE)).st_mode), 0o600)
+        self.assertEqual(ensure_identity(self.ssl_dir, generate_in_child=True), (cert_pem, key_pem))
+        self.assertEqual(ensure_identity(self.ssl_dir), (cert_pem, key_pem))
+        server_context(cert_pem, key_pem, self.ssl_dir)
+
+    def test_child_reaped_elsewhere(self) -> None:
+        """With SIGCHLD ignored the kernel reaps the child; the files decide."""
+        import signal
+
+        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGCHLD, old)
+        cert_pem, key_pem = ensure_identity(self.ssl_dir, generate_in_child=True)
+        server_context(cert_pem, key_pem, self.ssl_dir)
+
+    def test_child_failures_are_one_line_errors(self) -> None:
+        import errno
+
+        from myx_agent import tls
+
+        def no_space(key_path: str, cert_path: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def broken(key_path: str, cert_path: str) -> None:
+            raise ValueError("bad\ncurve")
+
+        self.patch(tls, "_generate", no_space)
+        with self.assertRaises(TLSSetupError) as ctx:
+            ensure_identity(self.ssl_dir, generate_in_child=True)
+        self.assertEqual(
+            str(ctx.exception), f"ssl_dir {self.ssl_dir}: cannot write: No space left on device"
+        )
+        self.patch(tls, "_generate", broken)
+        with self.assertRaises(TLSSetupError) as ctx:
+            ensure_identity(self.ssl_dir, generate_in_child=True)
+        self.assertIn("cannot create the TLS identity: ValueError: bad", str(ctx.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.ssl_dir, KEY_FILE)))
+
     def test_ssl_dir_is_a_file(self) -> None:
         parent = os.path.dirname(self.ssl_dir)
         os.makedirs(parent)
