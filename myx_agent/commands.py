@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -158,6 +158,7 @@ class CommandRunner(Service):
         retention_seconds: float = 7 * 86400,
         retention_max_bytes: int = 1 << 30,
         kill_grace: float = 5.0,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -172,7 +173,9 @@ class CommandRunner(Service):
         self.retention_max_bytes = retention_max_bytes
         self.kill_grace = kill_grace
         self._active: Dict[str, _Command] = {}
-        self._timers = Timers(reactor)
+        # Command timeouts, kill escalation, pipe grace and log waits run on
+        # ``clock`` (default: the reactor; a test may drive them with a Clock).
+        self._timers = Timers(clock if clock is not None else reactor)
         self._sweeper = Poller(
             self._sweep_tick,
             reactor,
