@@ -216,8 +216,9 @@ async def run_api(reactor: Any, args: argparse.Namespace) -> None:
         text = proto.output.decode("utf-8", "replace")
         tail = text[text.rfind("SUMMARY") :] if "SUMMARY" in text else text[-4000:]
         server_errors = sum(n for status, n in api.statuses.items() if status >= 500)
-        m = re.search(r"(\d+) generated, (\d+) passed(?:, (\d+) failed)?", text)
-        failed = int(m.group(3) or 0) if m else None
+        # "N generated, N passed", or "N generated, K found M unique failures".
+        m = re.search(r"(\d+) generated, (?:(\d+) passed|\d+ found (\d+) unique failures?)", text)
+        failed = (0 if m.group(2) is not None else int(m.group(3))) if m else None
         print(tail.rstrip())
         print(f"surface: api, seed {args.seed}, requests answered: {api.answered}")
         print(f"answers by HTTP status: {dict(sorted(api.statuses.items()))}")
