@@ -9,8 +9,14 @@ health_check every 500 requests. Prints figures: requests, answers by HTTP
 status, failures (the first few bodies in full), rate, the agent's RSS and open
 file descriptors before and after. Exits 1 on any failure.
 
-``--surface agent`` is the only surface: the admin API is being reworked in
-parallel and is fuzzed by its own suite (see docs/reliability.md).
+``--surface api`` fuzzes the admin API instead: the real AdminAPI of
+tests/support/fuzz_api.py (real routes and store; no agent is ever reached, no
+command runs, no install starts) on 127.0.0.1, and the schemathesis CLI with
+seed S against its own /api/openapi.json, every operation, positive and
+negative data, checking for 5xx answers and responses that do not match the
+document (status, content type, schema). It runs until the server has answered
+N requests (then schemathesis is interrupted) or ``--max-time`` seconds; the
+server counts its answers by status itself. Exits 1 on any failure.
 Nothing here connects beyond 127.0.0.1.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,11 +35,20 @@ from typing import Any, List, Optional
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from bench.agent_bench import Agent, proc_status, wait_ready
 from tests.support.pinned_client import AgentClient
 from tests.support.rpc_fuzz import generate, problems
+
+API_CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+)
 
 CHUNK = 2000
 CONCURRENCY = 4
@@ -135,13 +151,101 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _St(ProcessProtocol):
+    """The schemathesis CLI: its output, and when it ended."""
+
+    def __init__(self, copy_to: Optional[str] = None) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+        self.copy = open(copy_to, "ab") if copy_to else None  # noqa: SIM115 - closed at the end
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if self.copy is not None:
+            self.copy.write(data)
+            self.copy.flush()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        if self.copy is not None:
+            self.copy.close()
+        self.ended.callback(-1 if code is None else int(code))
+
+
+async def run_api(reactor: Any, args: argparse.Namespace) -> None:
+    from tests.support.fuzz_api import serve, st_args, st_path
+
+    tmp = tempfile.mkdtemp(prefix="myx-fuzz-api-")
+    api = await serve(tmp, reactor, access_log=False)
+    try:
+        argv = [
+            st_path(),
+            *st_args(api.url, API_CHECKS),
+            "--seed",
+            str(args.seed),
+            "--max-examples",
+            str(args.max_examples),
+            "--max-time",
+            str(args.max_time),
+            "--workers",
+            str(args.workers),
+            "--no-shrink",
+            "--continue-on-failure",
+            "--generation-database",
+            "none",
+        ]
+        proto = _St(args.st_log)
+        started = time.monotonic()
+        env = {**os.environ, "NO_COLOR": "1"}
+        transport = reactor.spawnProcess(proto, argv[0], argv, env=env, path=tmp)
+        interrupted = False
+        last_report = 0.0
+        while not proto.ended.called:
+            await task.deferLater(reactor, 1.0, lambda: None)
+            if not interrupted and api.answered >= args.count:
+                interrupted = True
+                transport.signalProcess("INT")
+            if time.monotonic() - last_report >= 60:
+                last_report = time.monotonic()
+                errors = sum(n for status, n in api.statuses.items() if status >= 500)
+                print(f"  {api.answered}/{args.count} answered, {errors} 5xx", flush=True)
+        code = await proto.ended
+        elapsed = time.monotonic() - started
+        text = proto.output.decode("utf-8", "replace")
+        tail = text[text.rfind("SUMMARY") :] if "SUMMARY" in text else text[-4000:]
+        server_errors = sum(n for status, n in api.statuses.items() if status >= 500)
+        # "N generated, N passed", or "N generated, K found M unique failures".
+        m = re.search(r"(\d+) generated, (?:(\d+) passed|\d+ found (\d+) unique failures?)", text)
+        failed = (0 if m.group(2) is not None else int(m.group(3))) if m else None
+        print(tail.rstrip())
+        print(f"surface: api, seed {args.seed}, requests answered: {api.answered}")
+        print(f"answers by HTTP status: {dict(sorted(api.statuses.items()))}")
+        print(
+            f"schemathesis exit {code}{' (interrupted at the count)' if interrupted else ''};"
+            f" failed cases: {failed}; 5xx answers: {server_errors}"
+        )
+        print(f"elapsed {elapsed:.0f} s ({api.answered / max(elapsed, 1e-9):.0f} req/s)")
+        if server_errors or failed is None or failed or (code != 0 and not interrupted):
+            raise SystemExit(1)
+    finally:
+        await api.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--surface", choices=["agent"], default="agent")
+    parser.add_argument("--surface", choices=["agent", "api"], default="agent")
+    parser.add_argument("--max-time", type=int, default=3600, help="api: seconds at most")
+    parser.add_argument("--max-examples", type=int, default=1000, help="api: per operation")
+    parser.add_argument("--workers", type=int, default=2, help="api: schemathesis workers")
+    parser.add_argument("--st-log", help="api: also write schemathesis' output to this file")
     args = parser.parse_args(argv)
-    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args)))
+    runner = run_api if args.surface == "api" else run
+    task.react(lambda reactor: Deferred.fromCoroutine(runner(reactor, args)))
 
 
 if __name__ == "__main__":

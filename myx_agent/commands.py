@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,7 +49,14 @@ from myx_agent.contract import (
     RUNNING,
     status_of,
 )
-from myx_agent.errors import BUSY, COMMAND_ID_CONFLICT, INVALID_PARAMS, UNKNOWN_COMMAND, RPCError
+from myx_agent.errors import (
+    BUSY,
+    COMMAND_ID_CONFLICT,
+    INVALID_PARAMS,
+    STATE_UNWRITABLE,
+    UNKNOWN_COMMAND,
+    RPCError,
+)
 from myx_agent.execution import Execution, ProcessExecution, Timers, kill_leftovers
 from myx_agent.outputlog import STDERR, STDOUT, STREAM_NAMES, Followers, OutputLog
 from myx_agent.poll import Poller
@@ -58,6 +65,15 @@ from myx_agent.records import Records, command_result
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _log_disk_failure(log: Logger, f: Failure, message: str, **fields: Any) -> None:
+    """An OSError (a full or unwritable state_dir) is expected: one error line with
+    its reason and no traceback. Anything else is a bug and keeps its traceback."""
+    if f.check(OSError):
+        log.error(message + ": {error}", error=f.value, **fields)
+    else:
+        log.failure(message, f, **fields)
 
 
 class _Command:
@@ -142,6 +158,7 @@ class CommandRunner(Service):
         retention_seconds: float = 7 * 86400,
         retention_max_bytes: int = 1 << 30,
         kill_grace: float = 5.0,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -156,7 +173,9 @@ class CommandRunner(Service):
         self.retention_max_bytes = retention_max_bytes
         self.kill_grace = kill_grace
         self._active: Dict[str, _Command] = {}
-        self._timers = Timers(reactor)
+        # Command timeouts, kill escalation, pipe grace and log waits run on
+        # ``clock`` (default: the reactor; a test may drive them with a Clock).
+        self._timers = Timers(clock if clock is not None else reactor)
         self._sweeper = Poller(
             self._sweep_tick,
             reactor,
@@ -483,9 +502,25 @@ class CommandRunner(Service):
     def _create(self, command_id: str, kind: str, meta: Dict[str, Any]) -> _Command:
         """Claim the id on disk and open the record; nothing runs yet."""
         now = self._now()
-        log = self._records.create(
-            command_id, kind, dict(meta, command_id=command_id, created_at=now)
-        )
+        try:
+            log = self._records.create(
+                command_id, kind, dict(meta, command_id=command_id, created_at=now)
+            )
+        except FileExistsError:
+            raise
+        except OSError as e:
+            # A full (or read-only) state_dir is an expected condition: one line, no stack.
+            self._log.error(
+                "command {command_id}: cannot record it in {state_dir}: {error}; not started",
+                command_id=command_id,
+                state_dir=self._state_dir,
+                error=e,
+            )
+            raise RPCError(
+                STATE_UNWRITABLE,
+                f"cannot record the command in the agent's state_dir: {e.strerror or e}; "
+                "nothing was started",
+            ) from None
         cmd = _Command(command_id, kind, log, now)
         cmd.followers = Followers(
             functools.partial(self._read_active, cmd), self._timers.call_later
@@ -510,9 +545,10 @@ class CommandRunner(Service):
             self._launch(cmd, execution, timeout, what)
 
         def not_durable(f: Failure) -> None:
-            self._log.failure(
-                "command {command_id}: cannot make its record durable; not started",
+            _log_disk_failure(
+                self._log,
                 f,
+                "command {command_id}: cannot make its record durable; not started",
                 command_id=cmd.command_id,
             )
             if not cmd.finished:
@@ -548,9 +584,11 @@ class CommandRunner(Service):
                 cmd.command_id,
                 dict(info, boot_id=self._boot_id, started_at=cmd.started_at),
             )
-        except OSError:
-            self._log.failure(
-                "command {command_id}: cannot write proc.json", command_id=cmd.command_id
+        except OSError as e:
+            self._log.error(
+                "command {command_id}: cannot write proc.json: {error}",
+                command_id=cmd.command_id,
+                error=e,
             )
         self._log.info("command {command_id} started: {info}", command_id=cmd.command_id, info=info)
         if timeout is not None and not cmd.finished:
@@ -656,8 +694,11 @@ class CommandRunner(Service):
 
     def _persist_failed(self, cmd: _Command, f: Failure) -> None:
         # Keep serving it from memory; after a restart it reads as interrupted.
-        self._log.failure(
-            "command {command_id}: cannot write its result", f, command_id=cmd.command_id
+        _log_disk_failure(
+            self._log,
+            f,
+            "command {command_id}: cannot write its result (served from memory until a restart)",
+            command_id=cmd.command_id,
         )
         cmd.persisted = True
         cmd.followers.wake()

@@ -21,6 +21,7 @@ UNKNOWN_COMMAND = -32004  # no command with this command_id
 COMMAND_ID_CONFLICT = -32005  # command_id already used by a different kind
 SYNC_FAILED = -32010  # deployment-tool archive rejected (hash, format)
 ARTIFACT_REJECTED = -32011  # a transfer was refused (size, hash); nothing was kept
+STATE_UNWRITABLE = -32012  # state_dir cannot hold a new command (disk full); nothing was started
 
 
 class RPCError(Exception):

@@ -296,6 +296,7 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     from myxd.api.deployments import DeploymentsAPI
     from myxd.api.servers import ServersAPI
     from myxd.artifacts.store import ArtifactStore
+    from myxd.clock import WallClock, use_monotonic_time
     from myxd.deploy.service import DeploymentService, tool_playbooks
     from myxd.deploy.transfer import ArtifactPusher
     from myxd.fleet.commands import CommandQueue
@@ -320,6 +321,10 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     except ConfigError as e:
         config_failed(options, str(e))
 
+    # Schedules and timeouts count monotonic seconds: a wall-clock jump must not
+    # hold or fire them (docs/reliability.md, "Clock jumps"); rows keep wall time.
+    use_monotonic_time(reactor)
+
     observer = None
     if under_twistd(options):
         observer = filtered_log_observer(options.parent, settings.log_level)  # type: ignore[union-attr]
@@ -327,7 +332,10 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     metrics = Metrics()
 
     store_service = StoreService(
-        os.path.join(data_dir, DB_FILE_NAME), reactor, stop_reactor_on_failure=True
+        os.path.join(data_dir, DB_FILE_NAME),
+        reactor,
+        stop_reactor_on_failure=True,
+        clock=WallClock(),
     )
     store_service.setName("store")
     store_service.setServiceParent(root)

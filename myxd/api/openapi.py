@@ -42,6 +42,10 @@ _ERROR_TEXT = {
     507: "The daemon's data dir is full; nothing was kept.",
 }
 
+#: Methods that write to the store: any of them answers 507 when the data dir is
+#: full (myxd/api/errormap.py maps StoreFull), so each one documents it.
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
 #: A response is a model (JSON) or a media type (text, event streams).
 Answer = Union[type[BaseModel], str]
 
@@ -172,7 +176,10 @@ def build_document(version: str, operations: list[Operation]) -> dict[str, Any]:
         if op.public:
             entry["security"] = []
         responses = {str(c): _answer(c, a, refs) for c, a in op.responses.items()}
-        responses.update(_error_responses(op.errors, op.public))
+        errors = op.errors
+        if op.method.upper() in WRITE_METHODS and 507 not in errors:
+            errors = (*errors, 507)
+        responses.update(_error_responses(errors, op.public))
         entry["responses"] = responses
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     return {

@@ -123,7 +123,7 @@ class Adopter:
             [
                 HeartbeatResult(
                     agent_id=agent_id,
-                    at=self._reactor.seconds(),
+                    at=self._store.now(),
                     ok=True,
                     version=version if isinstance(version, str) else None,
                     details=status,

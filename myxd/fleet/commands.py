@@ -631,7 +631,7 @@ class CommandQueue(Service):
         finished_at = (
             float(finished)
             if isinstance(finished, (int, float)) and not isinstance(finished, bool)
-            else self._reactor.seconds()
+            else self._store.now()
         )
         await self._store.update_command(
             rec.id,
@@ -662,7 +662,7 @@ class CommandQueue(Service):
         unreachable: bool = False,
         status: str = "failed",
     ) -> None:
-        now = self._reactor.seconds()
+        now = self._store.now()
         self.log.warn(
             "command {command_id} {status}: {reason}",
             command_id=rec.id,

@@ -244,7 +244,7 @@ class HeartbeatService(Service):
         except ValueError as e:
             return HeartbeatResult(
                 agent_id=agent.id,
-                at=clock.seconds(),
+                at=self._store.now(),
                 ok=False,
                 reason=f"bad agent record: {e}",
                 error_kind=FINAL,
@@ -260,9 +260,14 @@ class HeartbeatService(Service):
                 reason=e.reason,
             )
             return HeartbeatResult(
-                agent_id=agent.id, at=clock.seconds(), ok=False, reason=e.reason, error_kind=e.kind
+                agent_id=agent.id,
+                at=self._store.now(),
+                ok=False,
+                reason=e.reason,
+                error_kind=e.kind,
             )
-        now = clock.seconds()
+        answered = clock.seconds()
+        now = self._store.now()
         for name, value in (("heartbeat", hb), ("get_status", status)):
             if isinstance(value, RemoteError):
                 return HeartbeatResult(
@@ -283,7 +288,7 @@ class HeartbeatService(Service):
         version = hb.get("version")
         if not isinstance(version, str):
             version = status.get("version") if isinstance(status.get("version"), str) else None
-        latency = now - t0
+        latency = answered - t0
         self._hook(self._metrics.observe_heartbeat, latency)
         return HeartbeatResult(
             agent_id=agent.id, at=now, ok=True, version=version, details=status, latency=latency

@@ -62,8 +62,11 @@ class Credentials:
 
 def load_private_key(text: str, passphrase: str | None) -> keys.Key:
     """Parse a private key (OpenSSH or PEM). Blocking (bcrypt KDF): call in a thread."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    pw = passphrase.encode("utf-8") if passphrase else None
+    try:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        pw = passphrase.encode("utf-8") if passphrase else None
+    except UnicodeEncodeError:
+        raise KeyLoadError("the private key or passphrase is not valid UTF-8") from None
     try:
         key = keys.Key.fromString(data, passphrase=pw)
     except keys.EncryptedKeyError:
@@ -77,6 +80,11 @@ def load_private_key(text: str, passphrase: str | None) -> keys.Key:
             ) from None
         raise KeyLoadError(f"the private key cannot be read: {e}") from None
     except (ValueError, TypeError, IndexError, struct.error) as e:
+        raise KeyLoadError(f"the private key cannot be read: {type(e).__name__}") from None
+    except Exception as e:
+        # Conch's parsers meet arbitrary text here; some fail in ways of their
+        # own (an LSH key "(..." that is not an s-expression: AssertionError).
+        # Whatever it is, the key cannot be read: a 400, never a 500.
         raise KeyLoadError(f"the private key cannot be read: {type(e).__name__}") from None
     if key.isPublic():
         raise KeyLoadError("a public key was given where the private key is needed")

@@ -37,6 +37,7 @@ __all__ = [
     "InstallerStore",
     "QueueStore",
     "ServerLookup",
+    "WallTime",
 ]
 
 
@@ -56,7 +57,13 @@ class EventLog(Protocol):
     ) -> Deferred[int]: ...
 
 
-class HeartbeatStore(EventLog, Protocol):
+class WallTime(Protocol):
+    def now(self) -> float:
+        """The wall-clock time rows are stamped with: for timestamps that are stored."""
+        ...
+
+
+class HeartbeatStore(EventLog, WallTime, Protocol):
     """What the heartbeat scheduler uses (``myxd.fleet.heartbeat``)."""
 
     def list_agents(self) -> Deferred[list[AgentRecord]]: ...
@@ -108,7 +115,7 @@ class CommandRecords(Protocol):
     ) -> Deferred[list[OutputChunk]]: ...
 
 
-class QueueStore(AgentLookup, CommandRecords, EventLog, Protocol):
+class QueueStore(AgentLookup, CommandRecords, EventLog, WallTime, Protocol):
     """What the command queue uses (``myxd.fleet.commands``)."""
 
     def record_heartbeat_results(self, results: Sequence[HeartbeatResult]) -> Deferred[None]: ...
@@ -215,7 +222,7 @@ class InstallerStore(ServerLookup, AgentLookup, EventLog, Protocol):
     def delete_agent(self, agent_id: int) -> Deferred[bool]: ...
 
 
-class AdminStore(AgentLookup, EventLog, Protocol):
+class AdminStore(AgentLookup, EventLog, WallTime, Protocol):
     """What the admin API reads and writes (``myxd.api.app``)."""
 
     def list_agents(

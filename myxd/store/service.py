@@ -35,7 +35,7 @@ from myxd.store import migrate
 from myxd.store.agents import AgentStore
 from myxd.store.commands import CommandStore
 from myxd.store.crypto import KEY_FILE_NAME, SecretBox, load_or_create_key
-from myxd.store.db import UNSET, Database, open_connection
+from myxd.store.db import UNSET, Database, SupportsSeconds, open_connection
 from myxd.store.deployments import DeploymentStore
 from myxd.store.events import EventStore
 from myxd.store.servers import ServerStore
@@ -52,6 +52,9 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # The wall-clock time rows are stamped with: for any timestamp that is
+        # stored (never the reactor's seconds(), which are monotonic in myxd).
+        self.now = db.now
         self.agents = AgentStore(db)
         self.commands = CommandStore(db)
         self.events = EventStore(db)
@@ -121,6 +124,7 @@ class StoreService(Service):
         key_path: str | None = None,
         schema_dir: str | None = None,
         stop_reactor_on_failure: bool = False,
+        clock: SupportsSeconds | None = None,
     ) -> None:
         self._reactor: CoreReactor = default_reactor(reactor)
         self.path = os.path.abspath(path)
@@ -128,7 +132,8 @@ class StoreService(Service):
         self.schema_dir = schema_dir or migrate.DEFAULT_SCHEMA_DIR
         self.stop_reactor_on_failure = stop_reactor_on_failure
         self.pool: adbapi.ConnectionPool | None = None
-        self.db = Database(self._reactor)
+        # Rows are stamped with ``clock`` (the wall clock in the daemon), else the reactor.
+        self.db = Database(clock if clock is not None else self._reactor)
         self.store = Store(self.db)
         self.migration: migrate.MigrationReport | None = None
         self._outcome: Any = None

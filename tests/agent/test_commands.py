@@ -487,12 +487,22 @@ class KillTests(RunnerTestCase):
         self.assertTrue(proc.is_alive(pid))
         return pid
 
+    def clocked_runner(self) -> Tuple[CommandRunner, Clock]:
+        """A runner whose timeouts and kill escalation wait for the test's Clock:
+        a 1 s timeout fires when the test advances it, never while the test is
+        still reading the grandchild's pid (on a loaded machine it could)."""
+        clock = Clock()
+        return self.make_runner(clock=clock), clock
+
     async def test_timeout_kills_grandchild(self) -> None:
-        runner = self.make_runner()
+        runner, clock = self.clocked_runner()
         runner.execute_command(
             "to-1", "/bin/sh", ["-c", "sleep 1000 & echo $!; wait"], 1.0, None, None
         )
         pid = await self._grandchild_pid(runner, "to-1")
+        clock.advance(0.9)
+        self.assertTrue(proc.is_alive(pid), "killed before its timeout")
+        clock.advance(0.1)  # the timeout: SIGTERM to the process group
         _, result = await self.read_all(runner, "to-1")
         self.assertTrue(result["timed_out"])
         self.assertFalse(result["cancelled"])
@@ -502,7 +512,7 @@ class KillTests(RunnerTestCase):
 
     async def test_timeout_escalates_to_sigkill(self) -> None:
         """Both the shell and its grandchild ignore SIGTERM: SIGKILL after the grace."""
-        runner = self.make_runner()
+        runner, clock = self.clocked_runner()
         runner.execute_command(
             "to-2",
             "/bin/sh",
@@ -512,6 +522,9 @@ class KillTests(RunnerTestCase):
             None,
         )
         pid = await self._grandchild_pid(runner, "to-2")
+        clock.advance(1.0)  # the timeout: SIGTERM, ignored by both
+        self.assertEqual(runner.running_count, 1)
+        clock.advance(self.kill_grace)  # the escalation: SIGKILL
         _, result = await self.read_all(runner, "to-2")
         self.assertTrue(result["timed_out"])
         self.assertEqual(result["return_code"], -9)

@@ -209,6 +209,9 @@ class FakeStore:
         self.fail_next: dict[str, list[BaseException]] = {}
         self._ids = itertools.count(1)
 
+    def now(self) -> float:
+        return float(self.clock.seconds())
+
     def _maybe_fail(self, name: str) -> None:
         queue = self.fail_next.get(name)
         if queue:

@@ -93,6 +93,11 @@ class DaemonDiskFullTests(TwistdTestCase):
         self.assertEqual(refused[0], 507, refused[1])
         self.assertIn("full", refused[1]["error"])
         self.assertNotIn("Traceback", str(refused[1]))
+        # The answer is the one the API document declares for this operation.
+        code, doc = await self.api("GET", "/api/openapi.json")
+        self.assertEqual(code, 200)
+        declared = doc["paths"]["/api/agents/{agent_id}/commands"]["post"]["responses"]
+        self.assertIn("507", declared)
         for path in ("/api/agents", f"/api/agents/{agent_id}", f"/api/commands/{before_id}"):
             code, body = await self.api("GET", path)
             self.assertEqual(code, 200, (path, body))
