@@ -8,6 +8,8 @@ import shutil
 import sys
 from typing import Any, Dict
 
+from twisted.internet.task import Clock
+
 from myx_agent import ansible_executor
 from myx_agent import process as proc
 from myx_agent.commands import CommandRunner
@@ -69,9 +71,9 @@ class AnsibleTests(RunnerTestCase):
         write(os.path.join(self.tool, "outside.yml"), PING)
         self.state = os.path.abspath(self.mktemp())
 
-    def runner(self, state: str = "") -> CommandRunner:
+    def runner(self, state: str = "", **kwargs: Any) -> CommandRunner:
         runner = CommandRunner(
-            state or self.state, deployment_tool_dir=self.tool, kill_grace=self.kill_grace
+            state or self.state, deployment_tool_dir=self.tool, kill_grace=self.kill_grace, **kwargs
         )
         runner.startService()
         self.addCleanup(runner.stopService)
@@ -236,11 +238,17 @@ class AnsibleTests(RunnerTestCase):
         )
 
     async def test_timeout_kills_the_whole_tree(self) -> None:
-        runner = self.runner()
+        # The 15 s timeout runs on the test's Clock: it fires when the test says,
+        # after the task's pid is known, however long ansible takes to get there.
+        clock = Clock()
+        runner = self.runner(clock=clock)
         pidfile = self.pidfile()
         runner.execute_ansible("an-to", "sleep.yml", {"pidfile": pidfile}, 15.0)
         pid = await self.sleeping_pid(pidfile)
         marker = self.marker_of(runner, "an-to")
+        clock.advance(14.9)
+        self.assertTrue(proc.is_alive(pid), "killed before its timeout")
+        clock.advance(0.1)  # the timeout
         _, result = await self.read_all(runner, "an-to")
         self.assertTrue(result["timed_out"])
         self.assertFalse(result["cancelled"])

@@ -493,8 +493,23 @@ class TestHost:
             "(sleep 0.5; systemctl restart ssh) >/dev/null 2>&1 &"
         )
         self.host_key_line = self._read_host_key()
-        await deferLater(self.reactor, 1.5, lambda: None)
-        await self.wait_for_ssh()
+        await self.wait_for_host_key(self.host_key_line)
+
+    async def wait_for_host_key(self, key_line: str, *, timeout: float = 60) -> None:
+        """Poll until sshd on the host's port serves ``key_line`` (after a restart)."""
+        blob = key_line.split()[1]
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            scan = ["/usr/bin/ssh-keyscan", "-T", "5", "-t", "ed25519", "-p", str(self.port)]
+            out = await run(self.reactor, [*scan, "127.0.0.1"], check=False)
+            if blob in out.split():
+                return
+            if self.reactor.seconds() > deadline:
+                raise RuntimeError(
+                    f"test host {self.name}: sshd does not serve its new host key after "
+                    f"{timeout} s (ssh-keyscan: {out.strip()[-200:]!r})"
+                )
+            await deferLater(self.reactor, 0.2, lambda: None)
 
     async def reboot(self, *, timeout: float = 120) -> None:
         boots = self.boots
