@@ -159,12 +159,17 @@ class CommandRunner(Service):
         retention_max_bytes: int = 1 << 30,
         kill_grace: float = 5.0,
         clock: Optional[IReactorTime] = None,
+        wall: Optional[Callable[[], float]] = None,
     ) -> None:
+        """``wall``: the clock that stamps records (``created_at``, ``finished_at``,
+        retention); the agent passes ``time.time`` because its reactor's clock is
+        monotonic (myx_agent.clock). Default: the reactor's ``seconds``."""
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         self._reactor: Any = reactor
+        self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
         self._records = Records(state_dir)
         self._state_dir = self._records.state_dir
         self.deployment_tool_dir = os.path.abspath(deployment_tool_dir)
@@ -291,7 +296,7 @@ class CommandRunner(Service):
         return sum(1 for c in self._active.values() if not c.finished)
 
     def _now(self) -> float:
-        return float(self._reactor.seconds())
+        return float(self._wall())
 
     def _in_thread(self, func: Callable[..., Any], *args: Any) -> "Deferred[Any]":
         """Run blocking file work off the reactor thread; inline with a reactor

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence, Tuple
 
 from myx_agent import __version__
@@ -127,6 +128,7 @@ def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]
             deployment_tool_dir=config.deployment_tool_dir,
             max_concurrent=config.max_concurrent_commands,
             reactor=reactor,
+            wall=time.time,
         )
     except Exception as e:
         _die(f"state_dir {config.state_dir}: cannot set up the command runner: {e}", EXIT_START)
@@ -146,6 +148,7 @@ def build_service(config: AgentConfig, reactor: Any) -> Tuple[MultiService, str]
         system=SystemInfo(),
         artifacts=artifacts,
         reactor=reactor,
+        wall=time.time,
     )
     factory = build_factory(
         rpc_path=config.rpc_path,
@@ -174,7 +177,13 @@ async def serve(reactor: Any, config: AgentConfig) -> None:
     from twisted.internet.error import CannotListenError
     from twisted.logger import Logger
 
+    from myx_agent.clock import use_monotonic_time
+
     log = Logger(namespace="myx_agent.main")
+    # Timeouts, kill escalation, log waits and sweeps count monotonic seconds: a
+    # wall-clock jump (NTP step, date -s) neither fires nor holds them. Records
+    # keep wall time (wall=time.time below).
+    use_monotonic_time(reactor)
     _start_logging()
     if config.unknown_keys:
         log.warn(

@@ -162,12 +162,15 @@ class AgentMethods:
         artifacts: Optional[Artifacts] = None,
         reactor: Optional[IReactorTime] = None,
         monotonic: Callable[[], float] = time.monotonic,
+        wall: Optional[Callable[[], float]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         self._reactor = reactor
+        # heartbeat's "time": the wall clock (the agent's reactor counts monotonic).
+        self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
         self._runner = runner
         self._rpc_port = rpc_port
         self._fingerprint = cert_fingerprint
@@ -186,7 +189,7 @@ class AgentMethods:
         return {"status": "ok"}
 
     def heartbeat(self) -> Dict[str, Any]:
-        return {"time": self._reactor.seconds(), "version": __version__, "uptime": self.uptime()}
+        return {"time": self._wall(), "version": __version__, "uptime": self.uptime()}
 
     def get_status(self) -> Dict[str, Any]:
         system = self._system

@@ -292,11 +292,11 @@ def makeService(options: Options | dict[str, Any]) -> MultiService:
     from twisted.internet import endpoints, reactor
     from twisted.internet.interfaces import IReactorThreads
 
+    from myx_agent.clock import WallClock, use_monotonic_time
     from myxd.api.app import AdminAPI
     from myxd.api.deployments import DeploymentsAPI
     from myxd.api.servers import ServersAPI
     from myxd.artifacts.store import ArtifactStore
-    from myxd.clock import WallClock, use_monotonic_time
     from myxd.deploy.service import DeploymentService, tool_playbooks
     from myxd.deploy.transfer import ArtifactPusher
     from myxd.fleet.commands import CommandQueue

@@ -1,4 +1,4 @@
-"""myxd.clock: schedules count monotonic seconds, records keep wall time (issue #12 §2).
+"""myx_agent.clock: schedules count monotonic seconds, records keep wall time (issue #12 §2).
 
 A wall clock that jumps is simulated with plain numbers handed to the clocks;
 a reactor is built but never run. The real-process test with libfaketime is
@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from myxd.clock import MonotonicSeconds, WallClock, use_monotonic_time
+from myx_agent.clock import MonotonicSeconds, WallClock, use_monotonic_time
 from myxd.fleet.heartbeat import HeartbeatService
 from tests.daemon.fleet_fakes import FakeStore, agent_record, settings
 from tests.daemon.test_heartbeat import BatchRPC

@@ -31,6 +31,7 @@ The schedule defaults to 2-3 s (about a minute in all);
 
 from __future__ import annotations
 
+import base64
 import glob
 import os
 import re
@@ -40,7 +41,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import TestCase
 
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase, request_lines
@@ -74,6 +75,25 @@ def faketime_library() -> str | None:
         if found:
             return found[0]
     return None
+
+
+def need_faketime(test: TestCase) -> str:
+    """libfaketime's library; a missing one fails the test (.ci/run installs it)."""
+    lib = faketime_library()
+    if lib is None:
+        test.fail("libfaketime is not installed (apt-get install faketime; .ci/run does)")
+    assert lib is not None
+    return lib
+
+
+def faketime_env(lib: str, control: str) -> dict[str, str]:
+    """The process's wall clock follows ``control``; its monotonic clock does not."""
+    return {
+        "LD_PRELOAD": lib,
+        "FAKETIME_TIMESTAMP_FILE": control,
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 def set_offset(control: str, seconds: int) -> None:
@@ -157,12 +177,7 @@ class ClockJumpTests(DaemonTestCase):
             "--reinstall-after-cycles",
             "100000",
         ]
-        env = installed.env(
-            LD_PRELOAD=lib,
-            FAKETIME_TIMESTAMP_FILE=control,
-            FAKETIME_NO_CACHE="1",
-            FAKETIME_DONT_FAKE_MONOTONIC="1",
-        )
+        env = installed.env(**faketime_env(lib, control))
         transport = self.reactor.spawnProcess(proto, twistd, argv, env=env, path=self.temp_dir())
 
         async def stop() -> None:
@@ -201,9 +216,7 @@ class ClockJumpTests(DaemonTestCase):
         return dict(body)
 
     async def test_heartbeats_keep_their_schedule_across_clock_jumps(self) -> None:
-        lib = faketime_library()
-        if lib is None:
-            raise SkipTest("libfaketime is not installed (apt-get install faketime)")
+        lib = need_faketime(self)
         self.addCleanup(self.pool.closeCachedConnections)
         control = os.path.join(self.temp_dir(), "faketime")
         set_offset(control, 0)
@@ -312,3 +325,68 @@ class ClockJumpTests(DaemonTestCase):
 
 async def _value(value: Any) -> Any:
     return value
+
+
+class AgentClockJumpTests(DaemonTestCase):
+    """A real agent whose wall clock moves by ±1 h (libfaketime, as above): its
+    command timeouts keep real time, and what it reports keeps wall time. The
+    commands themselves run without libfaketime (``env -u LD_PRELOAD``): only the
+    agent's clock is under test."""
+
+    async def final(self, agent: Any, command_id: str) -> tuple[dict[str, Any], bytes]:
+        """The command's final result and output, by long-polls; fails after 120 s."""
+        offset, out = 0, b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = await agent.call(
+                "get_command_log", {"command_id": command_id, "offset": offset, "wait": 5}
+            )
+            out += base64.b64decode(r["log_data"])
+            offset = r["new_offset"]
+            if r["is_final"]:
+                return r["result"], out
+        self.fail(f"command {command_id} not final after 120 s")
+
+    async def test_command_timeouts_keep_real_time_across_clock_jumps(self) -> None:
+        lib = need_faketime(self)
+        control = os.path.join(self.temp_dir(), "faketime")
+        set_offset(control, 0)
+        agent = await start_agent(self, env=faketime_env(lib, control))
+
+        def run(command_id: str, script: str, timeout: float) -> dict[str, Any]:
+            return {
+                "command_id": command_id,
+                "command": "/usr/bin/env",
+                "args": ["-u", "LD_PRELOAD", "/bin/sh", "-c", script],
+                "timeout": timeout,
+            }
+
+        # +1 h while a command with a 30 s timeout runs: the timeout does not fire
+        # (on the wall clock, 3,600 s passed at once).
+        await agent.call("execute_command", run("fwd", "sleep 2; echo done", 30))
+        set_offset(control, +HOUR)
+        result, out = await self.final(agent, "fwd")
+        self.assertTrue(result["success"], result)
+        self.assertFalse(result["timed_out"], result)
+        self.assertEqual(out, b"done\n")
+        # The jump was real: the agent reports (heartbeat) and stamps wall time an hour ahead.
+        status = await agent.call("heartbeat")
+        self.assertGreater(status["time"] - time.time(), HOUR - 120, status)
+        self.assertGreater(result["finished_at"] - time.time(), HOUR - 120, result)
+
+        # Back to -1 h while a command with a 2 s timeout sleeps: the timeout fires
+        # after about 2 s of real time, not after the wall clock catches up.
+        started = time.monotonic()
+        await agent.call("execute_command", run("back", "sleep 60", 2))
+        set_offset(control, -HOUR)
+        result, _ = await self.final(agent, "back")
+        took = time.monotonic() - started
+        # A wall-clock timer would have held it for an hour: the sleep would have
+        # ended on its own after 60 s, a success.
+        self.assertTrue(result["timed_out"], result)
+        self.assertLess(result["finished_at"] - time.time(), -HOUR + 120, result)
+        log.info(
+            "fault figures: agent clock jumps +3600 s and -3600 s; the 30 s timeout did not"
+            " fire early, the 2 s timeout fired after {took:.2f} s of real time",
+            took=took,
+        )

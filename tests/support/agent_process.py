@@ -229,6 +229,7 @@ class RunningAgent:
     fingerprint: str = ""
     process: Optional[AgentProcess] = None
     reactor: Any = None
+    env: Optional[Dict[str, str]] = None  # extra environment for the process
     _clients: List[AgentClient] = field(default_factory=list)
 
     @property
@@ -340,7 +341,7 @@ class AgentStartError(AssertionError):
 
 
 async def _launch(agent: RunningAgent) -> None:
-    agent.process = AgentProcess(agent.config_path, reactor=agent.reactor)
+    agent.process = AgentProcess(agent.config_path, reactor=agent.reactor, env=agent.env)
     await agent.wait_ready()
 
 
@@ -350,6 +351,7 @@ async def start_agent(
     config_overrides: Optional[Dict[str, Any]] = None,
     reuse: Optional[RunningAgent] = None,
     reactor: Any = None,
+    env: Optional[Dict[str, str]] = None,
 ) -> RunningAgent:
     """Start a real agent process and wait until it answers a pinned health_check.
 
@@ -394,6 +396,7 @@ async def start_agent(
         deployment_tool_dir=config["deployment_tool_dir"],
         config=config,
         reactor=_reactor(reactor),
+        env=env,
     )
 
     async def cleanup() -> None:

@@ -9,12 +9,17 @@ heartbeat, no retry, no log poll) and a jump forward would fire every pending
 timeout at once. ``use_monotonic_time(reactor)`` makes the reactor's
 ``seconds()`` monotonic: it starts at the wall time of the call and then only
 advances with ``time.monotonic()``, so the numbers still look like epoch
-seconds but never jump. ``makeService`` calls it before anything is scheduled.
+seconds but never jump. Both processes call it before anything is scheduled:
+the daemon's ``makeService`` and the agent's ``main.serve``. (It lives in the
+agent's package because the agent is installed on its own; the daemon already
+depends on this package.)
 
 What is stored or shown (``last_heartbeat``, ``created_at``, ``finished_at``)
-must be the wall clock: the store stamps rows with ``WallClock`` (``tap.py``),
-and the fleet code asks the store (``Store.now()``) for such timestamps, never
-the reactor. Durations (``reactor.seconds()`` differences) are monotonic.
+must be the wall clock: the daemon's store stamps rows with ``WallClock``
+(``tap.py``), and the fleet code asks the store (``Store.now()``) for such
+timestamps, never the reactor; the agent's ``CommandRunner`` and
+``AgentMethods`` (the heartbeat's ``time``) take ``wall=time.time``.
+Durations (``reactor.seconds()`` differences) are monotonic.
 
 Only a real reactor (``ReactorBase``) is changed; a ``Clock`` or a memory
 reactor of a test keeps its own time.
