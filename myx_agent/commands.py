@@ -169,7 +169,7 @@ class CommandRunner(Service):
 
             reactor = _reactor
         self._reactor: Any = reactor
-        self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
+        self._wall: Callable[[], float] = wall if wall is not None else lambda: reactor.seconds()
         self._records = Records(state_dir)
         self._state_dir = self._records.state_dir
         self.deployment_tool_dir = os.path.abspath(deployment_tool_dir)

@@ -170,7 +170,7 @@ class AgentMethods:
             reactor = _reactor
         self._reactor = reactor
         # heartbeat's "time": the wall clock (the agent's reactor counts monotonic).
-        self._wall: Callable[[], float] = wall if wall is not None else reactor.seconds
+        self._wall: Callable[[], float] = wall if wall is not None else lambda: reactor.seconds()
         self._runner = runner
         self._rpc_port = rpc_port
         self._fingerprint = cert_fingerprint

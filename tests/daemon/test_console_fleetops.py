@@ -588,6 +588,11 @@ class FleetOpsConsoleTests(BrowserTestBase):
                 ["ansible-playbook", "--check", "--diff", "ping.yml"]
             )
             page.locator("#run-submit").click()
+            # The page may still show the first run's results (same address): wait
+            # for the new run's rows before reading them.
+            earlier = re.compile("^(" + "|".join(re.escape(str(x)) for x in hrefs) + ")$")
+            for i in range(2):
+                expect(links.nth(i)).not_to_have_attribute("href", earlier)
             expect(bulk).to_have_count(2)
             expect(page.locator("#bulk-counts")).to_have_text(
                 "2 ok \u00b7 0 failed \u00b7 0 running"

@@ -107,6 +107,7 @@ VALID: Dict[str, Any] = {
         ["ping.yml", "missing.yml", "../../etc/passwd", "/etc/passwd", "a/../../b.yml"]
     ),
     "extra_vars": st.dictionaries(st.text(max_size=8), any_json, max_size=4),
+    "check": st.booleans(),
     "archive": st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
     "sha256": st.from_regex(r"[0-9a-fA-F]{64}", fullmatch=True),
     "version": st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),
