@@ -52,6 +52,7 @@ from myxd.api.serialize import (
 )
 from myxd.api.sse import serve_stream
 from myxd.api.watch import OutputWatch
+from myxd.audit import ACTOR, record_event
 from myxd.fleet.adopt import Adopter
 from myxd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from myxd.metrics import Metrics
@@ -187,13 +188,7 @@ class AdminAPI:
     async def _event(
         self, action: str, target: str | None, outcome: str, details: dict[str, Any] | None = None
     ) -> None:
-        try:
-            await self._store.add_event(
-                actor="admin-api", action=action, target=target, outcome=outcome, details=details
-            )
-        except Exception:
-            # The audit row must not turn a done action into an error for the client.
-            self.log.failure("could not record event {action}", action=action)
+        await record_event(self._store, self.log, action, target, outcome, details)
 
     # -- health, docs, metrics ---------------------------------------------------
 
@@ -374,7 +369,7 @@ class AdminAPI:
             spec.timeout,
             env=spec.env,
             cwd=spec.cwd,
-            actor="admin-api",
+            actor=ACTOR,
         )
         return json_response(request, command_json(rec), 201)
 
@@ -391,7 +386,7 @@ class AdminAPI:
         await self._agent_or_404(agent_id)
         b = validate.body(request, models.NewAnsibleRun)
         rec = await self._queue.add_ansible(
-            agent_id, b.playbook, b.extra_vars, b.timeout, actor="admin-api", check=b.check
+            agent_id, b.playbook, b.extra_vars, b.timeout, actor=ACTOR, check=b.check
         )
         return json_response(request, command_json(rec), 201)
 
@@ -425,7 +420,7 @@ class AdminAPI:
                     spec.timeout,
                     env=spec.env,
                     cwd=spec.cwd,
-                    actor="admin-api",
+                    actor=ACTOR,
                 )
             except Exception:
                 # One agent's failure must not hide the commands created for the others.
@@ -465,7 +460,7 @@ class AdminAPI:
                     spec.playbook,
                     spec.extra_vars,
                     spec.timeout,
-                    actor="admin-api",
+                    actor=ACTOR,
                     check=spec.check,
                 )
             except Exception:
@@ -595,7 +590,7 @@ class AdminAPI:
             raise APIError(
                 409, f"command {rec.id} already finished ({rec.status})", status=rec.status
             )
-        rec = await self._queue.cancel(rec.id, actor="admin-api")
+        rec = await self._queue.cancel(rec.id, actor=ACTOR)
         return json_response(request, command_json(rec))
 
     @_routes.route(

@@ -26,6 +26,7 @@ from myxd.api import models, validate
 from myxd.api.errormap import json_response
 from myxd.api.inputs import APIError
 from myxd.artifacts.store import Artifact, ArtifactStore
+from myxd.audit import ACTOR
 from myxd.deploy.drift import service_drift
 from myxd.deploy.service import CHECKED_SERVICES, PLAYBOOK_SERVICES, DeploymentService
 from myxd.store.deployments import TARGET_STATUSES, DeploymentRecord
@@ -160,7 +161,7 @@ class DeploymentsAPI:
             batch_size=b.batch_size,
             max_failures=b.max_failures,
             timeout=b.timeout,
-            actor="admin-api",
+            actor=ACTOR,
         )
         return json_response(request, deployment_json(rec, await self._names()), 201)
 
@@ -189,7 +190,7 @@ class DeploymentsAPI:
         _check_id(deployment_id, "deployment")
         if await self._store.deployments.get_deployment(deployment_id) is None:
             raise APIError(404, f"there is no deployment {deployment_id}")
-        rec = await self._deployments.cancel(deployment_id, actor="admin-api")
+        rec = await self._deployments.cancel(deployment_id, actor=ACTOR)
         return json_response(request, deployment_json(rec, await self._names()))
 
     # -- services and drift ----------------------------------------------------

@@ -35,6 +35,7 @@ from myxd.api import models, validate
 from myxd.api.errormap import json_response
 from myxd.api.inputs import APIError
 from myxd.api.serialize import agent_json
+from myxd.audit import ACTOR, record_event
 from myxd.install.installer import InstallInProgress, ServerNotFound
 from myxd.install.ssh import KeyLoadError, load_private_key
 from myxd.store.protocols import ServerLookup
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["ServersAPI", "mount", "server_json"]
 
 _MAX_ID = models.MAX_ID
-#: The actor of what the admin API does, in the audit trail (as in ``app``).
-ACTOR = "admin-api"
 
 
 def _auth_kind(auth: dict[str, Any] | None) -> str | None:
@@ -137,17 +136,7 @@ class ServersAPI:
     async def _event(
         self, action: str, server_id: int, outcome: str, details: dict[str, Any] | None
     ) -> None:
-        try:
-            await self._store.add_event(
-                actor=ACTOR,
-                action=action,
-                target=f"server:{server_id}",
-                outcome=outcome,
-                details=details,
-            )
-        except Exception:
-            # The audit row must not turn a done action into an error for the client.
-            self.log.failure("could not record event {action}", action=action)
+        await record_event(self._store, self.log, action, f"server:{server_id}", outcome, details)
 
     async def _view(self, server: Any) -> dict[str, Any]:
         agent = await self._store.get_agent_for_server(server.id)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from myxd.audit import record_event
 from myxd.errors import AgentCheckFailed, ConflictError, DuplicateAgent, NotFoundError
 from myxd.netpolicy import TargetNotAllowed, TargetPolicy
 from myxd.rpc.client import AgentEndpoint
@@ -49,13 +50,7 @@ class Adopter:
         self._policy = policy
 
     async def _event(self, action: str, target: str, outcome: str, details: Any) -> None:
-        try:
-            await self._store.add_event(
-                actor="admin-api", action=action, target=target, outcome=outcome, details=details
-            )
-        except Exception:
-            # The audit row must not turn a done action into an error for the client.
-            self.log.failure("could not record event {action}", action=action)
+        await record_event(self._store, self.log, action, target, outcome, details)
 
     async def adopt(
         self,

@@ -86,8 +86,8 @@ async def seed_xray_drift(daemon: Daemon, good: int, drifted: int) -> None:
     await deps.record_services(drifted, {"xray": check_service_line("24.12.0", True, "b" * 64)})
 
 
-class CLIDeployTest(DaemonTestCase):
-    timeout = 400
+class InstalledCLITestCase(DaemonTestCase):
+    """``myx`` runs the installed console script against the test's daemon."""
 
     async def myx(self, *argv: str) -> tuple[int, bytes, bytes]:
         # The installed console script, outside the checkout (as tests/daemon/test_cli.py).
@@ -102,6 +102,10 @@ class CLIDeployTest(DaemonTestCase):
             reactor=self.reactor,
         )
         return code, out, err
+
+
+class CLIDeployTest(InstalledCLITestCase):
+    timeout = 400
 
     def lines(self, err: bytes) -> list[str]:
         return err.decode().strip().splitlines()

@@ -13,12 +13,10 @@ import re
 from typing import Any
 
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.daemon.api_helpers import TOKEN, parse_prometheus
-from tests.daemon.daemon_harness import DaemonTestCase, write_text
-from tests.daemon.test_cli_deploy import tool_agent
-from tests.support import installed
+from tests.daemon.api_helpers import parse_prometheus
+from tests.daemon.daemon_harness import write_text
+from tests.daemon.test_cli_deploy import InstalledCLITestCase, tool_agent
 
 
 def fingerprint(agent: Any) -> str:
@@ -33,22 +31,8 @@ def read_or_none(path: str) -> str | None:
         return None
 
 
-class FleetCLITest(DaemonTestCase):
+class FleetCLITest(InstalledCLITestCase):
     timeout = 400
-
-    async def myx(self, *argv: str) -> tuple[int, bytes, bytes]:
-        # The installed console script, outside the checkout (as tests/daemon/test_cli.py).
-        env = installed.env()
-        env.pop("MYX_API", None)
-        env["MYX_TOKEN"] = TOKEN
-        out, err, code = await getProcessOutputAndValue(
-            installed.script("myx"),
-            ["--api", self.daemon.base, *argv],
-            env=env,
-            path=self.temp_dir(),
-            reactor=self.reactor,
-        )
-        return code, out, err
 
     async def adopt_cli(self, agent: Any, *extra: str) -> tuple[int, bytes, bytes]:
         token_file = os.path.join(self.temp_dir(), "agent-token")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -33,7 +32,7 @@ from myxd.install import Installer
 from myxd.rpc.client import AgentRPC
 from myxd.store import StoreService
 from tests.daemon.api_helpers import parse_prometheus
-from tests.support.wheel_daemon import TOKEN, WheelDaemonMixin, prepare_dirs
+from tests.support.wheel_daemon import WheelDaemonMixin, prepare_dirs
 
 DEADLINE = 120.0
 FAST = ("--heartbeat-min-interval", "0.3", "--heartbeat-max-interval", "0.6")
@@ -54,38 +53,11 @@ class _Silent(Factory):
 
 class RestartDuringInstallTests(WheelDaemonMixin, unittest.TestCase):
     timeout = 300
+    poll_deadline = DEADLINE
+    poll_interval = 0.1
 
     def setUp(self) -> None:
         self.root, self.data = prepare_dirs(self.mktemp())
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        headers = {b"Authorization": [f"Bearer {TOKEN}".encode()]}
-        data = None
-        if body is not None:
-            headers[b"Content-Type"] = [b"application/json"]
-            data = json.dumps(body).encode()
-        response = await treq.request(
-            method,
-            self.api + path,
-            headers=headers,  # type: ignore[arg-type]
-            data=data,
-            persistent=False,
-        )
-        raw = await treq.content(response)
-        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if ctype.startswith(b"application/json"):
-            return response.code, json.loads(raw)
-        return response.code, raw.decode("utf-8", "replace")
-
-    async def until(self, path: str, ok: Callable[[Any], bool], what: str) -> Any:
-        deadline = reactor.seconds() + DEADLINE
-        body: Any = None
-        while reactor.seconds() < deadline:
-            code, body = await self.call("GET", path)
-            if code == 200 and ok(body):
-                return body
-            await deferLater(reactor, 0.1, lambda: None)
-        self.fail(f"timed out waiting for {what}: {body!r}")
 
     async def metrics(self) -> dict[str, Any]:
         code, text = await self.call("GET", "/metrics")

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 import sys
 from typing import Any
 
 from twisted.logger import Logger
 
 from tests.daemon.daemon_harness import DaemonTestCase, touch
-from tests.reliability.test_disk_full import fill
+from tests.reliability.test_disk_full import fill, mount_tmpfs
 from tests.support.agent_process import start_agent
 from tests.support.pinned_client import AgentClient, AgentRPCError
 
@@ -51,14 +50,6 @@ def says_full(text: str) -> bool:
 
 
 class AgentDiskFullTests(DaemonTestCase):
-    def mount_tmpfs(self, size: str) -> str:
-        mount = self.temp_dir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", mount], check=True
-        )
-        self.addCleanup(subprocess.run, ["umount", "-l", mount], check=True)
-        return mount
-
     async def run_to_end(self, client: AgentClient, command_id: str) -> tuple[bytes, Any]:
         """Read a command's log from 0 to its final result; (output, result)."""
         out = b""
@@ -83,7 +74,7 @@ class AgentDiskFullTests(DaemonTestCase):
         self.assertIsInstance(status, dict)
 
     async def test_full_state_dir(self) -> None:
-        mount = self.mount_tmpfs("1m")
+        mount = mount_tmpfs(self, "1m")
         state = os.path.join(mount, "state")
         agent = await start_agent(self, config_overrides={"state_dir": state})
         client = agent.client()

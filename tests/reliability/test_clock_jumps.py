@@ -46,9 +46,9 @@ from twisted.trial.unittest import TestCase
 from tests.daemon.api_helpers import TOKEN
 from tests.daemon.daemon_harness import DaemonTestCase, request_lines
 from tests.daemon.test_plugin import Daemon as TwistdProcess
+from tests.reliability.harness import FaultTestCase
 from tests.support import installed
 from tests.support.agent_process import start_agent
-from tests.support.faultproxy import FaultProxy
 
 log = Logger()
 
@@ -151,7 +151,7 @@ class _Base:
     base = ""
 
 
-class ClockJumpTests(DaemonTestCase):
+class ClockJumpTests(FaultTestCase):
     timeout = int(max(400, 4 * (len(JUMPS) * CYCLES_PER_JUMP + 4) * (HIGH + 5)))
 
     def spawn(self, control: str, lib: str) -> CycleWatcher:
@@ -226,24 +226,7 @@ class ClockJumpTests(DaemonTestCase):
         base.base = f"http://127.0.0.1:{m.group(1)}"
         self.daemon = base  # type: ignore[assignment]
 
-        agent = await start_agent(self)
-        proxy = FaultProxy(self.reactor, agent.host, agent.port)
-        proxy.listen()
-        self.addCleanup(lambda: Deferred.fromCoroutine(proxy.close()))
-        fp = ":".join(agent.fingerprint[i : i + 2] for i in range(0, 64, 2))
-        code, body = await self.api(
-            "POST",
-            "/api/agents",
-            {
-                "host": agent.host,
-                "rpc_port": proxy.port,
-                "rpc_path": agent.rpc_path,
-                "token": agent.token,
-                "cert_fingerprint": fp,
-            },
-        )
-        self.assertEqual(code, 201, body)
-        agent_id = int(body["id"])
+        agent, proxy, agent_id = await self.proxied_agent()
         proxy.latency = LATENCY
 
         # Two cycles that saw the agent, before any jump: the baseline.

@@ -44,19 +44,21 @@ def fill(path: str) -> int:
     return written
 
 
-class DaemonDiskFullTests(TwistdTestCase):
-    def mount_tmpfs(self, size: str) -> str:
-        mount = self.temp_dir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", mount], check=True
-        )
-        self.addCleanup(subprocess.run, ["umount", "-l", mount], check=True)
-        return mount
+def mount_tmpfs(test: Any, size: str) -> str:
+    """A tmpfs of ``size`` on a new temp dir of ``test``, unmounted in its cleanup."""
+    mount: str = test.temp_dir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", mount], check=True
+    )
+    test.addCleanup(subprocess.run, ["umount", "-l", mount], check=True)
+    return mount
 
+
+class DaemonDiskFullTests(TwistdTestCase):
     async def test_full_data_dir(self) -> None:
         self.root = self.temp_dir()
         self.addCleanup(self.pool.closeCachedConnections)
-        self.data_dir = os.path.join(self.mount_tmpfs("4m"), "data")
+        self.data_dir = os.path.join(mount_tmpfs(self, "4m"), "data")
         os.makedirs(self.data_dir)
         proto, _ = await self.start()
         agent = await start_agent(self)

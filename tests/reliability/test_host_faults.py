@@ -28,9 +28,8 @@ import glob
 import json
 import os
 import shlex
-from typing import Any, Callable
+from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -42,7 +41,7 @@ from tests.daemon.test_plugin import Daemon as TwistdProcess
 from tests.support.daemon_host import unit_props
 from tests.support.pinned_client import AgentClient
 from tests.support.testhost import TestHost
-from tests.support.wheel_daemon import TOKEN, WheelDaemonMixin, prepare_dirs
+from tests.support.wheel_daemon import WheelDaemonMixin, prepare_dirs
 
 log = Logger()
 
@@ -64,6 +63,7 @@ FAST = (
 
 class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
     timeout = 1500
+    poll_deadline = DEADLINE
 
     def setUp(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._setUp())
@@ -75,36 +75,6 @@ class HostFaultTests(WheelDaemonMixin, unittest.TestCase):
         await self.host.start()
 
     # -- helpers -------------------------------------------------------------
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        headers = {b"Authorization": [f"Bearer {TOKEN}".encode()]}
-        data = None
-        if body is not None:
-            headers[b"Content-Type"] = [b"application/json"]
-            data = json.dumps(body).encode()
-        response = await treq.request(
-            method,
-            self.api + path,
-            headers=headers,  # type: ignore[arg-type]
-            data=data,
-            persistent=False,
-        )
-        raw = await treq.content(response)
-        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if ctype.startswith(b"application/json"):
-            return response.code, json.loads(raw)
-        return response.code, raw.decode("utf-8", "replace")
-
-    async def until(self, path: str, ok: Callable[[Any], bool], what: str) -> Any:
-        """GET ``path`` until it answers 200 with a body ``ok`` accepts."""
-        deadline = reactor.seconds() + DEADLINE
-        body: Any = None
-        while reactor.seconds() < deadline:
-            code, body = await self.call("GET", path)
-            if code == 200 and ok(body):
-                return body
-            await deferLater(reactor, 0.2, lambda: None)
-        self.fail(f"timed out waiting for {what}: {body!r}")
-
     async def installed_server(self) -> dict[str, Any]:
         """Create the test host's server, install its agent, wait until it is online."""
         code, created = await self.call(

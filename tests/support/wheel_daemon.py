@@ -13,13 +13,16 @@ install tests fill), never the package index. Never leaves a process behind.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
@@ -78,8 +81,15 @@ class WheelDaemonMixin:
     api: str
     # The admin token the daemon is started with and the CLI sends.
     token: str = TOKEN
+    # How long ``until`` polls, and how often.
+    poll_deadline: float = 120.0
+    poll_interval: float = 0.2
 
     addCleanup: Callable[..., None]  # TestCase's (an annotation only, no attribute)
+
+    if TYPE_CHECKING:  # TestCase's
+
+        def fail(self, msg: object | None = None) -> NoReturn: ...
 
     async def start_daemon(self, *extra: str) -> Daemon:
         proto = Daemon()
@@ -113,6 +123,37 @@ class WheelDaemonMixin:
         m = await proto.wait_for(r"myxd admin API listening on 127\.0\.0\.1:(\d+)")
         self.api = f"http://127.0.0.1:{m.group(1)}"
         return proto
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One admin API request; the JSON body decoded, or the text of any other."""
+        headers = {b"Authorization": [f"Bearer {self.token}".encode()]}
+        data = None
+        if body is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+            data = json.dumps(body).encode()
+        response = await treq.request(
+            method,
+            self.api + path,
+            headers=headers,  # type: ignore[arg-type]
+            data=data,
+            persistent=False,
+        )
+        raw = await treq.content(response)
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        if ctype.startswith(b"application/json"):
+            return response.code, json.loads(raw)
+        return response.code, raw.decode("utf-8", "replace")
+
+    async def until(self, path: str, ok: Callable[[Any], bool], what: str) -> Any:
+        """GET ``path`` until it answers 200 with a body ``ok`` accepts."""
+        deadline = reactor.seconds() + self.poll_deadline
+        body: Any = None
+        while reactor.seconds() < deadline:
+            code, body = await self.call("GET", path)
+            if code == 200 and ok(body):
+                return body
+            await deferLater(reactor, self.poll_interval, lambda: None)
+        self.fail(f"timed out waiting for {what}: {body!r}")
 
     def myx_env(self) -> dict[str, str]:
         return installed.env(MYX_TOKEN=self.token, MYX_API=self.api)
