@@ -124,9 +124,12 @@ class WheelDaemonMixin:
         self.api = f"http://127.0.0.1:{m.group(1)}"
         return proto
 
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One admin API request; the JSON body decoded, or the text of any other."""
-        headers = {b"Authorization": [f"Bearer {self.token}".encode()]}
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        """One admin API request (``token``: another than the daemon's); the JSON
+        body decoded, or the text of any other. Each answer passes ``answered``."""
+        headers = {b"Authorization": [f"Bearer {token or self.token}".encode()]}
         data = None
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
@@ -138,11 +141,13 @@ class WheelDaemonMixin:
             data=data,
             persistent=False,
         )
-        raw = await treq.content(response)
+        raw = (await treq.content(response)).decode("utf-8", "replace")
+        self.answered(response.code, raw)
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if ctype.startswith(b"application/json"):
-            return response.code, json.loads(raw)
-        return response.code, raw.decode("utf-8", "replace")
+        return response.code, json.loads(raw) if ctype.startswith(b"application/json") else raw
+
+    def answered(self, code: int, text: str) -> None:
+        """Each answer's status and body, for a test that keeps them."""
 
     async def until(self, path: str, ok: Callable[[Any], bool], what: str) -> Any:
         """GET ``path`` until it answers 200 with a body ``ok`` accepts."""
